@@ -1,0 +1,1 @@
+"""Selection methods: one file per method, all reachable through baselines.registry."""

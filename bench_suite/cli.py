@@ -1,0 +1,52 @@
+"""Shared CLI plumbing: logging through rich, and bad input reported as one line (exit code 2)."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+
+from bench_suite.errors import BenchError
+
+
+def setup_logging(verbose: bool = False) -> None:
+    from rich.logging import RichHandler
+
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
+                        handlers=[RichHandler(show_path=False, rich_tracebacks=False)], force=True)
+
+
+def main_guard(fn):
+    """Run a CLI main; a BenchError becomes ``error: <message>`` on stderr and exit status 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except BenchError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            sys.exit(2)
+
+    return wrapper
+
+
+def parse_kv(pairs: list[str] | None) -> dict:
+    """``key=value`` pairs -> dict with ints/floats/bools parsed."""
+    from bench_suite.errors import BadInputError
+
+    out = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise BadInputError(f"--set expects key=value, got {pair!r}")
+        key, val = pair.split("=", 1)
+        for cast in (int, float):
+            try:
+                val = cast(val)
+                break
+            except ValueError:
+                continue
+        else:
+            if val.lower() in ("true", "false"):
+                val = val.lower() == "true"
+        out[key.replace("-", "_")] = val
+    return out

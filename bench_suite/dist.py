@@ -1,0 +1,94 @@
+"""Thin wrapper over torch.distributed: rank, world, all_reduce, gather; one object to pass around.
+
+Works the same under ``torchrun``, ``accelerate launch`` and SLURM ``srun`` (env:// rendezvous; under
+srun the SLURM_* variables are mapped onto RANK/WORLD_SIZE/LOCAL_RANK). With no process group it is a
+one-process no-op, so library code never branches on "am I distributed".
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as tdist
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1 and tdist.is_available() and tdist.is_initialized()
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        """In-place all-reduce (sum/max/min); identity on one process."""
+        if self.active:
+            tdist.all_reduce(tensor, op={"sum": tdist.ReduceOp.SUM, "max": tdist.ReduceOp.MAX,
+                                         "min": tdist.ReduceOp.MIN}[op])
+        return tensor
+
+    def all_gather_object(self, obj) -> list:
+        if not self.active:
+            return [obj]
+        out = [None] * self.world
+        tdist.all_gather_object(out, obj)
+        return out
+
+    def broadcast_object(self, obj, src: int = 0):
+        if not self.active:
+            return obj
+        box = [obj]
+        tdist.broadcast_object_list(box, src=src)
+        return box[0]
+
+    def barrier(self) -> None:
+        if self.active:
+            tdist.barrier()
+
+    def shard(self, n: int) -> slice:
+        """The contiguous rows [start, stop) of an N-row pool that this rank owns (sizes differ by <= 1)."""
+        base, extra = divmod(n, self.world)
+        start = self.rank * base + min(self.rank, extra)
+        return slice(start, start + base + (1 if self.rank < extra else 0))
+
+
+def current() -> Dist:
+    """The Dist of the live process group, or a one-process Dist."""
+    if tdist.is_available() and tdist.is_initialized():
+        return Dist(tdist.get_rank(), tdist.get_world_size())
+    return Dist()
+
+
+def _map_slurm_env() -> None:
+    if "RANK" not in os.environ and "SLURM_PROCID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        os.environ["RANK"] = os.environ["SLURM_PROCID"]
+        os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
+        os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
+        os.environ.setdefault("MASTER_PORT", "29512")
+        if "MASTER_ADDR" not in os.environ:
+            nodes = os.environ.get("SLURM_JOB_NODELIST", socket.gethostname())
+            os.environ["MASTER_ADDR"] = nodes.split(",")[0].split("[")[0]
+
+
+def init_from_env(backend: str | None = None) -> Dist:
+    """Join the process group that the launcher described in the environment (no-op for one process)."""
+    _map_slurm_env()
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not tdist.is_initialized():
+        backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        tdist.init_process_group(backend=backend)
+    return current()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

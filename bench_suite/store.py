@@ -1,0 +1,178 @@
+"""FeatureStore: L2-normalised float32 features (memmap), stable global ids, labels kept apart.
+
+On disk a store is one folder: ``features.npy`` (N x d float32), ``ids.npy`` (N int64, the shard order),
+``labels.npy`` (N int64, -1 where unknown) and ``meta.json`` (dataset, split, encoder, pooling, dim,
+checksum). Selectors that are label-free never look at ``labels``; active-learning methods get labels only
+through an oracle. A rank can open just its slice of rows (``rows=``) without reading the rest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from bench_suite import atomic
+from bench_suite.errors import BadInputError, CorruptDataError, MissingDataError
+
+log = logging.getLogger(__name__)
+
+NORM_TOL = 1e-3
+
+
+@dataclass
+class FeatureStore:
+    features: np.ndarray  # (N, d) float32, rows L2-normalised
+    ids: np.ndarray  # (N,) int64 global sample ids
+    labels: np.ndarray | None = None  # (N,) int64 or None
+    meta: dict = field(default_factory=dict)
+    path: Path | None = None
+    row_offset: int = 0  # first row of this slice within the full store
+    total_rows: int | None = None  # N of the full store (a slice knows how big the whole is)
+
+    def __post_init__(self):
+        self.ids = np.asarray(self.ids, dtype=np.int64)
+        if self.total_rows is None:
+            self.total_rows = len(self.ids)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_array(cls, features, ids=None, labels=None, meta=None, *, normalize: bool = False) -> "FeatureStore":
+        """Wrap an in-memory array; validates it (``normalize=True`` renormalises rows with a warning)."""
+        feats = np.ascontiguousarray(np.asarray(features, dtype=np.float32))
+        if feats.ndim != 2:
+            raise BadInputError(f"features must be a 2-D array (N x d), got shape {feats.shape}")
+        n = feats.shape[0]
+        ids = np.arange(n, dtype=np.int64) if ids is None else np.asarray(ids, dtype=np.int64)
+        if ids.shape != (n,):
+            raise BadInputError(f"ids have shape {ids.shape} but features have {n} rows")
+        if labels is not None:
+            labels = np.asarray(labels, dtype=np.int64)
+            if labels.shape != (n,):
+                raise BadInputError(f"labels have shape {labels.shape} but features have {n} rows")
+        store = cls(feats, ids, labels, dict(meta or {}))
+        store.validate(normalize=normalize)
+        return store
+
+    @classmethod
+    def open(cls, path, *, rows: slice | None = None, mmap: bool = True, validate: bool = True) -> "FeatureStore":
+        """Open a store folder (or a bare ``.npy`` of features, ids = row index)."""
+        path = Path(path)
+        if not path.exists():
+            raise MissingDataError(f"feature store not found: {path}")
+        if path.is_file():
+            if path.suffix != ".npy":
+                raise BadInputError(f"features file must be a .npy or a store folder: {path}")
+            feats = np.load(path, mmap_mode="r" if mmap else None)
+            if feats.ndim != 2:
+                raise BadInputError(f"{path}: features must be 2-D (N x d), got shape {feats.shape}")
+            n = feats.shape[0]
+            sl = rows or slice(0, n)
+            store = cls(np.asarray(feats[sl], dtype=np.float32), np.arange(n)[sl], None, {"source": str(path)},
+                        path=path, row_offset=sl.start or 0, total_rows=n)
+            if validate:
+                store.validate(normalize=True)
+            return store
+        fpath = path / "features.npy"
+        if not fpath.exists():
+            raise MissingDataError(f"feature store {path} has no features.npy (re-run feature extraction)")
+        try:
+            meta = json.loads((path / "meta.json").read_text()) if (path / "meta.json").exists() else {}
+            feats = np.load(fpath, mmap_mode="r" if mmap else None)
+            ids = np.load(path / "ids.npy", mmap_mode="r")
+            labels = np.load(path / "labels.npy", mmap_mode="r") if (path / "labels.npy").exists() else None
+        except (ValueError, OSError, json.JSONDecodeError) as exc:
+            raise CorruptDataError(f"feature store {path} is damaged: {exc}") from exc
+        if feats.ndim != 2 or ids.shape != (feats.shape[0],):
+            raise CorruptDataError(f"feature store {path}: features {feats.shape} and ids {ids.shape} disagree")
+        n = feats.shape[0]
+        sl = rows or slice(0, n)
+        store = cls(
+            np.asarray(feats[sl], dtype=np.float32) if not mmap or rows is not None else feats,
+            np.asarray(ids[sl]),
+            None if labels is None else np.asarray(labels[sl]),
+            meta,
+            path=path,
+            row_offset=sl.start or 0,
+            total_rows=n,
+        )
+        if validate:
+            store.validate(normalize=False)
+        return store
+
+    def save(self, path) -> Path:
+        """Write the store folder atomically (the whole folder appears at once)."""
+        path = Path(path)
+        meta = dict(self.meta)
+        meta.update(n=int(len(self)), dim=int(self.dim), checksum=self.checksum())
+        with atomic.atomic_dir(path) as tmp:
+            np.save(tmp / "features.npy", np.ascontiguousarray(self.features, dtype=np.float32))
+            np.save(tmp / "ids.npy", self.ids.astype(np.int64))
+            if self.labels is not None:
+                np.save(tmp / "labels.npy", np.asarray(self.labels, dtype=np.int64))
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+        self.meta, self.path = meta, path
+        return path
+
+    # ------------------------------------------------------------------ properties
+    def __len__(self) -> int:
+        return int(self.features.shape[0])
+
+    @property
+    def dim(self) -> int:
+        return int(self.features.shape[1])
+
+    def checksum(self) -> str:
+        h = hashlib.sha256()
+        h.update(np.ascontiguousarray(self.features, dtype=np.float32).tobytes())
+        h.update(self.ids.astype(np.int64).tobytes())
+        return h.hexdigest()[:16]
+
+    def validate(self, *, normalize: bool = False) -> None:
+        """Reject empty, non-finite or zero rows; check (or enforce) unit norm."""
+        n = len(self)
+        if n == 0:
+            raise BadInputError("feature store is empty (N = 0)")
+        if len(np.unique(self.ids)) != n:
+            raise BadInputError("feature store ids are not unique")
+        norms = np.empty(n, dtype=np.float64)
+        bad_rows = []
+        for start in range(0, n, 65536):
+            block = np.asarray(self.features[start:start + 65536], dtype=np.float32)
+            finite = np.isfinite(block).all(axis=1)
+            if not finite.all():
+                bad_rows.append(start + int(np.flatnonzero(~finite)[0]))
+                break
+            norms[start:start + len(block)] = np.linalg.norm(block.astype(np.float64), axis=1)
+        if bad_rows:
+            raise BadInputError(f"features contain NaN/Inf (first at row {bad_rows[0]})")
+        zero = norms < 1e-12
+        if zero.any():
+            raise BadInputError(f"features contain {int(zero.sum())} zero-norm rows (first at row {int(np.flatnonzero(zero)[0])})")
+        off = np.abs(norms - 1.0) > NORM_TOL
+        if off.any():
+            if not normalize:
+                raise BadInputError(
+                    f"features are not L2-normalised ({int(off.sum())} rows off by > {NORM_TOL}); "
+                    "normalise them or load with FeatureStore.from_array(..., normalize=True)")
+            log.warning("features were not L2-normalised (%d rows); normalising them", int(off.sum()))
+            self.features = (np.asarray(self.features, dtype=np.float32) / norms[:, None]).astype(np.float32)
+
+    def take(self, rows) -> np.ndarray:
+        return np.asarray(self.features[rows], dtype=np.float32)
+
+    def rows_of_ids(self, ids) -> np.ndarray:
+        """Row positions of the given global ids (error if any id is not in this store)."""
+        ids = np.asarray(ids, dtype=np.int64)
+        order = np.argsort(self.ids, kind="stable")
+        pos = np.searchsorted(self.ids[order], ids)
+        pos = np.clip(pos, 0, len(order) - 1)
+        found = self.ids[order][pos] == ids
+        if not found.all():
+            missing = ids[~found][:5].tolist()
+            raise BadInputError(f"ids not in the feature store: {missing}{' ...' if (~found).sum() > 5 else ''}")
+        return order[pos]
