@@ -1,0 +1,189 @@
+"""WebDataset shards: write a dataset split as tar shards + manifest; read them back per rank.
+
+Layout of a shard folder::
+
+    manifest.json            dataset, split, count, classes, subset, and per shard: name, count, sha256, ids
+    shard-000000.tar ...     samples: __key__ = 9-digit global id, png|jpg image, cls label (, seg.png mask)
+
+Global ids are indices into the original split, so a selection always names the same images whatever
+subset of the split was sharded. Rank r of W reads shards r, r+W, ... (round robin); feature extraction
+never runs collectives per batch, so uneven shard counts per rank cannot hang it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+
+from bench_suite import atomic
+from bench_suite.data.registry import get_dataset
+from bench_suite.data.sources import decode_image
+from bench_suite.errors import BadInputError, CorruptDataError, MissingDataError
+
+log = logging.getLogger(__name__)
+MANIFEST = "manifest.json"
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def subset_indices(n: int, limit: int | None, seed: int) -> np.ndarray:
+    """Sorted indices of a seeded random subset of size ``limit`` (all of them when limit is None)."""
+    if limit is None or limit >= n:
+        return np.arange(n, dtype=np.int64)
+    if limit <= 0:
+        raise BadInputError(f"--limit must be positive, got {limit}")
+    return np.sort(np.random.default_rng(seed).choice(n, size=limit, replace=False)).astype(np.int64)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_shards(dataset: str, split: str, out_dir, *, source=None, limit: int | None = None, subset_seed: int = 0,
+                 shard_size: int = 1000, progress=None) -> dict:
+    """Write ``dataset``/``split`` (optionally a seeded subset) as shards; returns the manifest."""
+    import webdataset as wds
+
+    spec = get_dataset(dataset)
+    raw = spec.load(split, source)
+    idx = subset_indices(len(raw.labels), limit, subset_seed)
+    if shard_size <= 0:
+        raise BadInputError(f"--shard-size must be positive, got {shard_size}")
+    n_shards = max(1, math.ceil(len(idx) / shard_size))
+    out_dir = Path(out_dir)
+    shards = []
+    with atomic.atomic_dir(out_dir) as tmp:
+        for s in range(n_shards):
+            part = idx[s * shard_size:(s + 1) * shard_size]
+            name = f"shard-{s:06d}.tar"
+            with wds.TarWriter(str(tmp / name), encoder=False) as sink:
+                for gid in part.tolist():
+                    item = raw.images[gid]
+                    if isinstance(item, Path):  # ImageFolder: keep the original bytes
+                        ext = "png" if item.suffix.lower() == ".png" else "jpg"
+                        sample = {ext: item.read_bytes()}
+                    else:
+                        sample = {"png": encode_png(np.asarray(item))}
+                    sample["__key__"] = f"{gid:09d}"
+                    sample["cls"] = str(int(raw.labels[gid])).encode()
+                    sink.write(sample)
+            shards.append({"name": name, "count": int(len(part)), "sha256": sha256_file(tmp / name),
+                           "first_id": int(part[0]), "last_id": int(part[-1])})
+            if progress:
+                progress(len(part))
+        manifest = {
+            "dataset": dataset, "split": split, "task": spec.task, "count": int(len(idx)),
+            "classes": list(raw.classes), "num_classes": len(raw.classes),
+            "subset": {"limit": limit, "seed": subset_seed, "of": int(len(raw.labels))},
+            "source": str(source) if source else "registry default",
+            "label_counts": np.bincount(raw.labels[idx], minlength=len(raw.classes)).tolist(),
+            "shards": shards,
+        }
+        manifest["checksum"] = hashlib.sha256("".join(s["sha256"] for s in shards).encode()).hexdigest()[:16]
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def load_manifest(shard_dir) -> dict:
+    shard_dir = Path(shard_dir)
+    path = shard_dir / MANIFEST
+    if not path.exists():
+        raise MissingDataError(f"no {MANIFEST} in {shard_dir} (run `python -m launchers.prepare_shards` first)")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CorruptDataError(f"{path} is not valid JSON: {exc}") from exc
+    for s in manifest["shards"]:
+        if not (shard_dir / s["name"]).exists():
+            raise MissingDataError(f"shard {shard_dir / s['name']} listed in the manifest is missing")
+    return manifest
+
+
+def verify_shards(shard_dir, names=None) -> None:
+    """Check shard files against the manifest's sha256 (a corrupt shard fails before any compute)."""
+    shard_dir = Path(shard_dir)
+    manifest = load_manifest(shard_dir)
+    for s in manifest["shards"]:
+        if names is not None and s["name"] not in names:
+            continue
+        if sha256_file(shard_dir / s["name"]) != s["sha256"]:
+            raise CorruptDataError(f"shard {shard_dir / s['name']} does not match its sha256 in the manifest "
+                                   "(re-run prepare_shards)")
+
+
+def rank_shards(manifest: dict, rank: int, world: int) -> list[str]:
+    return [s["name"] for i, s in enumerate(manifest["shards"]) if i % world == rank]
+
+
+def decode_sample(sample: dict) -> tuple[int, np.ndarray, int]:
+    key = sample["__key__"]
+    blob = sample.get("png", sample.get("jpg"))
+    if blob is None:
+        raise CorruptDataError(f"sample {key} has no png/jpg image")
+    return int(key), decode_image(blob), int(sample["cls"])
+
+
+def iter_samples(shard_dir, names: list[str], *, num_workers: int = 0, batch_size: int = 64, ids=None):
+    """Yield batches ``(ids, images, labels)`` from the named shards, in shard order when num_workers=0.
+
+    ``ids`` (optional): keep only these global ids. Workers split the shards (never more workers than
+    shards: webdataset would raise "No samples found" in an idle worker).
+    """
+    import torch
+    import webdataset as wds
+
+    shard_dir = Path(shard_dir)
+    if not names:
+        return
+    keep = None if ids is None else set(int(i) for i in ids)
+    urls = [str(shard_dir / n) for n in names]
+
+    def wanted(sample):
+        return keep is None or int(sample["__key__"]) in keep
+
+    ds = (wds.WebDataset(urls, shardshuffle=False, nodesplitter=None, workersplitter=wds.split_by_worker,
+                         empty_check=False)
+          .select(wanted).map(decode_sample))
+    workers = min(num_workers, len(urls))
+
+    def collate(batch):
+        ids_, imgs, labels = zip(*batch)
+        return np.asarray(ids_, np.int64), np.stack(imgs), np.asarray(labels, np.int64)
+
+    loader = torch.utils.data.DataLoader(ds.batched(batch_size, collation_fn=collate), batch_size=None,
+                                         num_workers=workers)
+    try:
+        yield from loader
+    except CorruptDataError:
+        raise
+    except Exception as exc:  # tarfile / decode errors inside webdataset
+        raise CorruptDataError(f"reading shards in {shard_dir} failed: {type(exc).__name__}: {exc}") from exc
+
+
+def read_all(shard_dir, ids=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """All (or the given) samples of a shard folder, ordered by global id (small datasets only)."""
+    manifest = load_manifest(shard_dir)
+    out_ids, out_imgs, out_labels = [], [], []
+    for b_ids, b_imgs, b_labels in iter_samples(shard_dir, [s["name"] for s in manifest["shards"]], ids=ids):
+        out_ids.append(b_ids); out_imgs.append(b_imgs); out_labels.append(b_labels)
+    if not out_ids:
+        raise BadInputError(f"no samples with the requested ids in {shard_dir}")
+    ids_, imgs, labels = np.concatenate(out_ids), np.concatenate(out_imgs), np.concatenate(out_labels)
+    order = np.argsort(ids_)
+    return ids_[order], imgs[order], labels[order]

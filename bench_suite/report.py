@@ -1,0 +1,131 @@
+"""Reports: provenance header, mean ± std markdown tables, atomic writes of .md and .json."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import platform
+import shlex
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+
+from bench_suite import atomic
+
+PACKAGES = ("torch", "torchvision", "timm", "accelerate", "webdataset", "numpy", "scikit-learn", "faiss-cpu")
+
+
+def git_revision(root: Path | None = None) -> str:
+    root = root or Path(__file__).resolve().parents[1]
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return (rev or "unknown") + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def hardware() -> str:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        import psutil
+
+        mem = f"{psutil.virtual_memory().total / 2**30:.0f} GiB RAM"
+    except ImportError:
+        mem = "RAM unknown"
+    gpu = (f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}" if torch.cuda.is_available()
+           else "no GPU")
+    return f"{cpu}, {os.cpu_count()} cores, {mem}, {gpu}"
+
+
+def versions() -> str:
+    out = [f"python {platform.python_version()}"]
+    for pkg in PACKAGES:
+        try:
+            out.append(f"{pkg} {metadata.version(pkg)}")
+        except metadata.PackageNotFoundError:
+            pass
+    return ", ".join(out)
+
+
+def provenance(profile: dict, seeds, world: int, extra: dict | None = None) -> dict:
+    return {
+        "command": " ".join(shlex.quote(a) for a in sys.argv) or "(python api)",
+        "profile": profile["name"],
+        "profile_note": profile.get("description", ""),
+        "git_revision": git_revision(),
+        "hardware": hardware(),
+        "processes": world,
+        "versions": versions(),
+        "seeds": list(seeds),
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        **(extra or {}),
+    }
+
+
+def provenance_markdown(prov: dict, scaled_down: bool) -> str:
+    lines = ["| | |", "|---|---|"]
+    for key in ("command", "profile", "git_revision", "date", "hardware", "processes", "versions", "seeds"):
+        val = prov.get(key)
+        lines.append(f"| {key.replace('_', ' ')} | `{val}` |" if key in ("command",) else f"| {key.replace('_', ' ')} | {val} |")
+    for key, val in prov.items():
+        if key not in ("command", "profile", "git_revision", "date", "hardware", "processes", "versions", "seeds",
+                       "profile_note"):
+            lines.append(f"| {key.replace('_', ' ')} | {val} |")
+    note = ""
+    if scaled_down:
+        note = ("\n> **This is the `{}` profile, not the paper's setting.** {}\n"
+                .format(prov["profile"], prov.get("profile_note", "")).rstrip() + "\n")
+    return "\n".join(lines) + "\n" + note
+
+
+def mean_std(values) -> str:
+    vals = np.asarray([v for v in values if v is not None], dtype=float)
+    if len(vals) == 0:
+        return "-"
+    if len(vals) == 1:
+        return f"{vals[0]:.1f}"
+    return f"{vals.mean():.1f}±{vals.std(ddof=0):.1f}"
+
+
+def markdown_table(header: list[str], rows: list[list[str]], bold_max_cols: list[int] | None = None) -> str:
+    """Plain pipe table; in ``bold_max_cols`` the best mean (the number before '±') is bolded."""
+    rows = [list(r) for r in rows]
+    for c in bold_max_cols or []:
+        best, best_r = None, []
+        for i, r in enumerate(rows):
+            try:
+                v = float(r[c].split("±")[0])
+            except (ValueError, IndexError):
+                continue
+            if best is None or v > best + 1e-9:
+                best, best_r = v, [i]
+            elif abs(v - best) <= 1e-9:
+                best_r.append(i)
+        for i in best_r:
+            rows[i][c] = f"**{rows[i][c]}**"
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(out) + "\n"
+
+
+def write_report(out_dir, stem: str, markdown: str, data: dict) -> tuple[Path, Path]:
+    out_dir = Path(out_dir)
+    md, js = out_dir / f"{stem}.md", out_dir / f"{stem}.json"
+    atomic.write_json(js, data)
+    atomic.write_text(md, markdown)
+    return md, js

@@ -1,0 +1,141 @@
+"""Regenerate one table of the paper into results/ (markdown + json, with provenance).
+
+    accelerate launch bench_suite/run.py --table 1                 # embedded cpu profile, offline
+    accelerate launch bench_suite/run.py --table 1 --profile paper --source cifar10=~/cifar-10-python.tar.gz ...
+    ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 bench_suite/run.py --table 1
+
+Feature extraction is split across processes; the table's cells are dealt round robin to processes.
+Every stage is cached under --work, so an interrupted run resumes.
+"""
+
+import os
+import sys
+
+# Run as a script, Python puts bench_suite/ first on sys.path, where select.py would shadow the stdlib
+# `select` module; drop it and put the repository root there instead.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
+sys.path.insert(0, os.path.dirname(_HERE))
+
+import argparse  # noqa: E402
+import importlib  # noqa: E402
+import logging  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from bench_suite.cli import main_guard, setup_logging  # noqa: E402
+from bench_suite.errors import BadInputError, unknown  # noqa: E402
+
+log = logging.getLogger("bench_suite.run")
+PAPER_TABLES = {"1": "classification", "2": "segmentation", "3": "selection time", "4": "other encoders",
+                "5": "ablations", "6": "temperature", "7": "iterations"}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="bench_suite/run.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--table", default="1", help="paper table number: " + ", ".join(f"{k} {v}" for k, v in PAPER_TABLES.items()))
+    p.add_argument("--profile", default="cpu", help="built-in profile name (cpu, paper) or a YAML file")
+    p.add_argument("--out", default="results", help="report folder")
+    p.add_argument("--work", default=os.environ.get("BENCH_SUITE_WORK", "work_dirs"),
+                   help="cache folder for shards, features and finished cells (resumable)")
+    p.add_argument("--source", action="append", default=[], metavar="DATASET=PATH",
+                   help="local copy of a paper dataset (cifar10, cifar100, imagenet)")
+    p.add_argument("--seeds", help="override the profile's seeds, e.g. 0,1,2")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p.parse_args(argv)
+
+
+def make_progress(quiet: bool, rank: int):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    state = {}
+
+    def factory(total):
+        if quiet or rank != 0:
+            return None
+        bar = Progress(TextColumn("cells {task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+        bar.start()
+        task = bar.add_task("", total=total)
+        state["bar"] = bar
+
+        def advance(cell, result):
+            desc = f"{cell['dataset']} {cell['ratio']:g} {cell['method']} s{cell['seed']}"
+            if result is not None:
+                desc += f" top1 {result['top1']:.1f}"
+            bar.update(task, advance=1, description=desc)
+        return advance
+
+    def stop():
+        if "bar" in state:
+            state["bar"].stop()
+    return factory, stop
+
+
+@main_guard
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    setup_logging(args.verbose)
+    from bench_suite import report
+    from bench_suite.profiles import load_profile
+    from bench_suite.tables import TABLES
+    from bench_suite.tables.common import Context
+
+    if args.table not in PAPER_TABLES:
+        raise unknown("table", args.table, PAPER_TABLES)
+    if args.table not in TABLES:
+        raise BadInputError(f"table {args.table} ({PAPER_TABLES[args.table]}) is not built yet; available: "
+                            f"{', '.join(sorted(TABLES))}")
+    profile = load_profile(args.profile)
+    if args.seeds:
+        try:
+            profile["seeds"] = [int(s) for s in args.seeds.split(",")]
+        except ValueError as exc:
+            raise BadInputError(f"--seeds must be comma-separated integers, got {args.seeds!r}") from exc
+    sources = {}
+    for spec in args.source:
+        if "=" not in spec:
+            raise BadInputError(f"--source expects DATASET=PATH, got {spec!r}")
+        name, path = spec.split("=", 1)
+        sources[name] = Path(path).expanduser()
+    if str(args.table) not in profile["tables"]:
+        raise BadInputError(f"profile {profile['name']} has no settings for table {args.table}")
+    for d in profile["tables"][str(args.table)].get("cells", {}):
+        if d not in profile["datasets"]:
+            raise BadInputError(f"profile {profile['name']}: table {args.table} uses dataset {d!r} with no settings")
+    _check_methods(profile, str(args.table))
+
+    from accelerate import Accelerator
+    import torch
+
+    acc = Accelerator(cpu=not torch.cuda.is_available())
+    ctx = Context(profile, Path(args.work), Path(args.out), acc, sources, quiet=args.quiet)
+    module = importlib.import_module(TABLES[args.table])
+    factory, stop = make_progress(args.quiet, acc.process_index)
+    t0 = time.perf_counter()
+    try:
+        out = module.run(ctx, factory)
+    finally:
+        stop()
+    elapsed = time.perf_counter() - t0
+    if acc.is_main_process:
+        prov = report.provenance(profile, profile["seeds"], acc.num_processes,
+                                 {"wall_time": f"{elapsed:.0f} s (cached stages are not re-run)"})
+        md = module.markdown(profile, prov, out)
+        md_path, js_path = report.write_report(args.out, f"table{args.table}", md,
+                                               {"provenance": prov, "profile": profile, **out})
+        log.info("wrote %s and %s in %.0f s", md_path, js_path, elapsed)
+    acc.wait_for_everyone()
+    return 0
+
+
+def _check_methods(profile: dict, table: str) -> None:
+    from baselines import registry
+
+    for m in profile["tables"][table].get("methods", []):
+        registry.selector_class(m)
+
+
+if __name__ == "__main__":
+    main()

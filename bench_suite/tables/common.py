@@ -1,0 +1,122 @@
+"""Machinery shared by the tables: cached data preparation, cached cells spread over ranks, recipes.
+
+Every stage output is content-addressed (shards by their manifest, features by a fingerprint of shards +
+encoder + pooling, cells by a hash of everything that determines them), so an interrupted table resumes
+where it stopped and an unchanged cell is never recomputed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from bench_suite import atomic
+from bench_suite.dist import Dist
+from bench_suite.errors import BadInputError, unknown
+from bench_suite.store import FeatureStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Context:
+    profile: dict
+    work: Path  # shards, features, cell cache
+    out: Path  # reports
+    accelerator: object
+    sources: dict = field(default_factory=dict)  # dataset -> local source path (paper datasets)
+    quiet: bool = False
+
+    @property
+    def rank(self) -> int:
+        return self.accelerator.process_index
+
+    @property
+    def world(self) -> int:
+        return self.accelerator.num_processes
+
+
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def prepare_split(ctx: Context, dataset: str, part: str) -> FeatureStore:
+    """Shards (rank 0 writes them once) then features (all ranks extract) of ``part`` = pool | test."""
+    from bench_suite.data.shards import MANIFEST, write_shards
+    from bench_suite.features import extract_features
+
+    dcfg = ctx.profile["datasets"][dataset]
+    scfg = dcfg[part]
+    key = _digest({"dataset": dataset, "source": str(ctx.sources.get(dataset)), **scfg})
+    shard_dir = ctx.work / "shards" / f"{dataset}-{part}-{key}"
+    if ctx.rank == 0 and not (shard_dir / MANIFEST).exists():
+        log.info("writing shards for %s %s -> %s", dataset, part, shard_dir)
+        write_shards(dataset, scfg.get("split", "train"), shard_dir, source=ctx.sources.get(dataset),
+                     limit=scfg.get("limit"), subset_seed=scfg.get("subset_seed", 0),
+                     shard_size=scfg.get("shard_size", 1000))
+    ctx.accelerator.wait_for_everyone()
+    enc = ctx.profile["encoder"]
+    feat_dir = ctx.work / "features" / f"{dataset}-{part}-{key}-{enc['name']}-{enc.get('image_size')}-{enc.get('pooling')}"
+    return extract_features(shard_dir, feat_dir, encoder=enc["name"], pooling=enc.get("pooling"),
+                            image_size=enc.get("image_size"), batch_size=ctx.profile.get("extraction", {}).get("batch_size", 64),
+                            accelerator=ctx.accelerator, weights=enc.get("weights"), progress=not ctx.quiet)
+
+
+def get_recipe(ctx: Context, name: str):
+    recipes = ctx.profile["recipes"]
+    if name not in recipes:
+        raise unknown("recipe", name, recipes)
+    cfg = dict(recipes[name])
+    kind = cfg.pop("kind", name)
+    if kind == "linear_probe":
+        from launchers.linear_probe import linear_probe
+
+        return lambda train, ids, test, seed: linear_probe(train, ids, test, seed=seed, **cfg), cfg
+    raise unknown(f"recipe kind (recipe {name})", kind, ["linear_probe"])
+
+
+def run_cells(ctx: Context, table: str, cells: list[dict], stores: dict, progress=None) -> list[dict]:
+    """Run every cell (cached); cells are dealt round robin to ranks; all ranks return all results."""
+    from bench_suite.metrics import selection_emd
+    from bench_suite.select import run_selection
+    from bench_suite.selection import budget_from_ratio
+
+    cache = ctx.work / "cells" / table
+    keyed = []
+    for cell in cells:
+        train, test = stores[cell["dataset"]]
+        full = {**cell, "train": train.meta.get("fingerprint") or train.checksum(),
+                "test": test.meta.get("fingerprint") or test.checksum()}
+        keyed.append((cell, cache / f"{_digest(full)}.json"))
+    single = Dist()  # a cell is one process's work; ranks share the grid, not a cell
+    for i, (cell, path) in enumerate(keyed):
+        if i % ctx.world != ctx.rank or path.exists():
+            if progress and ctx.rank == 0:
+                progress(cell, None)
+            continue
+        train, test = stores[cell["dataset"]]
+        budget = budget_from_ratio(cell["ratio"], len(train))
+        sel = run_selection(train, cell["method"], budget, cell["seed"], cell.get("method_config"),
+                            labels=train.labels, dist=single)
+        recipe, _ = get_recipe(ctx, cell["recipe"])
+        metrics = recipe(train, sel.ids, test, cell["seed"])
+        rows = train.rows_of_ids(sel.ids)
+        result = {**cell, "budget": budget, "selection_seconds": sel.seconds,
+                  "emd": selection_emd(train.features, rows), **{k: v for k, v in metrics.items() if k != "seed"},
+                  "selection_info": {k: v for k, v in sel.info.items() if k != "loss_curve"},
+                  "ids_sha": hashlib.sha256(np.sort(sel.ids).tobytes()).hexdigest()[:16]}
+        atomic.write_json(path, result)
+        if progress and ctx.rank == 0:
+            progress(cell, result)
+    ctx.accelerator.wait_for_everyone()
+    results = []
+    for cell, path in keyed:
+        if not path.exists():
+            raise BadInputError(f"cell result {path} is missing after the run (a rank failed?)")
+        results.append(json.loads(path.read_text()))
+    return results

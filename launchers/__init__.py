@@ -1,0 +1,1 @@
+"""Launchers: shard preparation, finetuning / probing recipes, SLURM scripts."""

@@ -1,0 +1,131 @@
+"""Datasets and shards: real files in the real on-disk formats, written and read back."""
+
+import pickle
+import tarfile
+
+import numpy as np
+import pytest
+
+from bench_suite.data import shards as ws
+from bench_suite.data.registry import get_dataset
+from bench_suite.errors import CorruptDataError, MissingDataError, UnknownNameError
+
+
+def test_digits_shards_roundtrip(digits_shards):
+    manifest = ws.load_manifest(digits_shards)
+    assert manifest["count"] == 1297 and len(manifest["shards"]) == 3
+    assert sum(manifest["label_counts"]) == 1297
+    ids, imgs, labels = ws.read_all(digits_shards)
+    raw = get_dataset("digits").load("train")
+    assert np.array_equal(ids, np.arange(1297))
+    assert np.array_equal(imgs, raw.images) and np.array_equal(labels, raw.labels)
+
+
+def test_subset_keeps_global_ids(tmp_path):
+    m = ws.write_shards("digits", "train", tmp_path / "s", limit=100, subset_seed=3, shard_size=40)
+    ids, imgs, labels = ws.read_all(tmp_path / "s")
+    raw = get_dataset("digits").load("train")
+    assert m["count"] == 100 and len(m["shards"]) == 3
+    assert np.array_equal(ids, ws.subset_indices(1297, 100, 3))
+    assert np.array_equal(imgs, raw.images[ids]) and np.array_equal(labels, raw.labels[ids])
+    # a different subset seed picks different samples
+    assert not np.array_equal(ids, ws.subset_indices(1297, 100, 4))
+
+
+def test_rank_shards_round_robin(digits_shards):
+    m = ws.load_manifest(digits_shards)
+    r0, r1 = ws.rank_shards(m, 0, 2), ws.rank_shards(m, 1, 2)
+    assert r0 == ["shard-000000.tar", "shard-000002.tar"] and r1 == ["shard-000001.tar"]
+    assert ws.rank_shards(m, 3, 4) == []  # more ranks than shards: an idle rank, no error
+
+
+def test_more_workers_than_shards(digits_shards):
+    got = [b[0] for b in ws.iter_samples(digits_shards, ["shard-000001.tar"], num_workers=2, batch_size=64)]
+    ids = np.sort(np.concatenate(got))
+    assert np.array_equal(ids, np.arange(500, 1000))
+
+
+def test_corrupt_shard_is_detected(tmp_path):
+    ws.write_shards("digits", "test", tmp_path / "s", shard_size=200)
+    shard = tmp_path / "s" / "shard-000001.tar"
+    data = bytearray(shard.read_bytes())
+    data[2000:2600] = b"\x00" * 600
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CorruptDataError, match="sha256"):
+        ws.verify_shards(tmp_path / "s")
+    shard.write_bytes(bytes(data[:3000]))  # truncated mid-member
+    with pytest.raises(CorruptDataError):
+        list(ws.iter_samples(tmp_path / "s", ["shard-000001.tar"]))
+
+
+def test_missing_inputs_have_clear_errors(tmp_path):
+    with pytest.raises(MissingDataError, match="manifest.json"):
+        ws.load_manifest(tmp_path)
+    with pytest.raises(UnknownNameError, match="known: .*fashion_mnist"):
+        get_dataset("nope")
+    with pytest.raises(MissingDataError, match="--source"):
+        get_dataset("cifar10").load("train")
+    with pytest.raises(MissingDataError, match="apt-get install dataset-fashion-mnist"):
+        get_dataset("fashion_mnist").load("train", tmp_path)
+
+
+def _write_cifar_tarball(path, fine: bool, n_per_batch=6):
+    rng = np.random.default_rng(0)
+    top = "cifar-100-python" if fine else "cifar-10-python"
+    members = {}
+    if fine:
+        for split in ("train", "test"):
+            members[split] = {b"data": rng.integers(0, 256, (n_per_batch, 3072), dtype=np.uint8),
+                              b"fine_labels": list(rng.integers(0, 100, n_per_batch))}
+        members["meta"] = {b"fine_label_names": [f"c{i}".encode() for i in range(100)]}
+    else:
+        for b in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+            members[b] = {b"data": rng.integers(0, 256, (n_per_batch, 3072), dtype=np.uint8),
+                          b"labels": list(rng.integers(0, 10, n_per_batch))}
+        members["batches.meta"] = {b"label_names": [f"c{i}".encode() for i in range(10)]}
+    import io
+    with tarfile.open(path, "w:gz") as tar:
+        for name, obj in members.items():
+            blob = pickle.dumps(obj)
+            info = tarfile.TarInfo(f"{top}/{name}")
+            info.size = len(blob)
+            tar.addfile(info, io.BytesIO(blob))
+    return members
+
+
+@pytest.mark.parametrize("fine", [False, True])
+def test_cifar_tarball_fixture(tmp_path, fine):
+    members = _write_cifar_tarball(tmp_path / "c.tar.gz", fine)
+    name = "cifar100" if fine else "cifar10"
+    out = tmp_path / "shards"
+    m = ws.write_shards(name, "train", out, source=tmp_path / "c.tar.gz", shard_size=7)
+    ids, imgs, labels = ws.read_all(out)
+    first = members["train" if fine else "data_batch_1"]
+    assert imgs.shape[1:] == (32, 32, 3)
+    # CIFAR rows are channel-major: R plane, G plane, B plane
+    assert np.array_equal(imgs[0], first[b"data"][0].reshape(3, 32, 32).transpose(1, 2, 0))
+    assert labels[0] == first[b"fine_labels" if fine else b"labels"][0]
+    assert m["count"] == (6 if fine else 30) and m["num_classes"] == (100 if fine else 10)
+
+
+def test_imagefolder_fixture(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    for split in ("train", "val"):
+        for cls in ("n01", "n02"):
+            (tmp_path / split / cls).mkdir(parents=True)
+            for i in range(3):
+                Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(tmp_path / split / cls / f"{i}.JPEG")
+    m = ws.write_shards("imagenet", "train", tmp_path / "s", source=tmp_path, shard_size=4)
+    ids, imgs, labels = ws.read_all(tmp_path / "s")
+    assert m["classes"] == ["n01", "n02"] and m["count"] == 6
+    assert imgs.shape == (6, 20, 24, 3) and labels.tolist() == [0, 0, 0, 1, 1, 1]
+
+
+@pytest.mark.parametrize("name", ["mnist", "fashion_mnist"])
+def test_offline_datasets_installed(name):
+    raw = get_dataset(name).load("test")
+    assert raw.images.shape == (10000, 28, 28) and raw.images.dtype == np.uint8
+    counts = np.bincount(raw.labels)
+    assert len(counts) == 10 and counts.sum() == 10000 and counts.min() > 800

@@ -1,0 +1,63 @@
+"""FeatureStore: validation of bad input, atomic save, memmap slices."""
+
+import numpy as np
+import pytest
+
+from bench_suite.errors import BadInputError, MissingDataError
+from bench_suite.store import FeatureStore
+
+
+def unit(n, d, seed=0):
+    x = np.random.default_rng(seed).normal(size=(n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def test_roundtrip_and_slices(tmp_path):
+    feats = unit(50, 8)
+    store = FeatureStore.from_array(feats, ids=np.arange(50) * 2 + 7, labels=np.arange(50) % 3, meta={"x": 1})
+    store.save(tmp_path / "s")
+    back = FeatureStore.open(tmp_path / "s")
+    assert np.array_equal(np.asarray(back.features), feats) and back.meta["x"] == 1
+    assert back.meta["checksum"] == store.checksum()
+    part = FeatureStore.open(tmp_path / "s", rows=slice(10, 20))
+    assert len(part) == 10 and part.row_offset == 10 and part.total_rows == 50
+    assert np.array_equal(part.ids, np.arange(10, 20) * 2 + 7)
+    assert back.rows_of_ids([27, 7]).tolist() == [10, 0]
+    with pytest.raises(BadInputError, match="not in the feature store"):
+        back.rows_of_ids([8])
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda f: f.__setitem__((3, 1), np.nan), "NaN/Inf"),
+    (lambda f: f.__setitem__(4, 0.0), "zero-norm"),
+])
+def test_bad_rows_rejected(mutate, message):
+    feats = unit(20, 4)
+    mutate(feats)
+    with pytest.raises(BadInputError, match=message):
+        FeatureStore.from_array(feats)
+
+
+def test_unnormalised_rows(caplog):
+    feats = unit(20, 4) * 3
+    with pytest.raises(BadInputError, match="not L2-normalised"):
+        FeatureStore.from_array(feats)
+    store = FeatureStore.from_array(feats, normalize=True)
+    assert np.allclose(np.linalg.norm(store.features, axis=1), 1, atol=1e-6)
+
+
+def test_shapes_and_missing(tmp_path):
+    with pytest.raises(BadInputError, match="2-D"):
+        FeatureStore.from_array(np.zeros(5, np.float32))
+    with pytest.raises(BadInputError, match="empty"):
+        FeatureStore.from_array(np.zeros((0, 3), np.float32))
+    with pytest.raises(BadInputError, match="ids have shape"):
+        FeatureStore.from_array(unit(5, 3), ids=np.arange(4))
+    with pytest.raises(MissingDataError, match="not found"):
+        FeatureStore.open(tmp_path / "nope")
+
+
+def test_npy_input_is_normalised_with_warning(tmp_path):
+    np.save(tmp_path / "f.npy", unit(10, 3) * 2)
+    store = FeatureStore.open(tmp_path / "f.npy")
+    assert np.allclose(np.linalg.norm(store.features, axis=1), 1, atol=1e-6)
