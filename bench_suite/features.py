@@ -93,7 +93,7 @@ def _extract_rank(shard_dir, names, manifest, enc, pooling, batch_size, device, 
         task = bar.add_task(f"{manifest['dataset']}/{manifest['split']}", total=sum(counts[n] for n in names))
         for name in names:  # one shard at a time: batches never cross shards (1 vs N processes identical)
             seen = 0
-            for b_ids, b_imgs, b_labels in wshards.iter_samples(shard_dir, [name], batch_size=batch_size):
+            for b_ids, b_imgs, b_labels, *_ in wshards.iter_samples(shard_dir, [name], batch_size=batch_size):
                 x = enc.preprocess(b_imgs).to(device)
                 f = enc.features(x, pooling=pooling).float()
                 f = torch.nn.functional.normalize(f, dim=1).cpu().numpy()
@@ -120,3 +120,36 @@ def _merge_parts(parts_dir: Path, world: int, manifest: dict, out_dir: Path, met
     order = np.argsort(ids, kind="stable")
     FeatureStore(feats[order], ids[order], labels[order], meta).save(out_dir)
     log.info("feature store %s: %d x %d", out_dir, len(ids), feats.shape[1])
+
+
+def main(argv=None) -> int:
+    """``python -m bench_suite.features --shards DIR --encoder NAME --out DIR`` (works under accelerate launch)."""
+    import argparse
+
+    from bench_suite.cli import main_guard, setup_logging
+
+    p = argparse.ArgumentParser(prog="python -m bench_suite.features", description=main.__doc__)
+    p.add_argument("--shards", required=True)
+    p.add_argument("--encoder", required=True)
+    p.add_argument("--pooling", choices=["cls", "cls+mean", "gap"])
+    p.add_argument("--image-size", type=int)
+    p.add_argument("--weights", help="local checkpoint for encoders that need one (dino_vits16)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--out", required=True)
+    p.add_argument("--force", action="store_true", help="re-extract even if cached")
+
+    @main_guard
+    def run():
+        args = p.parse_args(argv)
+        setup_logging()
+        store = extract_features(args.shards, args.out, encoder=args.encoder, pooling=args.pooling,
+                                 image_size=args.image_size, batch_size=args.batch_size, weights=args.weights,
+                                 force=args.force)
+        log.info("%s: %d x %d", args.out, len(store), store.dim)
+        return 0
+
+    return run()
+
+
+if __name__ == "__main__":
+    main()

@@ -27,6 +27,7 @@ class RawSplit:
     images: np.ndarray | list  # uint8 (N,H,W[,3]) or a list of image paths
     labels: np.ndarray  # int64 (N,)
     classes: list[str]
+    masks: np.ndarray | list | None = None  # segmentation: uint8 (N,H,W) class-index masks (255 = ignore)
 
 
 @dataclass

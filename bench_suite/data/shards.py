@@ -82,6 +82,9 @@ def write_shards(dataset: str, split: str, out_dir, *, source=None, limit: int |
                         sample = {"png": encode_png(np.asarray(item))}
                     sample["__key__"] = f"{gid:09d}"
                     sample["cls"] = str(int(raw.labels[gid])).encode()
+                    if raw.masks is not None:
+                        mask = raw.masks[gid]
+                        sample["seg.png"] = mask.read_bytes() if isinstance(mask, Path) else encode_png(np.asarray(mask))
                     sink.write(sample)
             shards.append({"name": name, "count": int(len(part)), "sha256": sha256_file(tmp / name),
                            "first_id": int(part[0]), "last_id": int(part[-1])})
@@ -131,16 +134,20 @@ def rank_shards(manifest: dict, rank: int, world: int) -> list[str]:
     return [s["name"] for i, s in enumerate(manifest["shards"]) if i % world == rank]
 
 
-def decode_sample(sample: dict) -> tuple[int, np.ndarray, int]:
+def decode_sample(sample: dict) -> tuple:
+    """(id, image, label) or, for segmentation shards, (id, image, label, mask)."""
     key = sample["__key__"]
     blob = sample.get("png", sample.get("jpg"))
     if blob is None:
         raise CorruptDataError(f"sample {key} has no png/jpg image")
-    return int(key), decode_image(blob), int(sample["cls"])
+    out = (int(key), decode_image(blob), int(sample["cls"]))
+    if "seg.png" in sample:
+        out += (decode_image(sample["seg.png"]),)
+    return out
 
 
 def iter_samples(shard_dir, names: list[str], *, num_workers: int = 0, batch_size: int = 64, ids=None):
-    """Yield batches ``(ids, images, labels)`` from the named shards, in shard order when num_workers=0.
+    """Yield batches ``(ids, images, labels[, masks])`` from the named shards, in shard order when num_workers=0.
 
     ``ids`` (optional): keep only these global ids. Workers split the shards (never more workers than
     shards: webdataset would raise "No samples found" in an idle worker).
@@ -163,8 +170,9 @@ def iter_samples(shard_dir, names: list[str], *, num_workers: int = 0, batch_siz
     workers = min(num_workers, len(urls))
 
     def collate(batch):
-        ids_, imgs, labels = zip(*batch)
-        return np.asarray(ids_, np.int64), np.stack(imgs), np.asarray(labels, np.int64)
+        cols = list(zip(*batch))
+        out = (np.asarray(cols[0], np.int64), np.stack(cols[1]), np.asarray(cols[2], np.int64))
+        return out + (np.stack(cols[3]),) if len(cols) > 3 else out
 
     loader = torch.utils.data.DataLoader(ds.batched(batch_size, collation_fn=collate), batch_size=None,
                                          num_workers=workers)
@@ -176,14 +184,12 @@ def iter_samples(shard_dir, names: list[str], *, num_workers: int = 0, batch_siz
         raise CorruptDataError(f"reading shards in {shard_dir} failed: {type(exc).__name__}: {exc}") from exc
 
 
-def read_all(shard_dir, ids=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """All (or the given) samples of a shard folder, ordered by global id (small datasets only)."""
+def read_all(shard_dir, ids=None) -> tuple:
+    """All (or the given) samples of a shard folder, ordered by global id: (ids, images, labels[, masks])."""
     manifest = load_manifest(shard_dir)
-    out_ids, out_imgs, out_labels = [], [], []
-    for b_ids, b_imgs, b_labels in iter_samples(shard_dir, [s["name"] for s in manifest["shards"]], ids=ids):
-        out_ids.append(b_ids); out_imgs.append(b_imgs); out_labels.append(b_labels)
-    if not out_ids:
+    batches = list(iter_samples(shard_dir, [s["name"] for s in manifest["shards"]], ids=ids))
+    if not batches:
         raise BadInputError(f"no samples with the requested ids in {shard_dir}")
-    ids_, imgs, labels = np.concatenate(out_ids), np.concatenate(out_imgs), np.concatenate(out_labels)
-    order = np.argsort(ids_)
-    return ids_[order], imgs[order], labels[order]
+    cols = [np.concatenate(c) for c in zip(*batches)]
+    order = np.argsort(cols[0])
+    return tuple(c[order] for c in cols)
