@@ -101,9 +101,15 @@ def main(argv=None) -> int:
         sources[name] = Path(path).expanduser()
     if str(args.table) not in profile["tables"]:
         raise BadInputError(f"profile {profile['name']} has no settings for table {args.table}")
-    for d in profile["tables"][str(args.table)].get("cells", {}):
+    from bench_suite.data.registry import get_dataset
+
+    for d, ratios in profile["tables"][str(args.table)].get("cells", {}).items():
         if d not in profile["datasets"]:
             raise BadInputError(f"profile {profile['name']}: table {args.table} uses dataset {d!r} with no settings")
+        get_dataset(d)
+        for r in ratios:
+            if not 0 < float(r) <= 1:
+                raise BadInputError(f"profile {profile['name']}: ratio {r} for {d} is not in (0, 1] (budget > pool)")
     _check_methods(profile, str(args.table))
 
     from accelerate import Accelerator

@@ -1,0 +1,44 @@
+"""Feature extraction: 1 process and 2 real processes (accelerate launch, gloo) give identical stores."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bench_suite.store import FeatureStore
+
+ROOT = Path(__file__).resolve().parents[1]
+ACCELERATE = Path(sys.executable).with_name("accelerate")
+
+
+def _launch(nproc, shards, out, encoder="efficientnet_lite0", size=64):
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    dist = ["--multi_gpu", "--num_processes", str(nproc), "--main_process_port", str(_port())] if nproc > 1 else ["--num_processes", "1"]
+    cmd = [str(ACCELERATE), "launch", *dist, "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "-m", "bench_suite.features", "--shards", str(shards), "--encoder", encoder, "--image-size", str(size),
+           "--batch-size", "50", "--out", str(out)]
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res
+
+
+def _port():
+    from bench_suite.dist import free_port
+
+    return free_port()
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one(digits_shards, tmp_path):
+    _launch(1, digits_shards, tmp_path / "one")
+    res = _launch(2, digits_shards, tmp_path / "two")
+    one, two = FeatureStore.open(tmp_path / "one"), FeatureStore.open(tmp_path / "two")
+    assert two.meta["processes"] == 2 and one.meta["processes"] == 1, res.stderr[-2000:]
+    assert len(one) == 1297 and np.array_equal(one.ids, np.arange(1297))
+    assert np.array_equal(one.ids, two.ids) and np.array_equal(one.labels, two.labels)
+    np.testing.assert_array_equal(np.asarray(one.features), np.asarray(two.features))
+    assert np.allclose(np.linalg.norm(one.features, axis=1), 1.0, atol=1e-5)
+    assert not list(tmp_path.glob(".*parts*")), "rank parts must be cleaned up"

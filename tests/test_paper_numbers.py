@@ -1,0 +1,20 @@
+"""The transcribed paper numbers must match the paper text in ../shared (when the workspace has it)."""
+
+import re
+from pathlib import Path
+
+import pytest
+
+from bench_suite.tables import paper_numbers
+
+PAPER = Path(__file__).resolve().parents[2] / "shared" / "paper" / "activeft-cvpr2023.md"
+
+
+@pytest.mark.skipif(not PAPER.exists(), reason="paper text not in this checkout's workspace")
+def test_table1_transcription_matches_paper():
+    text = PAPER.read_text()
+    block = text[text.index("Methods\tCIFAR10"):]
+    for name, values in paper_numbers.TABLE1.items():
+        row = next(line for line in block.splitlines() if re.sub(r"<[^>]+>", "", line).startswith(name))
+        cells = [re.sub(r"<[^>]+>", "", c).replace(" ", "") for c in row.split("\t")[1:]]
+        assert cells == [v or "-" for v in values], name
