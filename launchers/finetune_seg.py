@@ -1,0 +1,171 @@
+"""Segmentation finetuning: Segmenter on the encoder's ViT, per-pixel cross-entropy, mIoU on the test split.
+
+Images are resized to the recipe's square size (bilinear); training labels are resized (nearest) to the
+same square, or kept at their own size when that is smaller (the logits are upsampled to the labels); for
+evaluation the logits are upsampled back to each label's original size, so mIoU is measured on the
+dataset's own label maps. The loss follows mmsegmentation's default: per-pixel cross-entropy with the
+ignore index skipped, averaged over all pixels of a sample; samples are averaged over the global batch.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from launchers.ft_engine import TENSOR_BUDGET, RunContext, Samples, Task, apply_crop_flip, autocast, enable_prefix, \
+    set_drop_path, set_trainable
+from launchers.segmenter import Segmenter, confusion_matrix, iou_from_confusion
+
+
+def _resize(img: np.ndarray, size: int, nearest: bool) -> np.ndarray:
+    from PIL import Image
+
+    if img.shape[:2] == (size, size):
+        return img
+    return np.asarray(Image.fromarray(img).resize((size, size), Image.NEAREST if nearest else Image.BILINEAR))
+
+
+def seg_backbone(enc) -> torch.nn.Module:
+    """A fresh trainable copy of the encoder's timm model (its patch tokens feed the decoder)."""
+    backbone = enc.backbone_for_finetune()
+    model = getattr(backbone, "model", backbone)  # the registry's PooledBackbone wraps the timm model
+    model.requires_grad_(True).train()
+    return model
+
+
+def build_segmenter(enc, recipe: dict, num_classes: int) -> tuple[Segmenter, dict]:
+    backbone = seg_backbone(enc)
+    set_drop_path(backbone, recipe["drop_path"])
+    info = set_trainable(backbone, recipe["trainable_blocks"])
+    model = Segmenter(backbone, enc.dim, num_classes, recipe["decoder"], recipe["decoder_layers"],
+                      recipe["decoder_dropout"])
+    info["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    info["total_params"] = sum(p.numel() for p in model.parameters())
+    return model, info
+
+
+class SegTask(Task):
+    name = "seg"
+    metric = "miou"
+
+    def __init__(self, enc, recipe: dict, num_classes: int, classes: list[str]):
+        self.enc, self.recipe, self.num_classes, self.classes = enc, recipe, num_classes, classes
+        self.ignore = recipe["ignore_index"]
+        probe = enc.preprocess(np.zeros((1, 32, 32), np.uint8))
+        self.size = int(probe.shape[-1])
+        self._cache: dict[int, tuple] = {}
+        self._tokens_cache: dict[int, torch.Tensor | None] = {}
+        self.prefix = None
+        self.device = torch.device("cpu")
+
+    def _mask(self, pool: Samples, i: int) -> np.ndarray:
+        m = pool.mask(i)
+        if m.ndim == 3:
+            raise ValueError("segmentation masks must be single-channel class-index images")
+        if self.recipe["reduce_zero_label"]:  # mmseg's rule: 0 -> ignore, c -> c - 1
+            m = m.astype(np.int16) - 1
+            m[m < 0] = self.ignore
+            m[m == 254] = self.ignore
+            m = m.astype(np.uint8)
+        return m
+
+    def _label_size(self, pool: Samples) -> int:
+        """Training labels stay at their own resolution when it is below the input size (no point in
+        upsampling labels), else they are resized with the image."""
+        key = ("label_size", id(pool))
+        if key not in self._cache:
+            self._cache[key] = min(self.size, max(pool.mask(0).shape[:2]))
+        return self._cache[key]
+
+    def _batch(self, pool: Samples, idx) -> tuple[torch.Tensor, torch.Tensor]:
+        imgs = [_resize(pool.image(int(i)), self.size, False) for i in idx]
+        masks = [_resize(self._mask(pool, int(i)), self._label_size(pool), True) for i in idx]
+        x = self.enc.preprocess(np.stack(imgs)).float()
+        if x.shape[-2:] != (self.size, self.size):
+            raise ValueError(f"encoder preprocessing changed the size to {tuple(x.shape[-2:])}; expected {self.size}")
+        return x, torch.as_tensor(np.stack(masks)).long()
+
+    def _tensors(self, pool: Samples, idx) -> tuple[torch.Tensor, torch.Tensor]:
+        cached = self._cache.get(id(pool))
+        if cached is None and not pool.encoded and 3 * self.size ** 2 * 4 * len(pool) <= TENSOR_BUDGET:
+            parts = [self._batch(pool, range(s, min(s + 256, len(pool)))) for s in range(0, len(pool), 256)]
+            cached = (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]).to(torch.uint8))
+            self._cache[id(pool)] = cached
+        if cached is not None:
+            t = torch.as_tensor(np.asarray(idx), dtype=torch.long)
+            return cached[0][t], cached[1][t].long()
+        return self._batch(pool, idx)
+
+    def _tokens(self, pool: Samples, idx) -> torch.Tensor | None:
+        if self.prefix is None:
+            return None
+        key = id(pool)
+        if key not in self._tokens_cache:
+            probe = self.prefix.tokens(self._tensors(pool, [0])[0].to(self.device))
+            cached = None
+            if probe.numel() * 4 * len(pool) <= TENSOR_BUDGET:
+                cached = torch.cat([self.prefix.tokens(self._tensors(pool, range(s, min(s + 64, len(pool))))[0]
+                                                       .to(self.device)) for s in range(0, len(pool), 64)])
+            self._tokens_cache[key] = cached
+        cached = self._tokens_cache[key]
+        return None if cached is None else cached[torch.as_tensor(np.asarray(idx), dtype=torch.long,
+                                                                  device=cached.device)]
+
+    def use_prefix(self, model, pool: Samples, device) -> bool:
+        """Run the frozen first blocks once per sample from now on, if the model and recipe allow it."""
+        self.device = device
+        x = self._tensors(pool, list(range(min(2, len(pool)))))[0].to(device)
+        self.prefix = enable_prefix(model, self.recipe, x)
+        return self.prefix is not None
+
+    def inputs(self, pool, idx, aug, device):
+        if aug is None:
+            t = self._tokens(pool, idx)
+            if t is not None:
+                return t.to(device), self._tensors(pool, idx)[1].to(device)
+        x, m = self._tensors(pool, idx)
+        x, m = x.to(device), m.to(device)
+        if aug is not None:
+            x, m = apply_crop_flip(x, aug, m)
+        return x, m
+
+    def per_sample_loss(self, out, target):
+        logits = F.interpolate(out.float(), size=target.shape[-2:], mode="bilinear", align_corners=False)
+        pix = F.cross_entropy(logits, target, reduction="none", ignore_index=self.ignore)  # 0 where ignored
+        return pix.flatten(1).mean(1)
+
+    def n_correct(self, out, target):
+        pred = F.interpolate(out.float(), size=target.shape[-2:], mode="bilinear", align_corners=False).argmax(1)
+        valid = target != self.ignore
+        acc = ((pred == target) & valid).flatten(1).sum(1).float() / valid.flatten(1).sum(1).clamp(min=1).float()
+        return float(acc.sum())
+
+    @torch.no_grad()
+    def evaluate(self, model, test: Samples, ctx: RunContext, amp: str, batch: int) -> dict:
+        conf = np.zeros((self.num_classes, self.num_classes), np.int64)
+        for s in range(0, len(test), batch):
+            idx = np.arange(s, min(s + batch, len(test)))
+            x = self._tokens(test, idx)
+            if x is None:
+                x = self._tensors(test, idx)[0]
+            with autocast(amp, ctx.device):
+                logits = model(x.to(ctx.device)).float()
+            for k, i in enumerate(idx):  # upsample to each label's own size
+                gt = torch.as_tensor(self._mask(test, int(i)).astype(np.int64))
+                pred = F.interpolate(logits[k:k + 1], size=gt.shape, mode="bilinear", align_corners=False).argmax(1)
+                conf += confusion_matrix(pred.cpu(), gt, self.num_classes, self.ignore)
+        total = torch.as_tensor(conf, dtype=torch.float64)
+        count = torch.tensor([float(len(test))], dtype=torch.float64)
+        total = ctx.all_reduce(total)
+        count = ctx.all_reduce(count)
+        conf = total.numpy().astype(np.int64)
+        res = iou_from_confusion(conf)
+
+        def num(v):
+            return None if np.isnan(v) else float(v * 100)
+
+        return {"miou": res["miou"] * 100, "aacc": res["aacc"] * 100,
+                "per_class": {c: num(res["iou"][i]) for i, c in enumerate(self.classes)},
+                "per_class_acc": {c: num(res["acc"][i]) for i, c in enumerate(self.classes)},
+                "confusion": conf.tolist(), "n_test": int(count[0])}

@@ -1,0 +1,222 @@
+"""Finetuning recipes as data: the schema (defaults + checks) and where named recipes come from.
+
+A recipe is a flat mapping. Named recipes live in ``launchers/recipes.yaml`` (the catalogue: the paper's
+appendix-B.2 recipes, the released code's variant, and the cpu-scale ones) and in a profile's
+``recipes:`` mapping, which overrides the catalogue entry of the same name. Every field a recipe leaves
+out takes its default below, so a recipe only spells out what it means.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import yaml
+
+from bench_suite.errors import BadInputError, MissingDataError, unknown
+
+CATALOGUE = Path(__file__).with_name("recipes.yaml")
+
+# Classification finetuning (kind: finetune): backbone from the encoder registry + a fresh linear head.
+FINETUNE_DEFAULTS = {
+    "kind": "finetune",
+    "optimizer": "sgd",  # sgd | adamw
+    "lr": 0.001,  # peak learning rate (not scaled by batch size)
+    "momentum": 0.9,
+    "weight_decay": 0.0001,  # not applied to biases, norms, position embeddings and class tokens (timm rule)
+    "batch_size": 512,  # GLOBAL batch (all processes, one optimiser step); capped at the subset size
+    "micro_batch_size": 64,  # per-process forward batch; more samples per process -> gradient accumulation
+    "epochs": 1000,
+    "epochs_by_ratio": None,  # {ratio: epochs}: the first key >= selected/pool wins (ImageNet 1% vs 5%)
+    "schedule": "cosine",  # cosine | poly | constant (per optimiser step, after warm-up)
+    "warmup_epochs": 0,  # linear warm-up from warmup_lr
+    "warmup_lr": 0.0,
+    "min_lr": 0.0,
+    "poly_power": 0.9,
+    "label_smoothing": 0.0,
+    "drop_path": 0.0,  # stochastic depth, linearly increasing over the blocks (DeiT rule)
+    "trainable_blocks": "all",  # "all" or K: only the last K blocks (+ everything after them) train
+    "image_size": None,  # None: the encoder's default
+    "crop_scale": None,  # [lo, hi]: random-resized-crop area range (train only); None: no crop
+    "hflip": False,  # random horizontal flip (train only)
+    "clip_grad": None,  # max global grad norm
+    "eval_every": 0,  # evaluate on the test split every N epochs (0: only after the last epoch)
+    "best_or_last": "last",  # report the last evaluation, or the best one (the released code's choice)
+    "checkpoint_every": 10,  # epochs between checkpoints (the last epoch is always checkpointed)
+    "amp": "auto",  # auto (bf16 on CUDA GPUs that have it, else fp32) | no | bf16 | fp16
+    "encoder": None,  # optional default encoder name (the CLI's --encoder overrides it)
+}
+
+# Segmentation finetuning (kind: seg_finetune): Segmenter = ViT backbone patch tokens + decoder.
+SEG_DEFAULTS = {
+    **FINETUNE_DEFAULTS,
+    "kind": "seg_finetune",
+    "batch_size": 8,
+    "micro_batch_size": 8,
+    "epochs": 127,
+    "schedule": "poly",
+    "weight_decay": 0.0,
+    "min_lr": 0.0,
+    "decoder": "mask_transformer",  # linear | mask_transformer
+    "decoder_layers": 2,
+    "decoder_dropout": 0.1,
+    "ignore_index": 255,
+    "reduce_zero_label": False,  # ADE20K-style labels: 0 = unlabelled -> ignore, classes shift down by one
+}
+
+LINEAR_PROBE_DEFAULTS = {"kind": "linear_probe", "C": 1.0, "max_iter": 1000}
+
+KINDS = {"finetune": FINETUNE_DEFAULTS, "seg_finetune": SEG_DEFAULTS, "linear_probe": LINEAR_PROBE_DEFAULTS}
+TASK_OF_KIND = {"finetune": "cls", "seg_finetune": "seg", "linear_probe": "cls"}
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise BadInputError(f"recipes file {path} is not valid YAML: {exc}") from exc
+    return data or {}
+
+
+def available(recipes_file: str | Path | None = None) -> dict[str, dict]:
+    """All named recipes: the catalogue, overridden by ``recipes_file`` (a profile name or a YAML file whose
+    ``recipes:`` mapping - or, without that key, whose top level - maps names to recipes)."""
+    recipes = dict(_read_yaml(CATALOGUE))
+    if recipes_file is not None:
+        path = Path(recipes_file)
+        if path.suffix in (".yaml", ".yml"):
+            if not path.exists():
+                raise MissingDataError(f"recipes file not found: {path}")
+            data = _read_yaml(path)
+        else:
+            from bench_suite.profiles import load_profile
+
+            data = load_profile(str(recipes_file))
+        extra = data.get("recipes", data) if isinstance(data, dict) else None
+        if not isinstance(extra, dict):
+            raise BadInputError(f"{recipes_file}: expected a mapping of recipe names to recipes")
+        recipes.update(extra)
+    return recipes
+
+
+def get_recipe(name: str, recipes_file: str | Path | None = None, overrides: dict | None = None) -> dict:
+    """The named recipe with defaults filled in and checked (raises before any training starts)."""
+    recipes = available(recipes_file)
+    if name not in recipes:
+        raise unknown("recipe", name, recipes)
+    recipe = resolve(recipes[name], where=f"recipe {name!r}")
+    if overrides:
+        recipe = resolve({**recipe, **overrides}, where=f"recipe {name!r} with overrides")
+    return recipe
+
+
+def resolve(recipe: dict, where: str = "recipe") -> dict:
+    """Fill defaults and check every field; unknown fields are an error (a typo must not pass silently)."""
+    if not isinstance(recipe, dict):
+        raise BadInputError(f"{where}: expected a mapping, got {type(recipe).__name__}")
+    kind = recipe.get("kind", "finetune")
+    if kind not in KINDS:
+        raise unknown(f"recipe kind in {where}", kind, KINDS)
+    defaults = KINDS[kind]
+    extra = set(recipe) - set(defaults)
+    if extra:
+        raise BadInputError(f"{where}: unknown field(s) {', '.join(sorted(extra))}; known: {', '.join(sorted(defaults))}")
+    out = {**defaults, **recipe, "kind": kind}
+    if kind == "linear_probe":
+        return out
+    _check(out, where)
+    return out
+
+
+def _check(r: dict, where: str) -> None:
+    def bad(msg):
+        raise BadInputError(f"{where}: {msg}")
+
+    if r["optimizer"] not in ("sgd", "adamw"):
+        bad(f"optimizer must be sgd or adamw, got {r['optimizer']!r}")
+    if r["schedule"] not in ("cosine", "poly", "constant"):
+        bad(f"schedule must be cosine, poly or constant, got {r['schedule']!r}")
+    for key in ("lr", "momentum", "weight_decay", "warmup_lr", "min_lr", "label_smoothing", "drop_path"):
+        if not isinstance(r[key], (int, float)) or r[key] < 0 or math.isnan(r[key]):
+            bad(f"{key} must be a non-negative number, got {r[key]!r}")
+    if r["lr"] <= 0:
+        bad(f"lr must be positive, got {r['lr']}")
+    if r["label_smoothing"] >= 1 or r["drop_path"] >= 1:
+        bad("label_smoothing and drop_path must be below 1")
+    for key in ("batch_size", "micro_batch_size", "epochs"):
+        if not isinstance(r[key], int) or isinstance(r[key], bool) or r[key] <= 0:
+            bad(f"{key} must be a positive integer, got {r[key]!r}")
+    for key in ("eval_every", "checkpoint_every", "warmup_epochs"):
+        if not isinstance(r[key], int) or isinstance(r[key], bool) or r[key] < 0:
+            bad(f"{key} must be a non-negative integer, got {r[key]!r}")
+    tb = r["trainable_blocks"]
+    if not (tb == "all" or (isinstance(tb, int) and not isinstance(tb, bool) and tb >= 0)):
+        bad(f"trainable_blocks must be 'all' or a non-negative integer, got {tb!r}")
+    if r["image_size"] is not None and (not isinstance(r["image_size"], int) or r["image_size"] <= 0):
+        bad(f"image_size must be a positive integer, got {r['image_size']!r}")
+    cs = r["crop_scale"]
+    if cs is not None and not (isinstance(cs, (list, tuple)) and len(cs) == 2 and 0 < cs[0] <= cs[1] <= 1):
+        bad(f"crop_scale must be [lo, hi] with 0 < lo <= hi <= 1, got {cs!r}")
+    if r["best_or_last"] not in ("best", "last"):
+        bad(f"best_or_last must be best or last, got {r['best_or_last']!r}")
+    if r["amp"] not in ("auto", "no", "bf16", "fp16"):
+        bad(f"amp must be auto, no, bf16 or fp16, got {r['amp']!r}")
+    if r["clip_grad"] is not None and (not isinstance(r["clip_grad"], (int, float)) or r["clip_grad"] <= 0):
+        bad(f"clip_grad must be a positive number or null, got {r['clip_grad']!r}")
+    ebr = r["epochs_by_ratio"]
+    if ebr is not None:
+        if not isinstance(ebr, dict) or not ebr:
+            bad("epochs_by_ratio must be a mapping {ratio: epochs}")
+        for k, v in ebr.items():
+            if not (isinstance(k, (int, float)) and 0 < float(k) <= 1 and isinstance(v, int) and v > 0):
+                bad(f"epochs_by_ratio entries must be ratio (0,1] -> positive epochs, got {k!r}: {v!r}")
+    if r["kind"] == "seg_finetune":
+        if r["decoder"] not in ("linear", "mask_transformer"):
+            bad(f"decoder must be linear or mask_transformer, got {r['decoder']!r}")
+        if not isinstance(r["decoder_layers"], int) or r["decoder_layers"] <= 0:
+            bad(f"decoder_layers must be a positive integer, got {r['decoder_layers']!r}")
+        if not isinstance(r["reduce_zero_label"], bool):
+            bad(f"reduce_zero_label must be true or false, got {r['reduce_zero_label']!r}")
+        if not isinstance(r["ignore_index"], int) or not 0 <= r["ignore_index"] <= 255:
+            bad(f"ignore_index must be an integer in 0..255, got {r['ignore_index']!r}")
+
+
+def epochs_for(recipe: dict, ratio: float | None) -> int:
+    """Epochs of a recipe for a selection ratio (``epochs_by_ratio``: the first key >= ratio)."""
+    table = recipe.get("epochs_by_ratio")
+    if not table or ratio is None:
+        return int(recipe["epochs"])
+    keys = sorted(float(k) for k in table)
+    lookup = {float(k): v for k, v in table.items()}
+    for k in keys:
+        if ratio <= k * (1 + 1e-6):
+            return int(lookup[k])
+    return int(lookup[keys[-1]])
+
+
+def plan_batches(recipe: dict, n_train: int, world: int) -> dict:
+    """Global batch, per-process micro batch and accumulation steps for a subset of ``n_train`` samples.
+
+    The global batch is the recipe's, capped at the subset size (a 100-sample subset with batch 512 takes
+    one full-subset step per epoch). Each process forwards at most ``micro_batch_size`` samples at once and
+    accumulates gradients over ``accum_steps`` micro batches, so the optimiser always sees the same global
+    batch whatever the number of processes.
+    """
+    global_batch = max(1, min(int(recipe["batch_size"]), n_train))
+    per_rank = math.ceil(global_batch / world)
+    micro = max(1, min(int(recipe["micro_batch_size"]), per_rank))
+    return {"global_batch": global_batch, "micro_batch": micro, "accum_steps": math.ceil(per_rank / micro),
+            "steps_per_epoch": len(step_bounds(n_train, global_batch, world))}
+
+
+def step_bounds(n: int, global_batch: int, world: int) -> list[tuple[int, int]]:
+    """[start, stop) of each optimiser step over an epoch of ``n`` samples: every sample exactly once.
+
+    The last step keeps the remainder; a remainder smaller than the number of processes is merged into the
+    step before it (so every process has at least one sample in every step).
+    """
+    bounds = [(s, min(s + global_batch, n)) for s in range(0, n, global_batch)]
+    if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] < world:
+        last = bounds.pop()
+        bounds[-1] = (bounds[-1][0], last[1])
+    return bounds
