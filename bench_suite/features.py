@@ -75,7 +75,7 @@ def extract_features(shard_dir, out_dir, *, encoder: str, pooling: str | None = 
     if rank == 0:
         _merge_parts(parts_dir, world, manifest, out_dir, {
             "dataset": manifest["dataset"], "split": manifest["split"], "encoder": enc.meta, "pooling": pooling,
-            "shards": str(shard_dir), "shards_checksum": manifest["checksum"], "fingerprint": fp,
+            "shards": str(shard_dir.resolve()), "shards_checksum": manifest["checksum"], "fingerprint": fp,
             "num_classes": manifest.get("num_classes"), "classes": manifest.get("classes"), "processes": world})
         shutil.rmtree(parts_dir, ignore_errors=True)
     acc.wait_for_everyone()

@@ -77,7 +77,12 @@ def get_recipe(ctx: Context, name: str):
         from launchers.linear_probe import linear_probe
 
         return lambda train, ids, test, seed: linear_probe(train, ids, test, seed=seed, **cfg), cfg
-    raise unknown(f"recipe kind (recipe {name})", kind, ["linear_probe"])
+    if kind in ("finetune", "seg_finetune"):
+        from launchers.finetune import recipe_fn
+
+        return recipe_fn(name, {**cfg, "kind": kind}, encoder=ctx.profile["encoder"], work_dir=ctx.work / "finetune",
+                         task="seg" if kind == "seg_finetune" else "cls", progress=not ctx.quiet), cfg
+    raise unknown(f"recipe kind (recipe {name})", kind, ["linear_probe", "finetune", "seg_finetune"])
 
 
 def run_cells(ctx: Context, table: str, cells: list[dict], stores: dict, progress=None) -> list[dict]:
