@@ -1,0 +1,353 @@
+"""Exact nearest-parameter search ``p(i) = argmax_j <f_i, c_j>`` with certified candidate pruning.
+
+The naive search costs N x B x d per iteration. Between iterations the parameters move little, so most
+samples keep their nearest parameter; this module proves that instead of recomputing it.
+
+State per sample (this rank's rows only), set by a *full refresh* (one row of the N x B product):
+
+* ``cand`` - its K most similar parameters at refresh time, ``thr`` - the (K+1)-th similarity (every
+  other parameter was at most ``thr``), ``t0`` - the refresh iteration;
+* ``chi`` - for every candidate an upper-bound offset ``s_ik - P_k(t_ik)`` where ``s_ik`` was an exact
+  similarity at iteration ``t_ik`` and ``P_k(t)`` is parameter k's cumulative path length
+  ``sum_t |c_k(t+1) - c_k(t)|`` (times max |f|).
+
+Because ``|<f, c(t)> - <f, c(s)>| <= |f| |c(t) - c(s)| <= P(t) - P(s)``, at iteration t
+
+* candidate k:      ``<f_i, c_k> <= chi_ik + P_k(t)``
+* any non-candidate: ``<f_i, c_j> <= thr_i + max_j (P_j(t) - P_j(t0_i))``
+
+and the current assignment's similarity ``a_i`` is computed exactly anyway (the loss needs it). If ``a_i``
+beats every bound by ``eps`` (a margin covering float32 rounding), the argmax is certified unchanged at
+O(K) cost. Otherwise the candidates whose bound could still win are recomputed exactly (one d-dot each),
+possibly certifying a new winner among the candidates; only when that cannot decide (the non-candidate
+bound is too loose, or an exact tie within ``eps``) is the sample refreshed against all B parameters.
+
+Ties and rounding: the assignment is defined as the argmax of the float64 dot product of the float32
+feature with the float64 parameter, lowest index on exact ties. Float32 products decide whenever the lead
+exceeds ``eps`` (>= twice the float32 error bound); closer calls are re-evaluated in float64. This makes
+the assignments equal to the full computation's, independent of how rows are blocked or split across
+ranks (the property the distributed equality test relies on).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+
+U32 = 2.0 ** -24
+
+
+class Workspace:
+    """Reusable scratch buffers. Fresh multi-MiB temporaries every block and iteration are returned to the
+    OS and page-faulted back in each time, which cost more than the arithmetic; these are allocated once."""
+
+    def __init__(self, device):
+        self.device = device
+        self.bufs: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, shape: tuple, dtype=torch.float32) -> torch.Tensor:
+        numel = math.prod(shape)
+        buf = self.bufs.get(name)
+        if buf is None or buf.numel() < numel or buf.dtype != dtype:
+            buf = torch.empty(max(numel, 1), dtype=dtype, device=self.device)
+            self.bufs[name] = buf
+        return buf[:numel].view(shape)
+
+
+class Assigner:
+    """Nearest-parameter search over one rank's rows ``feats`` (n x d float32, rows about unit norm)."""
+
+    def __init__(self, feats: torch.Tensor, n_params: int, *, candidates: int = 16, block: int = 8192,
+                 prune: bool = True, max_steps: int = 1, fnorm_max: float = 1.0, verify: bool = False):
+        self.F = feats
+        self.n, self.d = int(feats.shape[0]), int(feats.shape[1])
+        self.B = int(n_params)
+        self.K = max(1, min(int(candidates), self.B))
+        self.block = max(1, int(block))
+        self.prune = bool(prune)
+        self.verify = bool(verify)
+        self.fnorm = float(fnorm_max)
+        dev = feats.device
+        self.device = dev
+        self.ws = Workspace(dev)
+        self.p = torch.full((self.n,), -1, dtype=torch.long, device=dev)
+        if self.prune:
+            self.cand = torch.zeros((self.n, self.K), dtype=torch.int32, device=dev)
+            self.chi = torch.zeros((self.n, self.K), dtype=torch.float32, device=dev)
+            self.thr = torch.full((self.n,), -math.inf, dtype=torch.float32, device=dev)
+            self.t0 = torch.full((self.n,), -1, dtype=torch.long, device=dev)
+            self.ppos = torch.zeros((self.n,), dtype=torch.long, device=dev)
+            self.ubo = torch.full((self.n,), math.inf, dtype=torch.float32, device=dev)
+            self.tl = torch.zeros((self.n,), dtype=torch.long, device=dev)
+        self.P_hist = torch.zeros((max_steps + 1, self.B), dtype=torch.float64, device=dev)
+        self.step = -1
+        self._prev_c64 = None
+        self.eps_base = 2.0 * (self.d + 2) * U32 * self.fnorm + 1e-7
+        self.totals = {"certified": 0, "refined": 0, "refreshed": 0, "pairs": 0, "verify_mismatches": 0}
+        self.per_iter: list[dict] = []
+        self.timing = {"certify": 0.0, "refresh": 0.0}
+
+    # ------------------------------------------------------------------ per iteration
+    def set_params(self, c64: torch.Tensor) -> None:
+        """Start an iteration with parameters ``c64`` (B x d float64, the values whose argmax is wanted)."""
+        self.step += 1
+        if self.step >= self.P_hist.shape[0]:
+            self.P_hist = torch.cat([self.P_hist, torch.zeros_like(self.P_hist)])
+        self.c64 = c64
+        self.c32 = c64.float()
+        if self._prev_c64 is not None:
+            delta = (c64 - self._prev_c64).norm(dim=1) * self.fnorm * (1.0 + 1e-12)
+            self.P_hist[self.step] = self.P_hist[self.step - 1] + delta
+        self._prev_c64 = c64.clone()
+        if not self.prune:
+            self.eps = self.eps_base
+            self.per_iter.append({"certified": 0, "refined": 0, "refreshed": 0, "pairs": 0})
+            return
+        pt = self.P_hist[self.step]
+        self.Pt32 = pt.float()
+        # max_j (P_j(t) - P_j(s)) for every earlier refresh iteration s
+        self.dmax = (pt[None, :] - self.P_hist[: self.step + 1]).amax(dim=1).float()
+        pmax = float(pt.max()) if self.B else 0.0
+        self.eps = self.eps_base + 10.0 * (1.0 + pmax) * U32
+        self.per_iter.append({"certified": 0, "refined": 0, "refreshed": 0, "pairs": 0})
+
+    def _count(self, key: str, value: int) -> None:
+        self.per_iter[-1][key] += int(value)
+        self.totals[key] += int(value)
+
+    def iterate(self, rows: torch.Tensor | None = None, *, update: bool = True):
+        """Yield ``(F_block, p_block, a_block)`` over ``rows`` (sorted local indices; None = all rows).
+
+        ``a_block`` is the float32 similarity to the assigned parameter. With ``update=False`` the stored
+        assignments are kept (rows never assigned are assigned exactly first).
+        """
+        n_rows = self.n if rows is None else int(rows.numel())
+        for s in range(0, n_rows, self.block):
+            e = min(n_rows, s + self.block)
+            if rows is None:
+                idx = torch.arange(s, e, device=self.device)
+                fr = self.F[s:e]
+            else:
+                idx = rows[s:e]
+                fr = self.F[idx]
+            if update:
+                p_r, a_r = self._assign_block(idx, fr, slice(s, e) if rows is None else idx)
+            else:
+                p_r = self.p[idx]
+                missing = p_r < 0
+                if bool(missing.any()):
+                    mi = missing.nonzero().squeeze(1)
+                    self._full(idx[mi], fr[mi])
+                    p_r = self.p[idx]
+                a_r = self._dot_params(fr, p_r)
+            yield fr, p_r, a_r
+
+    def assign_all(self) -> None:
+        """Exact assignment of every row with the current parameters (used for frozen assignments)."""
+        for _ in self.iterate(None, update=True):
+            pass
+
+    # ------------------------------------------------------------------ internals
+    def _assign_block(self, idx: torch.Tensor, fr: torch.Tensor, key):
+        t0 = time.perf_counter()
+        r0 = self.timing["refresh"]
+        out = self._assign_block_impl(idx, fr, key)
+        self.timing["certify"] += time.perf_counter() - t0 - (self.timing["refresh"] - r0)
+        return out
+
+    def _assign_block_impl(self, idx: torch.Tensor, fr: torch.Tensor, key):
+        """Rows ``idx`` (``key``: the same rows as a slice when contiguous, so block reads are views)."""
+        nb = int(idx.numel())
+        if not self.prune:
+            p_new, a_new = self._exact(fr)
+            self.p[idx] = p_new
+            self._count("refreshed", nb)
+            return p_new, a_new
+        eps = self.eps
+        p_r = self.p[key]
+        fresh = p_r < 0
+        p_out = p_r.clone()
+        # exact similarity to the current assignment (the loss needs it anyway)
+        a_out = self._dot_params(fr, p_r.clamp_min(0))
+        # level 0, O(1) per row: best other candidate and every non-candidate, bounded by the fastest mover
+        lim = torch.maximum(self.ubo[key] + self.dmax[self.tl[key]], self.thr[key] + self.dmax[self.t0[key]])
+        slow_mask = ~fresh & ~((a_out - lim) > eps)
+        self._count("certified", int(nb - int(fresh.sum()) - int(slow_mask.sum())))
+        to_full = fresh.clone()
+        old = slow_mask.nonzero().squeeze(1)
+        if old.numel():
+            # level 1a, O(K) per row: per-candidate bounds (each candidate's own path length)
+            go = idx[old]
+            cand = self.cand[go].long()
+            ub = self.chi[go] + self.Pt32[cand]
+            ub.scatter_(1, self.ppos[go][:, None], -math.inf)
+            om = ub.max(dim=1).values
+            ok = (a_out[old] - torch.maximum(om, self.thr[go] + self.dmax[self.t0[go]])) > eps
+            if bool(ok.any()):
+                gk = go[ok]
+                self.ubo[gk] = om[ok]
+                self.tl[gk] = self.step
+                self._count("refined", int(ok.sum()))
+                old = old[~ok]
+        if old.numel():
+            # level 1, O(K) per row: per-candidate bounds, exact recomputation of the candidates that could win
+            go = idx[old]
+            fo = fr.index_select(0, old)
+            ao = a_out[old]
+            cand = self.cand[go].long()
+            ub = self.chi[go] + self.Pt32[cand]
+            ar = torch.arange(old.numel(), device=self.device)
+            pp = self.ppos[go]
+            ub[ar, pp] = ao
+            exact = torch.zeros_like(ub, dtype=torch.bool)
+            exact[ar, pp] = True
+            nonc = self.thr[go] + self.dmax[self.t0[go]]
+            win = torch.full((old.numel(),), -1, dtype=torch.long, device=self.device)
+            full_o = torch.zeros(old.numel(), dtype=torch.bool, device=self.device)
+            act = ar
+            n_pairs = 0
+            while act.numel():
+                ub_a, ex_a = ub[act], exact[act]
+                bv, bi = torch.where(ex_a, ub_a, torch.full_like(ub_a, -math.inf)).max(dim=1)
+                others = ub_a.clone()
+                others[torch.arange(act.numel(), device=self.device), bi] = -math.inf
+                lim_a = torch.maximum(others.max(dim=1).values, nonc[act])
+                ok = (bv - lim_a) > eps
+                win[act[ok]] = bi[ok]
+                self._count("refined", int(ok.sum()))
+                rest = ~ok
+                need = (~ex_a) & (ub_a > (bv - eps)[:, None]) & rest[:, None]
+                has = need.any(dim=1)
+                full_o[act[rest & ~has]] = True
+                if bool(has.any()):
+                    rr, kk = need.nonzero(as_tuple=True)
+                    gr = act[rr]
+                    ub[gr, kk] = self._dot_params(fo, cand[gr, kk], rows=gr)
+                    exact[gr, kk] = True
+                    n_pairs += int(gr.numel())
+                act = act[has]
+            self._count("pairs", n_pairs)
+            # refreshed bounds for the exactly evaluated candidates
+            self.chi[go] = torch.where(exact, ub - self.Pt32[cand], self.chi[go])
+            cert = (win >= 0).nonzero().squeeze(1)
+            if cert.numel():
+                wc = win[cert]
+                gc = go[cert]
+                newp = cand[cert, wc]
+                p_out[old[cert]] = newp
+                a_out[old[cert]] = ub[cert, wc]  # an exact row-dot value
+                self.ppos[gc] = wc
+                self.p[gc] = newp
+                others = ub[cert]
+                others[torch.arange(cert.numel(), device=self.device), wc] = -math.inf
+                self.ubo[gc] = others.max(dim=1).values
+                self.tl[gc] = self.step
+            to_full[old[full_o]] = True
+        fi = to_full.nonzero().squeeze(1)
+        if fi.numel():
+            # level 2: the row against all B parameters (new candidates and threshold)
+            pf, af = self._full(idx[fi], fr.index_select(0, fi))
+            p_out[fi] = pf
+            a_out[fi] = af
+        if self.verify:
+            p_ref, _ = self._exact(fr)
+            bad = int((p_ref != p_out).sum())
+            self.totals["verify_mismatches"] += bad
+            if bad:
+                raise AssertionError(f"certified assignment differs from the full computation on {bad} rows")
+        return p_out, a_out
+
+    def _dot_params(self, fr: torch.Tensor, params: torch.Tensor, rows: torch.Tensor | None = None):
+        """``<fr[rows_i], c32[params_i]>`` for every i (float32), through reusable buffers."""
+        n = int(params.numel())
+        if n == 0:
+            return torch.zeros(0, dtype=torch.float32, device=self.device)
+        g = self.ws.get("dot_c", (n, self.d))
+        torch.index_select(self.c32, 0, params, out=g)
+        if rows is None:
+            g.mul_(fr)
+        else:
+            f = self.ws.get("dot_f", (n, self.d))
+            torch.index_select(fr, 0, rows, out=f)
+            g.mul_(f)
+        return g.sum(dim=1)
+
+    def sims(self, fr: torch.Tensor) -> torch.Tensor:
+        """``fr @ c32.T`` into a reusable buffer (valid until the next call)."""
+        out = self.ws.get("sims", (int(fr.shape[0]), self.B))
+        return torch.mm(fr, self.c32.T, out=out)
+
+    def _exact(self, fr: torch.Tensor):
+        """Canonical argmax over all B parameters for the rows ``fr`` (no state change)."""
+        s = self.sims(fr)
+        k = min(2, self.B)
+        tv, ti = s.topk(k, dim=1)
+        p = self._resolve_ties(fr, s, tv, ti)
+        return p, s.gather(1, p[:, None]).squeeze(1)
+
+    def _resolve_ties(self, fr, s, tv, ti):
+        p = ti[:, 0].clone()
+        if tv.shape[1] < 2:
+            return p
+        tie = (tv[:, 0] - tv[:, 1]) <= self.eps
+        if bool(tie.any()):
+            tr = tie.nonzero().squeeze(1)
+            near = s[tr] >= (tv[tr, 0] - self.eps)[:, None]
+            r, j = near.nonzero(as_tuple=True)
+            v64 = (fr[tr][r].double() * self.c64[j]).sum(dim=1)
+            rowmax = torch.full((tr.numel(),), -math.inf, dtype=torch.float64, device=self.device)
+            rowmax = rowmax.scatter_reduce(0, r, v64, reduce="amax")
+            at_max = v64 == rowmax[r]
+            jmin = torch.full((tr.numel(),), self.B, dtype=torch.long, device=self.device)
+            jmin = jmin.scatter_reduce(0, r[at_max], j[at_max], reduce="amin")
+            p[tr] = jmin
+        return p
+
+    def _full(self, gidx: torch.Tensor, fr: torch.Tensor):
+        """Full refresh of rows ``gidx`` (features ``fr``): exact argmax plus new candidates/threshold."""
+        t_start = time.perf_counter()
+        try:
+            return self._full_impl(gidx, fr)
+        finally:
+            self.timing["refresh"] += time.perf_counter() - t_start
+
+    def _full_impl(self, gidx: torch.Tensor, fr: torch.Tensor):
+        n = int(gidx.numel())
+        self._count("refreshed", n)
+        s = self.sims(fr)
+        k1 = min(self.K + 1, self.B)
+        tv, ti = s.topk(k1, dim=1)
+        p = self._resolve_ties(fr, s, tv, ti)
+        a = s.gather(1, p[:, None]).squeeze(1)
+        self.p[gidx] = p
+        if not self.prune:
+            return p, a
+        K = self.K
+        cand = ti[:, :K].clone()
+        vals = tv[:, :K].clone()
+        thr = tv[:, K].clone() if self.B > K else torch.full((n,), -math.inf, device=self.device)
+        match = cand == p[:, None]
+        inc = match.any(dim=1)
+        ppos = match.int().argmax(dim=1)
+        if not bool(inc.all()):
+            # more than K parameters tie at the top: make p a candidate, demoting the last one to the bound
+            r = (~inc).nonzero().squeeze(1)
+            thr[r] = torch.maximum(thr[r], vals[r, K - 1])
+            cand[r, K - 1] = p[r]
+            vals[r, K - 1] = a[r]
+            ppos[r] = K - 1
+        self.cand[gidx] = cand.int()
+        self.chi[gidx] = vals - self.Pt32[cand]
+        if K > 1:
+            others = vals.clone()
+            others[torch.arange(n, device=self.device), ppos] = -math.inf
+            self.ubo[gidx] = others.max(dim=1).values
+        else:
+            self.ubo[gidx] = -math.inf
+        self.tl[gidx] = self.step
+        self.thr[gidx] = thr
+        self.t0[gidx] = self.step
+        self.ppos[gidx] = ppos
+        return p, a

@@ -1,0 +1,114 @@
+r"""ActiveFT objectives: the paper's Eq. 11 and the authors' released loss, with closed-form gradients.
+
+Notation: pool features ``f_i`` (unit rows), parameters ``theta_j`` (j = 1..B), temperature ``tau``,
+``p(i) = argmax_j <f_i, c_j>`` the nearest parameter of sample i (ties: lowest j), ``n`` the number of
+samples in the pass (N, or M with a per-iteration random subset), ``lambda`` = ``balance``.
+
+``paper`` (Eq. 11 of the paper, Algorithm 1). ``c_j = theta_j``; theta is renormalised after every step::
+
+    L = -(1/n) sum_i <f_i, c_p(i)>/tau  +  lambda * (1/B) sum_j log sum_{k != j} exp(<c_j, c_k>/tau)
+
+    dL/dc_j = -(1/(n tau)) sum_{i: p(i)=j} f_i  +  lambda/(B tau) * ((P + P^T) c)_j
+    P_jk = softmax_{k != j}(<c_j, c_k>/tau)   (P_jj = 0)
+
+``official`` (the loss of the authors' released selector, ``ActiveFT_CIFAR.py``). ``c_j = theta_j/|theta_j|``
+is normalised inside the loss (theta itself is never renormalised), and one side of the centroid
+similarity is detached (``sg``)::
+
+    a_i = <f_i, c_p(i)>/tau,   R_j = sum_k exp(<sg(c_k), c_j>/tau)   (all k, including k = j)
+    L   = (1/n) sum_i softplus(log(lambda R_p(i)) - a_i)
+        = -(1/n) sum_i log( exp(a_i) / (exp(a_i) + lambda R_p(i)) )       (the released form)
+
+    w_i = sigmoid(log(lambda R_p(i)) - a_i),   g_j = (1/n) sum_{i: p(i)=j} w_i
+    dL/dc_j = -(1/(n tau)) sum_{i: p(i)=j} w_i f_i  +  (g_j/tau) sum_k Q_jk c_k,
+    Q_jk = exp(<c_j, c_k>/tau) / R_j
+    dL/dtheta_j = (I - c_j c_j^T) dL/dc_j / |theta_j|
+
+A parameter that wins no sample has ``w = 0`` and ``g_j = 0``: its gradient is exactly zero (the detached
+side means no other parameter's R pulls on it). The released code exponentiates directly; here it is the
+stable ``softplus``/``logsumexp`` form.
+
+Regularizer ablations (Table 5b), applied with the objective's own parametrisation (``c`` as above):
+
+* ``ours``: the objective as written above.
+* ``none`` (S1): attraction only, ``L = -(1/n) sum_i <f_i, c_p(i)>/tau``.
+* ``infonce`` (S2): ``L = -(1/n) sum_i log( exp(<f_i, c_p(i)>/tau) / sum_{k in pool} exp(<f_k, c_p(i)>/tau) )``
+  ``= -(1/n) sum_i a_i + (1/n) sum_j n_j Z_j`` with ``Z_j = logsumexp_k <f_k, c_j>/tau`` over the pass
+  (a full n x B pass every iteration: no pruning helps it).
+
+Everything in this module works on B-sized tensors only (B x B and B x d); the per-sample parts arrive as
+B x d sums (``S_j`` = sum of (weighted) features assigned to j) and per-parameter scalars.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+OBJECTIVES = ("official", "paper")
+REGULARIZERS = ("ours", "none", "infonce")
+
+
+def _bb_blocks(b: int, block: int):
+    block = max(1, int(block))
+    for start in range(0, b, block):
+        yield start, min(b, start + block)
+
+
+def official_repulsion(c: torch.Tensor, tau: float, *, dtype=torch.float64, block: int = 2048):
+    """``log R_j`` and ``(Q c)_j`` of the official loss, computed in row blocks (memory block x B).
+
+    ``c`` (B x d) are the normalised parameters. Returns float64 tensors (B,), (B, d).
+    """
+    cc = c.to(dtype)
+    b = cc.shape[0]
+    log_r = torch.empty(b, dtype=torch.float64, device=c.device)
+    qc = torch.empty(b, cc.shape[1], dtype=torch.float64, device=c.device)
+    for s, e in _bb_blocks(b, block):
+        g = (cc[s:e] @ cc.T).div_(tau)  # (bb, B): <c_j, c_k>/tau, symmetric so rows = columns of the released code
+        lr = torch.logsumexp(g, dim=1)
+        q = g.sub_(lr[:, None]).exp_()
+        log_r[s:e] = lr.double()
+        qc[s:e] = (q @ cc).double()
+    return log_r, qc
+
+
+def paper_repulsion(c: torch.Tensor, tau: float, *, dtype=torch.float64, block: int = 2048):
+    """Eq. 10's term ``(1/B) sum_j log sum_{k != j} exp(<c_j, c_k>/tau)`` and its gradient (both sides).
+
+    Returns (value: float, grad: float64 B x d). With B = 1 the term is empty and contributes 0.
+    """
+    cc = c.to(dtype)
+    b = cc.shape[0]
+    grad = torch.zeros(b, cc.shape[1], dtype=torch.float64, device=c.device)
+    if b < 2:
+        return 0.0, grad
+    total = 0.0
+    pt_c = torch.zeros(b, cc.shape[1], dtype=dtype, device=c.device)
+    for s, e in _bb_blocks(b, block):
+        g = (cc[s:e] @ cc.T) / tau
+        g[torch.arange(e - s, device=c.device), torch.arange(s, e, device=c.device)] = -math.inf
+        lse = torch.logsumexp(g, dim=1)
+        total += float(lse.double().sum())
+        pm = torch.exp(g - lse[:, None])  # rows of P
+        grad[s:e] += (pm @ cc).double()
+        pt_c += pm.T @ cc[s:e]
+    grad += pt_c.double()
+    grad /= b * tau
+    return total / b, grad
+
+
+def project_normalize_grad(grad_c: torch.Tensor, c: torch.Tensor, theta_norm: torch.Tensor) -> torch.Tensor:
+    """Chain rule through ``c = theta/|theta|``: ``(I - c c^T) grad_c / |theta|``."""
+    radial = (grad_c * c).sum(dim=1, keepdim=True)
+    return (grad_c - radial * c) / theta_norm[:, None]
+
+
+def check_names(objective: str, regularizer: str) -> None:
+    from bench_suite.errors import unknown
+
+    if objective not in OBJECTIVES:
+        raise unknown("ActiveFT objective", objective, OBJECTIVES)
+    if regularizer not in REGULARIZERS:
+        raise unknown("ActiveFT regularizer", regularizer, REGULARIZERS)

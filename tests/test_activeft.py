@@ -1,0 +1,290 @@
+"""ActiveFT selector: the fast (pruned, analytic) path equals the naive autograd reference; properties; bad input."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from sklearn.datasets import load_digits
+
+from baselines import registry
+from bench_suite import dist as bdist
+from bench_suite.activeft import ActiveFT, Config, optimize, reference_select
+from bench_suite.activeft.assign import Assigner
+from bench_suite.bench.pools import clustered_sphere
+from bench_suite.errors import BadInputError, UnknownNameError
+from bench_suite.metrics import selection_emd
+from bench_suite.store import FeatureStore
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small tensors: one thread is faster and immune to a busy machine; restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    x = load_digits().data.astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+@pytest.fixture(scope="module")
+def sphere():
+    x, _ = clustered_sphere(2500, 48, 12, seed=3, rank=8)
+    return x
+
+
+def _fast(x, budget, **cfg):
+    seed = cfg.pop("seed", 0)
+    cfg.setdefault("progress", False)
+    conf = Config.from_kwargs(**cfg)
+    n = len(x)
+    return optimize(torch.from_numpy(np.ascontiguousarray(x)), slice(0, n), n, budget, conf, seed=seed,
+                    dist=bdist.Dist())
+
+
+def _same_run(x, budget, **cfg):
+    fast = _fast(x, budget, verify=True, **dict(cfg))
+    cfg.pop("candidates", None)
+    ref = reference_select(x, budget, dtype=torch.float64, **cfg)
+    np.testing.assert_allclose(fast["losses"], ref["losses"], rtol=2e-6, atol=2e-6)
+    assert math.isclose(fast["final_loss"], ref["final_loss"], rel_tol=2e-6, abs_tol=2e-6)
+    np.testing.assert_array_equal(fast["rows"], ref["rows"])  # same ids, same (parameter) order
+    np.testing.assert_allclose(fast["theta"].numpy(), ref["theta"].numpy(), atol=1e-5)
+    return fast, ref
+
+
+# ---------------------------------------------------------------------------- fast path == naive reference
+@pytest.mark.parametrize("objective", ["official", "paper"])
+def test_fast_equals_naive_reference_on_digits(digits, objective):
+    fast, _ = _same_run(digits, 40, objective=objective, iters=60, seed=1)
+    assert fast["assign_stats"]["certified"] > fast["assign_stats"]["refreshed"]  # the pruning did prune
+
+
+@pytest.mark.parametrize("objective", ["official", "paper"])
+def test_fast_equals_naive_reference_on_clustered_sphere(sphere, objective):
+    # K=4 candidates: the non-candidate bound and the full refresh path are exercised too
+    fast, _ = _same_run(sphere, 60, objective=objective, iters=40, seed=2, candidates=4)
+    assert fast["assign_stats"]["refreshed"] > len(sphere)
+
+
+@pytest.mark.parametrize("cfg", [
+    {"regularizer": "none"}, {"regularizer": "infonce"}, {"regularizer": "infonce", "objective": "paper"},
+    {"update_assign": False}, {"subset": 700}, {"init": "fps"}, {"temperature": 0.2, "lr": 3e-3},
+    {"scheduler": "cosine", "balance": 0.5},
+], ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
+def test_ablation_switches_equal_naive_reference(digits, cfg):
+    _same_run(digits, 30, iters=25, seed=4, **cfg)
+
+
+def test_certified_assignments_equal_full_argmax_under_random_motion(sphere):
+    """Drive the assigner with parameters moving at Adam-like speeds, duplicates and exact ties included."""
+    rng = np.random.default_rng(0)
+    f = np.concatenate([sphere[:1500], sphere[:100]])  # duplicate rows
+    feats = torch.from_numpy(np.ascontiguousarray(f))
+    b = 80
+    c = f[rng.choice(len(sphere[:1500]), b, replace=False)].astype(np.float64)
+    c[5] = c[4]  # two identical parameters: exact ties, lowest index must win
+    asg = Assigner(feats, b, candidates=6, block=512, max_steps=40)
+    for step in range(40):
+        c64 = torch.from_numpy(c / np.linalg.norm(c, axis=1, keepdims=True))
+        asg.set_params(c64)
+        rows = None if step % 3 else torch.from_numpy(np.sort(rng.choice(len(f), 900, replace=False)))
+        got = torch.cat([p for _, p, _ in asg.iterate(rows)]).numpy()
+        sims = f.astype(np.float64) @ c64.numpy().T
+        want = sims.argmax(axis=1)  # numpy: first index on ties
+        sel = np.arange(len(f)) if rows is None else rows.numpy()
+        np.testing.assert_array_equal(got, want[sel])
+        step_size = 0.02 if step < 20 else 0.002
+        c[:, :] += step_size * rng.standard_normal(c.shape) / math.sqrt(c.shape[1])
+        c[5] = c[4]
+    assert asg.totals["certified"] > 0 and asg.totals["pairs"] > 0
+
+
+# ---------------------------------------------------------------------------- properties
+def test_official_parameter_winning_nothing_gets_zero_gradient(digits):
+    """Reference autograd on the released loss: a parameter that wins no sample has exactly zero gradient."""
+    f = torch.from_numpy(digits).double()
+    theta = torch.nn.Parameter(f[[0, 1, 2, 3]].clone())
+    with torch.no_grad():
+        theta[3] = -theta[0]  # far from every (non-negative) digit: wins nothing
+    c = torch.nn.functional.normalize(theta, dim=1)
+    a, pk = (f @ c.T / 0.07).max(dim=1)
+    assert not (pk == 3).any()
+    log_r = torch.logsumexp(c.detach() @ c.T / 0.07, dim=0)
+    torch.nn.functional.softplus(log_r[pk] - a).mean().backward()
+    assert torch.all(theta.grad[3] == 0) and theta.grad[:3].abs().sum() > 0
+
+
+def test_official_idle_parameter_stays_put_in_fast_path():
+    """Duplicate init rows: the higher-index twin loses every tie, so its gradient is exactly zero and Adam
+    leaves it exactly where it was, while its lower-index twin moves."""
+    rng = np.random.default_rng(5)
+    base = rng.standard_normal((60, 16)).astype(np.float32)
+    base /= np.linalg.norm(base, axis=1, keepdims=True)
+    x = np.concatenate([base, base[:1]])  # row 60 duplicates row 0
+    init = None
+    for seed in range(200):  # find a seed whose random init contains both twins
+        rows = torch.randperm(61, generator=torch.Generator().manual_seed(seed))[:20].numpy()
+        if 0 in rows and 60 in rows:
+            init = seed
+            break
+    assert init is not None
+    res = _fast(x, 20, iters=1, seed=init)
+    pos0, pos60 = int(np.flatnonzero(res["init_rows"] == 0)[0]), int(np.flatnonzero(res["init_rows"] == 60)[0])
+    twin = max(pos0, pos60)  # the higher index loses the ties
+    x0 = torch.nn.functional.normalize(torch.from_numpy(x[0]).double(), dim=0).numpy()
+    np.testing.assert_array_equal(res["theta"][twin].numpy(), x0)
+    assert not np.allclose(res["theta"][min(pos0, pos60)].numpy(), x0, atol=1e-5)
+
+
+def test_duplicates_beyond_budget_still_give_budget_unique_ids():
+    rng = np.random.default_rng(1)
+    base = rng.standard_normal((12, 8)).astype(np.float32)
+    x = np.repeat(base, 10, axis=0)  # 12 distinct rows, 120 samples; B=50 > 12
+    for init in ("random", "fps"):
+        sel = ActiveFT(iters=15, init=init, progress=False).select(x, 50, seed=0)
+        assert len(sel.ids) == 50 and len(np.unique(sel.ids)) == 50
+        assert set(sel.ids.tolist()) <= set(range(120))
+
+
+def test_deterministic_and_seed_dependent(digits):
+    a = ActiveFT(iters=20, progress=False).select(digits, 30, seed=7)
+    b = ActiveFT(iters=20, progress=False).select(FeatureStore.from_array(digits), 30, seed=7)
+    c = ActiveFT(iters=20, progress=False).select(digits, 30, seed=8)
+    assert np.array_equal(a.ids, b.ids) and a.info["loss_curve"] == b.info["loss_curve"]
+    assert not np.array_equal(a.ids, c.ids)
+
+
+def test_selection_fields_and_registry(digits):
+    sel = registry.get("activeft", objective="paper", iters=10, progress=False).select(digits, 25, seed=0)
+    assert sel.method == "activeft" and sel.budget == 25 and sel.seed == 0 and sel.seconds > 0
+    assert len(sel.info["loss_curve"]) == 10 and all(math.isfinite(v) for v in sel.info["loss_curve"])
+    assert math.isfinite(sel.info["final_loss"]) and sel.info["iterations"] == 10
+    assert sel.config["objective"] == "paper" and sel.config["temperature"] == 0.07
+    json.dumps(sel.to_json())  # JSON-serialisable
+    cls = registry.selector_class("activeft")
+    assert cls.label_free and cls.description and "\n" not in cls.description
+
+
+def test_optimisation_beats_random_init_on_emd(sphere):
+    sel = ActiveFT(iters=60, lr=5e-3, progress=False).select(sphere, 40, seed=0)
+    rows0 = np.asarray(sel.info["init_ids"])
+    assert selection_emd(sphere, sel.ids) < selection_emd(sphere, rows0)
+    assert sel.info["loss_curve"][-1] < sel.info["loss_curve"][0]
+
+
+def test_iters_zero_returns_the_random_init(digits):
+    sel = ActiveFT(iters=0, progress=False).select(digits, 30, seed=3)
+    assert np.array_equal(sel.ids, np.asarray(sel.info["init_ids"]))
+
+
+def test_unnormalised_rows_are_normalised_with_warning(digits, caplog):
+    raw = load_digits().data.astype(np.float32)  # norms ~ 50
+    store = FeatureStore(raw.copy(), np.arange(len(raw)))  # bypasses the store's own check
+    with caplog.at_level("WARNING"):
+        a = ActiveFT(iters=10, progress=False).select(store, 20, seed=0)
+    assert any("not L2-normalised" in r.getMessage() for r in caplog.records)
+    b = ActiveFT(iters=10, progress=False).select(digits, 20, seed=0)
+    assert np.array_equal(a.ids, b.ids)
+
+
+def test_progress_bar_runs(digits, capsys):
+    ActiveFT(iters=5, progress=True).select(digits, 10, seed=0)
+    assert "loss" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------- bad input
+def _one_line(exc):
+    msg = str(exc.value)
+    assert msg and "\n" not in msg
+    return msg
+
+
+@pytest.mark.parametrize("budget,match", [(0, "positive"), (-3, "positive"), (2000, "larger than the pool"),
+                                          (2.5, "integer")])
+def test_bad_budget(digits, budget, match):
+    with pytest.raises(BadInputError) as exc:
+        ActiveFT(iters=2, progress=False).select(digits, budget, seed=0)
+    assert match in _one_line(exc)
+
+
+def test_bad_features():
+    sel = ActiveFT(iters=2, progress=False)
+    good = np.eye(6, 4, dtype=np.float32) + 0.1
+    with pytest.raises(BadInputError) as exc:
+        sel.select(np.zeros((0, 4), np.float32), 1, seed=0)
+    assert "empty" in _one_line(exc)
+    bad = good.copy()
+    bad[3, 1] = np.nan
+    with pytest.raises(BadInputError) as exc:
+        sel.select(FeatureStore(bad, np.arange(6)), 2, seed=0)
+    assert "NaN/Inf" in _one_line(exc) and "row 3" in str(exc.value)
+    bad = good.copy()
+    bad[2] = np.inf
+    with pytest.raises(BadInputError):
+        sel.select(FeatureStore(bad, np.arange(6)), 2, seed=0)
+    bad = good.copy()
+    bad[4] = 0
+    with pytest.raises(BadInputError) as exc:
+        sel.select(FeatureStore(bad, np.arange(6)), 2, seed=0)
+    assert "zero-norm" in _one_line(exc)
+    with pytest.raises(BadInputError) as exc:
+        sel.select(FeatureStore(good, np.arange(5)), 2, seed=0)
+    assert "ids" in _one_line(exc)
+    with pytest.raises(BadInputError) as exc:
+        sel.select(np.ones(5, np.float32), 2, seed=0)
+    assert "2-D" in _one_line(exc)
+
+
+def test_bad_names_and_options():
+    with pytest.raises(UnknownNameError) as exc:
+        ActiveFT(objective="eq11")
+    assert "official" in _one_line(exc) and "paper" in str(exc.value)
+    with pytest.raises(UnknownNameError) as exc:
+        ActiveFT(regularizer="l2")
+    assert "infonce" in _one_line(exc)
+    with pytest.raises(UnknownNameError) as exc:
+        registry.get("activeftt")
+    assert "activeft" in _one_line(exc)
+    with pytest.raises(BadInputError) as exc:
+        ActiveFT(temprature=0.1)
+    assert "temperature" in _one_line(exc)
+    for kw in ({"temperature": 0}, {"iters": -1}, {"lr": float("nan")}, {"update_assign": "maybe"},
+               {"init": "kmeans"}, {"subset": 1.5}):
+        with pytest.raises((BadInputError, UnknownNameError)) as exc:
+            ActiveFT(**kw)
+        _one_line(exc)
+    assert ActiveFT(no_update=True).cfg.update_assign is False
+    assert ActiveFT(update_assign="false", iters="30").cfg.iters == 30
+
+
+def test_select_cli_writes_selection(digits, tmp_path):
+    from bench_suite import select as select_cli
+
+    np.save(tmp_path / "x.npy", digits)
+    out = tmp_path / "sel.json"
+    select_cli.main(["--features", str(tmp_path / "x.npy"), "--budget", "20", "--method", "activeft",
+                     "--objective", "paper", "--set", "iters=15", "progress=false", "--seed", "2", "--out", str(out)])
+    d = json.loads(out.read_text())
+    assert len(d["ids"]) == 20 and len(set(d["ids"])) == 20 and d["config"]["objective"] == "paper"
+    assert len(d["info"]["loss_curve"]) == 15
+    with pytest.raises(SystemExit) as exc:
+        select_cli.main(["--features", str(tmp_path / "x.npy"), "--budget", "20", "--method", "activeft",
+                         "--objective", "eq11", "--out", str(tmp_path / "bad.json")])
+    assert exc.value.code == 2 and not (tmp_path / "bad.json").exists()
+
+
+def test_benchmark_quick_run(tmp_path):
+    from bench_suite.bench import selector as bench
+
+    out = bench.main(["--n", "800", "--dim", "32", "--classes", "8", "--budget", "20", "--iters", "8",
+                      "--naive-iters", "4", "--blocked-iters", "3", "--threads", "1", "--json", str(tmp_path / "b.json")])
+    assert set(out["runs"]) == {"fast", "blocked", "naive"}
+    assert out["curve_max_rel"] < 1e-4
+    assert json.loads((tmp_path / "b.json").read_text())["runs"]["fast"]["iters"] == 8
