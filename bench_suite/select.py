@@ -108,7 +108,7 @@ def main(argv=None) -> int:
     if d.is_main:
         sel.save(args.out)
         log.info("%s selected %d ids in %.2fs -> %s", args.method, budget, sel.seconds, args.out)
-    return 0
+    return bdist.exit_process(0)  # ends a distributed run without the gloo-at-exit abort
 
 
 if __name__ == "__main__":

@@ -284,7 +284,8 @@ def test_benchmark_quick_run(tmp_path):
     from bench_suite.bench import selector as bench
 
     out = bench.main(["--n", "800", "--dim", "32", "--classes", "8", "--budget", "20", "--iters", "8",
-                      "--naive-iters", "4", "--blocked-iters", "3", "--threads", "1", "--json", str(tmp_path / "b.json")])
+                      "--naive-iters", "4", "--blocked-iters", "3", "--threads", "1",
+                      "--json", str(tmp_path / "b.json")])
     assert set(out["runs"]) == {"fast", "blocked", "naive"}
     assert out["curve_max_rel"] < 1e-4
     assert json.loads((tmp_path / "b.json").read_text())["runs"]["fast"]["iters"] == 8

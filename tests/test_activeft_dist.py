@@ -52,8 +52,10 @@ def _worker(rank, world, port, store_dir, bad_dir, out_dir):
         except BenchError as exc:
             res["bad"] = str(exc)
         Path(out_dir, f"{rank}.json").write_text(json.dumps(res))
-    finally:
+    except BaseException:
         tdist.destroy_process_group()
+        raise
+    bdist.exit_process(0)  # what the CLIs do: no gloo thread left to abort at interpreter exit
 
 
 @pytest.fixture(scope="module")

@@ -283,7 +283,10 @@ def _optimize(feats: torch.Tensor, shard: slice, n_total: int, budget: int, cfg:
         if use_official:
             grad_c = (-s_sum / tau + (g_sum / tau)[:, None] * qc) / n_act
         elif cfg.regularizer == "ours":  # paper, Eq. 11
+            t_rep = time.perf_counter()
             rep, rep_grad = obj.paper_repulsion(c64, tau, dtype=bb_dtype)
+            timing["repulsion"] += time.perf_counter() - t_rep
+            t_step += time.perf_counter() - t_rep  # counted under "repulsion", not "step"
             loss += cfg.balance * rep
             grad_c = -s_sum / (n_act * tau) + cfg.balance * rep_grad
         elif cfg.regularizer == "none":

@@ -20,7 +20,6 @@ average is printed).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 
@@ -76,7 +75,7 @@ def run_fast(feats: np.ndarray, budget: int, iters: int, seed: int, *, snap: boo
     return {"wall": wall, "cpu": cpu, "iters": iters, "per_iter": per_iter, "snap_s": res["seconds_snap"],
             "losses": res["losses"], "final_loss": res["final_loss"], "rows": res["rows"], **mem.as_dict(),
             "assign_stats": res["assign_stats"], "breakdown": res["seconds_breakdown"],
-            "iter_seconds": res["seconds_per_iter"]}
+            "iter_seconds": res["seconds_per_iter"], "init_rows": res["init_rows"]}
 
 
 def run_naive(feats: np.ndarray, budget: int, iters: int, seed: int, **kw) -> dict:
@@ -163,6 +162,8 @@ def main(argv=None) -> dict:
     if not args.no_emd and snap:
         for run in [*runs.values(), *([equal_t] if equal_t is not None and equal_t is not runs["fast"] else [])]:
             run["emd"] = selection_emd(feats, run["rows"])
+        runs["fast"]["emd_init"] = selection_emd(feats, runs["fast"]["init_rows"])
+        con.print(f"EMD of the random initial selection (iteration 0): {runs['fast']['emd_init']:.5f}")
 
     table = Table(title=f"ActiveFT selection, N={args.n:,} d={args.dim} B={args.budget} T={args.iters}")
     for col in ("run", "iters run", "wall s", "CPU s", "s / iter", f"total s at T={args.iters}", "peak MiB",
@@ -200,10 +201,10 @@ def main(argv=None) -> dict:
         out["curve_max_rel"] = curve
     for name, run in runs.items():
         tot, extrap = _total(run, args.iters)
-        out["runs"][name] = {k: v for k, v in run.items() if k not in ("rows", "losses")}
+        out["runs"][name] = {k: v for k, v in run.items() if k not in ("rows", "losses", "init_rows")}
         out["runs"][name].update(total_at_T=tot, extrapolated=extrap, first_losses=run["losses"][:5])
     if equal_t is not None and equal_t is not runs["fast"]:
-        out["fast_at_naive_T"] = {k: v for k, v in equal_t.items() if k not in ("rows", "losses", "iter_seconds")}
+        out["fast_at_naive_T"] = {k: v for k, v in equal_t.items() if k not in ("rows", "losses", "init_rows")}
     if args.json:
         from bench_suite import atomic
 
