@@ -87,6 +87,8 @@ def init_from_env(backend: str | None = None) -> Dist:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not tdist.is_initialized():
         backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        if backend == "nccl":  # NCCL needs each rank on its own GPU before the first collective
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
         tdist.init_process_group(backend=backend)
         # A gloo group still alive at interpreter exit aborts the process ("terminate called without an
         # active exception"), so whoever joins through here also leaves cleanly, even on an early return.

@@ -102,10 +102,31 @@ def mean_std(values) -> str:
     return f"{vals.mean():.1f}±{vals.std(ddof=0):.1f}"
 
 
+def duration(seconds: float) -> str:
+    """Seconds the way the paper's Table 3 writes them: 0.42s, 12.6s, 20m05s, 1h57m."""
+    if seconds < 10:
+        return f"{seconds:.2f}s"
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, sec = divmod(int(round(seconds)), 60)
+    if minutes < 60:
+        return f"{minutes}m{sec:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m"
+
+
 def markdown_table(header: list[str], rows: list[list[str]], bold_max_cols: list[int] | None = None) -> str:
     """Plain pipe table; in ``bold_max_cols`` the best mean (the number before '±') is bolded."""
+    rows = bold_best(rows, bold_max_cols or [])
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(out) + "\n"
+
+
+def bold_best(rows: list[list[str]], cols: list[int]) -> list[list[str]]:
+    """A copy of ``rows`` where, in each of ``cols``, the best mean (the number before '±') is bolded."""
     rows = [list(r) for r in rows]
-    for c in bold_max_cols or []:
+    for c in cols:
         best, best_r = None, []
         for i, r in enumerate(rows):
             try:
@@ -118,9 +139,7 @@ def markdown_table(header: list[str], rows: list[list[str]], bold_max_cols: list
                 best_r.append(i)
         for i in best_r:
             rows[i][c] = f"**{rows[i][c]}**"
-    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    out += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(out) + "\n"
+    return rows
 
 
 def write_report(out_dir, stem: str, markdown: str, data: dict) -> tuple[Path, Path]:

@@ -61,7 +61,7 @@ def make_progress(quiet: bool, rank: int):
         state["bar"] = bar
 
         def advance(cell, result):
-            desc = f"{cell['dataset']} {cell['ratio']:g} {cell['method']} s{cell['seed']}"
+            desc = f"{cell['dataset']} {cell['ratio']:g} {cell.get('variant') or cell['method']} s{cell['seed']}"
             if result is not None:
                 desc += f" top1 {result['top1']:.1f}"
             bar.update(task, advance=1, description=desc)

@@ -1,4 +1,4 @@
-"""The label-free selectors random, fds, kmeans, typiclust, probcover on small real data.
+"""The label-free selectors random, fds, kmeans, typiclust, probcover, bilaf on small real data.
 
 Pools: the scikit-learn digits (1797 real 8x8 images; pixels as features, L2-normalised onto the unit sphere)
 and a synthetic clustered pool on the sphere. Store ids are 1000 + 3 i, so a row/id mix-up shows; the
@@ -25,7 +25,7 @@ from bench_suite.selection import Selection
 from bench_suite.store import FeatureStore
 
 ROOT = Path(__file__).resolve().parents[1]
-METHODS = ["random", "fds", "kmeans", "typiclust", "probcover"]
+METHODS = ["random", "fds", "kmeans", "typiclust", "probcover", "bilaf"]
 
 
 class NoLabelStore(FeatureStore):
@@ -81,8 +81,12 @@ def mean_knn_dist(x, rows, k=20):
     return float(np.sort(np.sqrt(d2), 1)[:, :k].mean())
 
 
+# bilaf: the released CIFAR-100/ImageNet core ratio (0.5% of N, i.e. 9 pseudo-classes on digits), fewer ActiveFT steps
+TEST_CONFIG = {"bilaf": {"core_pool_ratio": 0.005, "iters": 60}}
+
+
 def select(method, store, budget, seed=0, **config):
-    return registry.get(method, **config).select(store, budget, seed=seed)
+    return registry.get(method, **{**TEST_CONFIG.get(method, {}), **config}).select(store, budget, seed=seed)
 
 
 # --------------------------------------------------------------------------- the common contract
@@ -106,7 +110,7 @@ def test_oracle_never_called(method, blobs):
     def oracle(ids):
         raise AssertionError("a label-free selector called the oracle")
 
-    sel = registry.get(method).select(blobs, 10, seed=3, oracle=oracle)
+    sel = registry.get(method, **TEST_CONFIG.get(method, {})).select(blobs, 10, seed=3, oracle=oracle)
     assert len(sel.ids) == 10
 
 

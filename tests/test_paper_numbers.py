@@ -18,3 +18,15 @@ def test_table1_transcription_matches_paper():
         row = next(line for line in block.splitlines() if re.sub(r"<[^>]+>", "", line).startswith(name))
         cells = [re.sub(r"<[^>]+>", "", c).replace(" ", "") for c in row.split("\t")[1:]]
         assert cells == [v or "-" for v in values], name
+
+
+@pytest.mark.skipif(not PAPER.exists(), reason="paper text not in this checkout's workspace")
+@pytest.mark.parametrize("table,numbers", [("3", paper_numbers.TABLE3), ("5", paper_numbers.TABLE5),
+                                           ("6", paper_numbers.TABLE6), ("7", paper_numbers.TABLE7)])
+def test_ratio_tables_transcription_matches_paper(table, numbers):
+    text = re.sub(r"</?b>", "", PAPER.read_text())
+    block = text[text.index(f"Table {table}. **"):]
+    for ratio, values in numbers.items():
+        row = next(line for line in block.splitlines() if line.startswith(ratio + "\t"))
+        cells = [c.replace(" ", "") for c in row.split("\t")[1:] if c != ratio]  # Table 5 repeats the ratio
+        assert cells == values, (table, ratio)

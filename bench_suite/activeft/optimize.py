@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import os
 import time
 from dataclasses import dataclass
 
@@ -119,7 +120,10 @@ def _as_bool(name, v) -> bool:
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        # one process per GPU: each rank takes its node-local GPU (all on cuda:0 would collide under NCCL)
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
     dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise BadInputError(f"device {name!r} requested but CUDA is not available (use device=cpu)")

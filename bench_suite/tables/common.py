@@ -45,8 +45,11 @@ def _digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
-def prepare_split(ctx: Context, dataset: str, part: str) -> FeatureStore:
-    """Shards (rank 0 writes them once) then features (all ranks extract) of ``part`` = pool | test."""
+def prepare_split(ctx: Context, dataset: str, part: str, encoder: dict | None = None) -> FeatureStore:
+    """Shards (rank 0 writes them once) then features (all ranks extract) of ``part`` = pool | test.
+
+    ``encoder`` (a profile encoder entry) defaults to the profile's; Table 4 passes its own.
+    """
     from bench_suite.data.shards import MANIFEST, write_shards
     from bench_suite.features import extract_features
 
@@ -60,7 +63,7 @@ def prepare_split(ctx: Context, dataset: str, part: str) -> FeatureStore:
                      limit=scfg.get("limit"), subset_seed=scfg.get("subset_seed", 0),
                      shard_size=scfg.get("shard_size", 1000))
     ctx.accelerator.wait_for_everyone()
-    enc = ctx.profile["encoder"]
+    enc = encoder or ctx.profile["encoder"]
     feat_dir = ctx.work / "features" / f"{dataset}-{part}-{key}-{enc['name']}-{enc.get('image_size')}-{enc.get('pooling')}"
     return extract_features(shard_dir, feat_dir, encoder=enc["name"], pooling=enc.get("pooling"),
                             image_size=enc.get("image_size"), batch_size=ctx.profile.get("extraction", {}).get("batch_size", 64),
@@ -85,17 +88,31 @@ def get_recipe(ctx: Context, name: str):
     raise unknown(f"recipe kind (recipe {name})", kind, ["linear_probe", "finetune", "seg_finetune"])
 
 
-def run_cells(ctx: Context, table: str, cells: list[dict], stores: dict, progress=None) -> list[dict]:
-    """Run every cell (cached); cells are dealt round robin to ranks; all ranks return all results."""
+def initial_set_size(method: str, config: dict, n: int) -> int:
+    """The random initial set an active-learning method buys before its first round (0 for one-shot methods)."""
+    from baselines import registry
+
+    selector = registry.get(method, **(config or {}))
+    return selector.sizes(n)[0] if hasattr(selector, "sizes") else 0
+
+
+def run_cells(ctx: Context, cells: list[dict], stores: dict, progress=None) -> list[dict]:
+    """Run every cell (cached); cells are dealt round robin to ranks; all ranks return all results.
+
+    The cache is shared by all tables and keyed by what determines a cell's numbers (not its row label), so a
+    cell that two tables share (ActiveFT at tau = 0.07 in Tables 1 and 6) runs once. A cell whose budget does
+    not exceed an active-learning method's initial random set is recorded as skipped (the paper's "-").
+    """
     from bench_suite.metrics import selection_emd
     from bench_suite.select import run_selection
     from bench_suite.selection import budget_from_ratio
 
-    cache = ctx.work / "cells" / table
+    cache = ctx.work / "cells" / "v2"
     keyed = []
     for cell in cells:
         train, test = stores[cell["dataset"]]
-        full = {**cell, "train": train.meta.get("fingerprint") or train.checksum(),
+        full = {**{k: v for k, v in cell.items() if k != "variant"},
+                "train": train.meta.get("fingerprint") or train.checksum(),
                 "test": test.meta.get("fingerprint") or test.checksum()}
         keyed.append((cell, cache / f"{_digest(full)}.json"))
     single = Dist()  # a cell is one process's work; ranks share the grid, not a cell
@@ -106,6 +123,13 @@ def run_cells(ctx: Context, table: str, cells: list[dict], stores: dict, progres
             continue
         train, test = stores[cell["dataset"]]
         budget = budget_from_ratio(cell["ratio"], len(train))
+        init = initial_set_size(cell["method"], cell.get("method_config"), len(train))
+        if budget <= init:
+            result = {**cell, "budget": budget, "skipped": f"budget {budget} <= the initial random set ({init})"}
+            atomic.write_json(path, result)
+            if progress and ctx.rank == 0:
+                progress(cell, None)
+            continue
         sel = run_selection(train, cell["method"], budget, cell["seed"], cell.get("method_config"),
                             labels=train.labels, dist=single)
         recipe, _ = get_recipe(ctx, cell["recipe"])
@@ -123,5 +147,5 @@ def run_cells(ctx: Context, table: str, cells: list[dict], stores: dict, progres
     for cell, path in keyed:
         if not path.exists():
             raise BadInputError(f"cell result {path} is missing after the run (a rank failed?)")
-        results.append(json.loads(path.read_text()))
+        results.append({**json.loads(path.read_text()), "variant": cell.get("variant")})
     return results

@@ -1,0 +1,227 @@
+"""BiLAF (Lu, Xie, Yang & Yan, "Boundary Matters: A Bi-Level Active Finetuning Method", NeurIPS 2024).
+
+Not in the ActiveFT paper: its successor from the same group, and the strongest one-shot active-finetuning
+method we know of. Two stages, label-free, one shot:
+
+1. Core samples (from ActiveFT, Xie et al. CVPR 2023, this repository's ``activeft``): K pseudo-class centres.
+   K is the ``cores`` option, else ``core_pool_ratio`` x N (the released subsets use 0.1% of N for CIFAR-10,
+   0.5% for CIFAR-100 and ImageNet), capped at ``max_core_fraction`` x B (their smallest setting has B = 2K).
+2. Boundary samples (from BiLAF), following the authors' released code (github.com/Thinklab-SJTU/BiLAF,
+   data_selection/Boundary_Selection/density_cluster.py) step by step:
+   - every pool sample joins the pseudo-class of its nearest core (Euclidean);
+   - denoising, per pseudo-class of n >= ``min_denoise`` (10) members: grow a set outward from the core in
+     levels of ``growth`` x n (10%) members, each level adding the candidates with the smallest mean distance
+     to their ``knn`` (10) nearest members of the set; members never added (n mod level size) and the last
+     ``remove`` (10%) to join are dropped;
+   - boundary score BS(x) = (delta^m * b(x) - a(x)) / max(a(x), b(x)), with a(x) the mean distance to the
+     denoised pseudo-class (self included), b(x) the distance to the nearest other core, m the number of
+     earlier picks of this pseudo-class facing the same opponent class ("opponent penalty", delta =
+     ``penalty`` = 1.1); the smallest score is picked;
+   - budget: per pseudo-class proportional to its denoised size, the remainder one unit at a time to the
+     smallest allocation; the core counts towards it. Within a class, starting from the core, each pick
+     removes itself and its floor(|C| / b) - 1 nearest candidates, then the lowest-score candidate is picked
+     (ties: the candidate nearest the previous pick).
+
+Departures from the released code, and why:
+- Distances are Euclidean on the L2-normalised features of the FeatureStore (the code uses the raw DINO CLS
+  features for stage 2; stores here hold normalised features only). On the unit sphere this ranks as cosine.
+- The density of the denoising is the intended one (mean distance to the k nearest members of the growing
+  set); the released code indexes the distance row by positions in that set (``D[x][nn]`` instead of
+  ``D[x][G[nn]]``), which averages distances to unrelated members.
+- Edge cases the code cannot handle: every pseudo-class gets at least one unit (its core; the code asserts all
+  cores are selected, and would crash with a zero allocation), allocations are capped at the class's denoised
+  size with the excess passed on (the code could pick duplicates), and if the denoised pool is smaller than
+  the budget the rest is filled with denoised-out samples nearest their core (``info["filled"]``).
+- K <= B / 2 by default (``max_core_fraction``); with B = 1 the selection is ActiveFT's single core.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from baselines._knn import as_tensor, finish, on_main, parse_options, pool_array, pool_budget, resolve_device
+from baselines.registry import register
+from bench_suite.errors import BadInputError
+
+DEFAULTS = {"cores": None, "core_pool_ratio": 0.001, "max_core_fraction": 0.5, "knn": 10, "growth": 0.1,
+            "remove": 0.1, "penalty": 1.1, "min_denoise": 10, "temperature": 0.07, "iters": 300, "lr": 1e-3,
+            "objective": "official", "device": "auto"}
+TILE = 8192
+
+
+def _dist(q: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Euclidean distances between unit vectors, from their dot products (exact up to rounding)."""
+    return (2.0 - 2.0 * (q @ x.T)).clamp_min(0.0).sqrt()
+
+
+def nearest_two_cores(x: torch.Tensor, cores: torch.Tensor):
+    """Per sample: its pseudo-class (nearest core, lowest index on ties), the nearest OTHER core and its distance."""
+    n, k = len(x), len(cores)
+    own = torch.empty(n, dtype=torch.long, device=x.device)
+    opp = torch.zeros(n, dtype=torch.long, device=x.device)
+    b = torch.full((n,), float("inf"), device=x.device)
+    for s in range(0, n, TILE):
+        sim = x[s:s + TILE] @ cores.T
+        own[s:s + TILE] = sim.argmax(1)
+        if k > 1:
+            sim.scatter_(1, own[s:s + TILE, None], float("-inf"))
+            second = sim.argmax(1)
+            opp[s:s + TILE] = second
+            b[s:s + TILE] = (2.0 - 2.0 * sim.gather(1, second[:, None]).squeeze(1)).clamp_min(0.0).sqrt()
+    return own, opp, b
+
+
+def denoise(xc: torch.Tensor, core: int, *, knn: int, growth: float, remove: float, min_size: int) -> np.ndarray:
+    """Iterative density-based denoising of one pseudo-class: local indices kept, in the order they joined."""
+    n = len(xc)
+    d_core = _dist(xc[core:core + 1], xc).squeeze(0)
+    d_core[core] = -1.0  # the core is first even if another member coincides with it
+    if n < min_size:
+        return torch.argsort(d_core, stable=True).cpu().numpy()
+    step = max(1, int(growth * n))
+    grown = torch.argsort(d_core, stable=True)[:step]
+    in_set = torch.zeros(n, dtype=torch.bool, device=xc.device)
+    in_set[grown] = True
+    order = [grown]
+    # the knn smallest distances from every member to the growing set, kept sorted (inf = not yet)
+    near = torch.full((n, knn), float("inf"), device=xc.device)
+    near = torch.cat([near, _dist(xc, xc[grown])], 1).topk(knn, dim=1, largest=False).values
+    for _ in range(2, n // step + 1):
+        cand = torch.nonzero(~in_set).squeeze(1)
+        if cand.numel() == 0:
+            break
+        finite = torch.isfinite(near[cand])
+        dens = torch.where(finite, near[cand], torch.zeros_like(near[cand])).sum(1) / finite.sum(1)
+        new = cand[torch.argsort(dens, stable=True)[:step]]
+        in_set[new] = True
+        order.append(new)
+        rest = torch.nonzero(~in_set).squeeze(1)
+        if rest.numel():
+            near[rest] = torch.cat([near[rest], _dist(xc[rest], xc[new])], 1).topk(knn, dim=1, largest=False).values
+    joined = torch.cat(order).cpu().numpy()
+    return joined[: max(1, int(len(joined) * (1.0 - remove)))]
+
+
+def allocate(sizes: np.ndarray, budget: int) -> np.ndarray:
+    """Budget per pseudo-class: proportional to size, remainder to the smallest allocation (ties: larger
+    share, then lower index); at least 1 (the core) and at most the class size, excess passed on."""
+    sizes = np.asarray(sizes, dtype=np.int64)
+    share = sizes / sizes.sum()
+    alloc = np.floor(share * budget).astype(np.int64)
+    alloc = np.maximum(alloc, 1)
+    alloc = np.minimum(alloc, sizes)
+    while alloc.sum() > budget:  # only from the at-least-one rule: take from the largest allocations
+        alloc[int(np.lexsort((np.arange(len(alloc)), -alloc))[0])] -= 1
+    while alloc.sum() < budget:
+        room = alloc < sizes
+        if not room.any():
+            break
+        keys = np.lexsort((np.arange(len(alloc)), -share, np.where(room, alloc, np.iinfo(np.int64).max)))
+        alloc[int(keys[0])] += 1
+    return alloc
+
+
+def boundary_picks(xc: torch.Tensor, core: int, b_dist: torch.Tensor, opp: torch.Tensor, n_classes: int,
+                   quota: int, penalty: float) -> list[int]:
+    """BiLAF's iterative selection and removal inside one denoised pseudo-class (local indices, core first)."""
+    m = len(xc)
+    a = torch.zeros(m, device=xc.device)
+    for s in range(0, m, TILE):
+        a[s:s + TILE] = _dist(xc[s:s + TILE], xc).sum(1) / m
+    denom = torch.maximum(a, b_dist).clamp_min(1e-12)
+    radius = max(1, m // quota)
+    pen = torch.ones(n_classes, dtype=a.dtype, device=a.device)  # delta^m per opponent class
+    picks = [core]
+    cand = torch.arange(m, device=xc.device)
+    while len(picks) < quota:
+        node = picks[-1]
+        cand = cand[cand != node]
+        d = _dist(xc[node:node + 1], xc[cand]).squeeze(0)
+        cand = cand[torch.argsort(d, stable=True)][radius - 1:]
+        if node != core:
+            pen[opp[node]] *= penalty
+        score = (pen[opp[cand]] * b_dist[cand] - a[cand]) / denom[cand]
+        picks.append(int(cand[int(torch.argmin(score))]))
+    return picks
+
+
+@register
+class BiLAF:
+    name = "bilaf"
+    description = "BiLAF (Lu et al., NeurIPS 2024): ActiveFT core samples + denoised boundary samples per pseudo-class"
+    label_free = True
+
+    def __init__(self, **config):
+        self.config = parse_options(self.name, config, DEFAULTS)
+        c = self.config
+        for key in ("core_pool_ratio", "max_core_fraction", "growth"):
+            if not 0 < float(c[key]) <= 1:
+                raise BadInputError(f"{self.name}: {key} must be in (0, 1], got {c[key]!r}")
+        if not 0 <= float(c["remove"]) < 1:
+            raise BadInputError(f"{self.name}: remove must be in [0, 1), got {c['remove']!r}")
+        if float(c["penalty"]) < 1:
+            raise BadInputError(f"{self.name}: penalty must be >= 1, got {c['penalty']!r}")
+        for key in ("knn", "min_denoise") + (("cores",) if c["cores"] is not None else ()):
+            if int(c[key]) != c[key] or int(c[key]) < 1:
+                raise BadInputError(f"{self.name}: {key} must be a positive integer, got {c[key]!r}")
+
+    def n_cores(self, n: int, budget: int) -> int:
+        c = self.config
+        k = int(c["cores"]) if c["cores"] is not None else max(1, round(float(c["core_pool_ratio"]) * n))
+        return max(1, min(k, int(float(c["max_core_fraction"]) * budget), budget))
+
+    def select(self, store, budget, *, seed, oracle=None, dist=None):
+        from bench_suite.activeft import ActiveFT
+
+        t0 = time.perf_counter()
+        budget = pool_budget(self.name, store, budget)
+        c = self.config
+        device = resolve_device(self.name, c["device"])
+
+        def run():
+            n = len(store)
+            k = self.n_cores(n, budget)
+            core_sel = ActiveFT(temperature=c["temperature"], iters=c["iters"], lr=c["lr"], objective=c["objective"],
+                                device=str(device), progress=False).select(store, k, seed=int(seed))
+            core_rows = np.asarray(store.rows_of_ids(core_sel.ids), dtype=np.int64)
+            t_core = time.perf_counter() - t0
+            x = as_tensor(pool_array(store), device)
+            own, opp, b_all = nearest_two_cores(x, x[torch.as_tensor(core_rows, device=device)])
+            own[torch.as_tensor(core_rows, device=device)] = torch.arange(k, device=device)  # duplicates
+            own_np = own.cpu().numpy()
+            members, kept = [], []
+            for j, core_row in enumerate(core_rows):
+                rows = np.flatnonzero(own_np == j)
+                members.append(rows)
+                local_core = int(np.searchsorted(rows, core_row))
+                keep = denoise(x[torch.as_tensor(rows, device=device)], local_core, knn=int(c["knn"]),
+                               growth=float(c["growth"]), remove=float(c["remove"]), min_size=int(c["min_denoise"]))
+                kept.append(rows[keep])  # kept[j][0] is the core
+            alloc = allocate(np.array([len(r) for r in kept]), budget)
+            picked = []
+            for j, rows in enumerate(kept):
+                xc = x[torch.as_tensor(rows, device=device)]
+                rows_t = torch.as_tensor(rows, device=device)
+                local = boundary_picks(xc, 0, b_all[rows_t], opp[rows_t], k, int(alloc[j]), float(c["penalty"]))
+                picked.extend(rows[local].tolist())
+            filled = 0
+            if len(picked) < budget:  # the denoised pool is smaller than the budget: nearest-to-core removed ones
+                taken = set(picked)
+                rest = np.array([r for r in range(n) if r not in taken], dtype=np.int64)
+                core_of = torch.as_tensor(core_rows[own_np[rest]], device=device)
+                d = (x[torch.as_tensor(rest, device=device)] * x[core_of]).sum(1)
+                extra = rest[torch.argsort(-d, stable=True).cpu().numpy()[: budget - len(picked)]]
+                picked.extend(extra.tolist())
+                filled = len(extra)
+            info = {"cores": k, "core_ids": core_sel.ids.tolist(), "core_seconds": round(t_core, 4),
+                    "denoised_out": int(sum(len(m) - len(kk) for m, kk in zip(members, kept))),
+                    "allocation": alloc.tolist(), "filled": filled,
+                    "activeft_final_loss": core_sel.info.get("final_loss")}
+            return np.asarray(picked, dtype=np.int64), info
+
+        out = on_main(dist, run)
+        rows, info = out if out is not None else (None, None)
+        return finish(self.name, store, rows, budget, seed, t0, self.config, info, dist)

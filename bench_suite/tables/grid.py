@@ -1,0 +1,154 @@
+"""A table as a grid: (dataset x ratio) columns, one row per method or method variant, seeds averaged.
+
+Tables 1, 3, 4, 5, 6 and 7 of the paper are all this shape; they differ in which rows they have (registry
+methods, or ActiveFT with one option changed), which numbers they show, and what they quote from the paper.
+A profile's table entry says::
+
+    "6":
+      recipe: linear_probe
+      seeds: [0, 1, 2]            # optional, else the profile's seeds
+      encoder: {...}              # optional, else the profile's encoder (Table 4 has one entry per encoder)
+      cells: {mnist: [0.001, 0.002]}
+      methods:                    # a registry name, or a variant of one
+        - random
+        - {label: "tau = 0.04", method: activeft, config: {temperature: 0.04}}
+"""
+
+from __future__ import annotations
+
+from bench_suite import report
+from bench_suite.tables import paper_numbers
+from bench_suite.tables.common import Context, prepare_split, run_cells
+
+
+def fmt_ratio(r: float) -> str:
+    return f"{r * 100:g}%"
+
+
+def rows_of(profile: dict, table: str) -> list[dict]:
+    """The table's rows as ``{label, method, config}`` (a variant's config goes over the profile's method config)."""
+    out = []
+    for item in profile["tables"][table]["methods"]:
+        if isinstance(item, str):
+            item = {"method": item}
+        method = item["method"]
+        config = {**(profile.get("methods", {}).get(method) or {}), **(item.get("config") or {})}
+        out.append({"label": item.get("label") or paper_numbers.METHOD_LABELS.get(method, method),
+                    "method": method, "config": config})
+    return out
+
+
+def seeds_of(profile: dict, table: str) -> list[int]:
+    return [int(s) for s in profile["tables"][table].get("seeds", profile["seeds"])]
+
+
+def encoder_of(profile: dict, table: str) -> dict:
+    return profile["tables"][table].get("encoder") or profile["encoder"]
+
+
+def build_cells(profile: dict, table: str) -> list[dict]:
+    """Every (dataset, ratio, row, seed); active-learning rows get the dataset's ``al`` protocol (init/batch ratio)."""
+    from baselines import registry
+
+    t = profile["tables"][table]
+    cells = []
+    for dataset, ratios in t["cells"].items():
+        al = profile["datasets"][dataset].get("al") or {}
+        for ratio in ratios:
+            for row in rows_of(profile, table):
+                config = row["config"]
+                if al and not registry.selector_class(row["method"]).label_free:
+                    config = {**al, **config}
+                for seed in seeds_of(profile, table):
+                    cells.append({"dataset": dataset, "ratio": float(ratio), "method": row["method"],
+                                  "variant": row["label"], "seed": seed, "method_config": config,
+                                  "recipe": t["recipe"]})
+    return cells
+
+
+def run(ctx: Context, table: str, progress_factory=None) -> dict:
+    """Prepare every dataset's pool and test features, then run (or load from cache) every cell."""
+    t = ctx.profile["tables"][table]
+    enc = encoder_of(ctx.profile, table)
+    stores = {d: (prepare_split(ctx, d, "pool", encoder=enc), prepare_split(ctx, d, "test", encoder=enc))
+              for d in t["cells"]}
+    cells = build_cells(ctx.profile, table)
+    progress = progress_factory(len(cells)) if progress_factory else None
+    results = run_cells(ctx, cells, stores, progress)
+    return {"cells": results, "stores": {d: {"pool": len(s[0]), "test": len(s[1]), "pool_meta": s[0].meta}
+                                         for d, s in stores.items()}}
+
+
+def columns(profile: dict, table: str) -> list[tuple[str, float]]:
+    return [(d, float(r)) for d, ratios in profile["tables"][table]["cells"].items() for r in ratios]
+
+
+def pick(cells: list[dict], dataset: str, ratio: float, label: str) -> list[dict]:
+    return [c for c in cells if c["dataset"] == dataset and abs(c["ratio"] - ratio) < 1e-12
+            and c.get("variant", paper_numbers.METHOD_LABELS.get(c["method"], c["method"])) == label]
+
+
+def header(profile: dict, table: str, cells: list[dict], first: str = "Methods") -> list[str]:
+    labels = [r["label"] for r in rows_of(profile, table)]
+    out = [first]
+    for d, r in columns(profile, table):
+        name = profile["datasets"][d].get("label", d)
+        got = pick(cells, d, r, labels[0])
+        out.append(f"{name} {fmt_ratio(r)}" + (f" (B={got[0]['budget']})" if got else ""))
+    return out
+
+
+def metric_rows(profile: dict, table: str, cells: list[dict], fmt) -> list[list[str]]:
+    """One row per method/variant; ``fmt(cells of one column)`` -> the column's text ("-" when empty)."""
+    rows = []
+    for row in rows_of(profile, table):
+        line = [row["label"]]
+        for d, r in columns(profile, table):
+            got = pick(cells, d, r, row["label"])
+            line.append(fmt(got) if got and all(c.get("skipped") is None for c in got) else "-")
+        rows.append(line)
+    return rows
+
+
+def transpose(head: list[str], rows: list[list[str]], first: str = "Sel. Ratio") -> tuple[list[str], list[list[str]]]:
+    """Rows = columns of the grid, as the paper prints Tables 3, 5, 6 and 7 (one line per ratio)."""
+    new_head = [first] + [r[0] for r in rows]
+    return new_head, [[head[i]] + [r[i] for r in rows] for i in range(1, len(head))]
+
+
+def top1(got: list[dict]) -> str:
+    return report.mean_std([c["top1"] for c in got])
+
+
+def emd(got: list[dict]) -> str:
+    return f"{sum(c['emd'] for c in got) / len(got):.4f}"
+
+
+def seconds(got: list[dict]) -> str:
+    return report.duration(sum(c["selection_seconds"] for c in got) / len(got))
+
+
+def setting_lines(profile: dict, table: str, out: dict, what: str) -> list[str]:
+    """The "Setting" section: encoder, recipe, datasets and their roles, seeds."""
+    t = profile["tables"][table]
+    enc = out["stores"][next(iter(t["cells"]))]["pool_meta"].get("encoder", {})
+    pooling = encoder_of(profile, table).get("pooling") or enc.get("pooling")
+    recipe = profile["recipes"][t["recipe"]]
+    lines = ["## Setting\n",
+             f"- Encoder: `{enc.get('name')}` ({enc.get('arch')}, {enc.get('image_size')} px, pooling `{pooling}`). "
+             f"{enc.get('note', '')}",
+             f"- Evaluation recipe: `{t['recipe']}` ({recipe}) - {what}"]
+    for d in t["cells"]:
+        dc = profile["datasets"][d]
+        st = out["stores"][d]
+        lines.append(f"- `{d}` plays the role of {dc.get('role', '-')}: pool = {st['pool']} images of the "
+                     f"`{dc['pool'].get('split', 'train')}` split, test = {st['test']} images. {dc.get('why', '')}")
+    lines.append(f"- Seeds: {seeds_of(profile, table)} (the seed drives the selection and the evaluation); "
+                 "mean±std over seeds.\n")
+    return lines
+
+
+def paper_reference(title: str, head: list[str], rows: list[list[str]], note: str) -> list[str]:
+    return [f"## For reference: the paper's {title}\n",
+            f"These are the published numbers, not ours; {note}\n",
+            report.markdown_table(head, rows)]
