@@ -138,10 +138,16 @@ def main(argv=None) -> int:
 
 
 def _check_methods(profile: dict, table: str) -> None:
+    """Unknown method names or options fail here, before any shard or feature is made."""
     from baselines import registry
+    from bench_suite.tables.grid import rows_of
 
-    for m in profile["tables"][table].get("methods", []):
-        registry.selector_class(m)
+    t = profile["tables"][table]
+    if t.get("recipe") not in profile["recipes"]:
+        raise BadInputError(f"profile {profile['name']}: table {table} uses recipe {t.get('recipe')!r}, which is "
+                            f"not among its recipes ({', '.join(sorted(profile['recipes']))})")
+    for row in rows_of(profile, table):
+        registry.get(row["method"], **row["config"])
 
 
 if __name__ == "__main__":

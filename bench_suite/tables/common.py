@@ -100,7 +100,8 @@ def run_cells(ctx: Context, cells: list[dict], stores: dict, progress=None) -> l
     """Run every cell (cached); cells are dealt round robin to ranks; all ranks return all results.
 
     The cache is shared by all tables and keyed by what determines a cell's numbers (not its row label), so a
-    cell that two tables share (ActiveFT at tau = 0.07 in Tables 1 and 6) runs once. A cell whose budget does
+    cell that two tables share (ActiveFT at tau = 0.07 in Tables 1 and 6, when the config is written the same
+    way: the profile's config merged with the variant's) runs once. A cell whose budget does
     not exceed an active-learning method's initial random set is recorded as skipped (the paper's "-").
     """
     from bench_suite.metrics import selection_emd

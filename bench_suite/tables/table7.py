@@ -1,0 +1,4 @@
+"""Table 7: the number of ActiveFT iterations."""
+from bench_suite.tables.ratio_tables import markdown_for, runner
+
+run, markdown = runner("7"), markdown_for("7")

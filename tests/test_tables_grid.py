@@ -1,0 +1,99 @@
+"""Tables 3, 5, 6, 7 through the real pipeline (digits shards -> EfficientNet-Lite0 features -> selectors ->
+probe): variant rows, ratio-per-line layout, '-' for active-learning cells at the initial set, shared cell cache."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from bench_suite.tables import grid
+
+ROOT = Path(__file__).resolve().parents[1]
+
+PROFILE = {
+    "name": "tiny-grid",
+    "scaled_down": True,
+    "description": "test profile: scikit-learn digits, EfficientNet-Lite0 at 64 px",
+    "encoder": {"name": "efficientnet_lite0", "image_size": 64, "pooling": "gap"},
+    "extraction": {"batch_size": 128},
+    "seeds": [0, 1],
+    "datasets": {"digits": {"label": "Digits", "role": "a tiny pool", "pool": {"split": "train"},
+                            "test": {"split": "test"}, "al": {"init_ratio": 0.02}}},
+    "recipes": {"linear_probe": {"kind": "linear_probe", "C": 10.0, "max_iter": 500}},
+    "methods": {"activeft": {"iters": 40, "temperature": 0.07}},
+    "tables": {
+        "1": {"recipe": "linear_probe", "methods": ["random", "activeft"], "cells": {"digits": [0.03]}},
+        "3": {"recipe": "linear_probe", "seeds": [0], "methods": ["kmeans", "coreset", "activeft"],
+              "cells": {"digits": [0.02, 0.04]}},
+        "6": {"recipe": "linear_probe",
+              "methods": [{"label": "tau = 0.04", "method": "activeft", "config": {"temperature": 0.04}},
+                          {"label": "tau = 0.07", "method": "activeft", "config": {"temperature": 0.07}}],
+              "cells": {"digits": [0.03]}},
+        "7": {"recipe": "linear_probe", "seeds": [0],
+              "methods": [{"label": "T = 0", "method": "activeft", "config": {"iters": 0}},
+                          {"label": "T = 40", "method": "activeft", "config": {"iters": 40}}],
+              "cells": {"digits": [0.03]}},
+    },
+}
+
+
+def run_table(tmp_path, table):
+    prof = tmp_path / "profile.yaml"
+    prof.write_text(yaml.safe_dump(PROFILE))
+    cmd = [sys.executable, "bench_suite/run.py", "--table", table, "--profile", str(prof),
+           "--out", str(tmp_path / "results"), "--work", str(tmp_path / "work"), "--quiet"]
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = tmp_path / "results"
+    return (out / f"table{table}.md").read_text(), json.loads((out / f"table{table}.json").read_text())
+
+
+def n_cached(tmp_path):
+    return len(list((tmp_path / "work" / "cells").rglob("*.json")))
+
+
+@pytest.mark.slow
+def test_variant_tables_share_cells_and_print_ratio_lines(tmp_path):
+    _, t1 = run_table(tmp_path, "1")
+    assert n_cached(tmp_path) == 4
+    md6, t6 = run_table(tmp_path, "6")
+    assert n_cached(tmp_path) == 6  # tau = 0.07 is Table 1's ActiveFT cell: reused, not recomputed
+    c07 = {c["seed"]: c["ids_sha"] for c in t6["cells"] if c["variant"] == "tau = 0.07"}
+    c_t1 = {c["seed"]: c["ids_sha"] for c in t1["cells"] if c["method"] == "activeft"}
+    assert c07 == c_t1
+    c04 = {c["seed"]: c["ids_sha"] for c in t6["cells"] if c["variant"] == "tau = 0.04"}
+    assert c04 != c07  # the temperature changes the selection
+    assert "| Sel. Ratio | tau = 0.04 | tau = 0.07 |" in md6 and "| Digits 3% (B=39) |" in md6
+    assert "Table 6 (CIFAR10, DINO DeiT-S)" in md6 and "not the paper's setting" in md6
+
+    md7, t7 = run_table(tmp_path, "7")
+    t0 = next(c for c in t7["cells"] if c["variant"] == "T = 0")
+    assert t0["selection_info"]["init_ids"] is not None
+    assert "T = 0" in md7 and "T = 40" in md7
+
+
+@pytest.mark.slow
+def test_table3_times_and_dash_for_the_initial_set(tmp_path):
+    md, t3 = run_table(tmp_path, "3")
+    cs = {(c["method"], c["ratio"]): c for c in t3["cells"]}
+    # 2% of 1297 = 26 = the initial random set: CoreSet has nothing to select -> "-"; 4% runs one round
+    assert cs[("coreset", 0.02)].get("skipped") and "top1" not in cs[("coreset", 0.02)]
+    assert cs[("coreset", 0.04)]["selection_info"]["oracle_queries"] == cs[("coreset", 0.04)]["budget"] == 52
+    line = next(ln for ln in md.splitlines() if ln.startswith("| Digits 2%"))
+    assert line.split("|")[3].strip() == "-" and line.split("|")[2].strip() != "-"
+    assert "## Selection time" in md and "Table 3 (CIFAR100 training set, GPU)" in md
+
+
+def test_rows_of_variants_merge_the_profile_config():
+    rows = grid.rows_of(PROFILE, "6")
+    assert [r["label"] for r in rows] == ["tau = 0.04", "tau = 0.07"]
+    assert rows[0]["config"] == {"iters": 40, "temperature": 0.04}
+    cells = grid.build_cells(PROFILE, "3")
+    assert next(c for c in cells if c["method"] == "coreset")["method_config"] == {"init_ratio": 0.02}
+    assert next(c for c in cells if c["method"] == "kmeans")["method_config"] == {}
+    assert {c["seed"] for c in cells} == {0}
