@@ -11,7 +11,7 @@ def nearest_similarity(features, selected: np.ndarray, block: int = 8192) -> np.
     sel = torch.from_numpy(np.ascontiguousarray(selected, dtype=np.float32))
     out = np.empty(len(features), dtype=np.float32)
     for start in range(0, len(features), block):
-        f = torch.from_numpy(np.ascontiguousarray(features[start:start + block], dtype=np.float32))
+        f = torch.as_tensor(np.array(features[start:start + block], dtype=np.float32))  # a memmap is read-only
         out[start:start + len(f)] = (f @ sel.T).max(dim=1).values.numpy()
     return out
 

@@ -143,11 +143,17 @@ def _check_methods(profile: dict, table: str) -> None:
     from bench_suite.tables.grid import rows_of
 
     t = profile["tables"][table]
-    if t.get("recipe") not in profile["recipes"]:
-        raise BadInputError(f"profile {profile['name']}: table {table} uses recipe {t.get('recipe')!r}, which is "
-                            f"not among its recipes ({', '.join(sorted(profile['recipes']))})")
+    for recipe in [t.get("recipe"), *(t.get("recipe_by_dataset") or {}).values()]:
+        if recipe not in profile["recipes"]:
+            raise BadInputError(f"profile {profile['name']}: table {table} uses recipe {recipe!r}, which is not "
+                                f"among its recipes ({', '.join(sorted(profile['recipes']))})")
     for row in rows_of(profile, table):
         registry.get(row["method"], **row["config"])
+    from bench_suite.encoders import encoder_names
+
+    for enc in [t.get("encoder"), *[e.get("encoder") for e in t.get("encoders", [])]]:
+        if enc and enc.get("name") not in encoder_names():
+            raise unknown("encoder", enc.get("name"), encoder_names())
 
 
 if __name__ == "__main__":

@@ -1,5 +1,7 @@
 """Finetune on a selection and evaluate on the test split: classification (top-1) or segmentation (mIoU).
 
+    python -m launchers.finetune --task cls --dataset mnist --selection sel.json --recipe cpu_finetune \\
+        --seed 0 --out runs/mnist-s0          # the cpu profile's MNIST pool/test shards, made under work_dirs/
     python -m launchers.finetune --task cls --dataset-shards work/mnist-train --test-shards work/mnist-test \\
         --selection sel.json --recipe cpu_finetune --encoder dinov2_vits14 --seed 0 --out runs/mnist-s0
     ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 -m launchers.finetune ...   # 2 CPU processes
@@ -247,6 +249,28 @@ def parse_overrides(pairs: list[str] | None) -> dict:
     return out
 
 
+def _shard_folders(args) -> tuple[Path, Path]:
+    """``--dataset NAME`` (shards made from the profile's split settings) or the two shard folders."""
+    if args.dataset:
+        if args.dataset_shards or args.test_shards:
+            raise BadInputError("give --dataset NAME or --dataset-shards/--test-shards, not both")
+        from bench_suite.profiles import load_profile
+        from bench_suite.tables.common import ensure_shards
+
+        profile = load_profile(args.profile)
+        writer = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0
+        folders = [ensure_shards(profile, args.dataset, part, Path(args.work), args.source, write=writer)
+                   for part in ("pool", "test")]
+        for folder in folders:  # the other ranks wait for rank 0's shards
+            deadline = time.monotonic() + 3600
+            while not (folder / wshards.MANIFEST).exists() and time.monotonic() < deadline:
+                time.sleep(2)
+        return folders[0], folders[1]
+    if not (args.dataset_shards and args.test_shards):
+        raise BadInputError("give --dataset NAME, or both --dataset-shards DIR and --test-shards DIR")
+    return Path(args.dataset_shards), Path(args.test_shards)
+
+
 def main(argv=None) -> int:
     import argparse
 
@@ -255,8 +279,13 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m launchers.finetune", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", choices=["cls", "seg"], default="cls")
-    p.add_argument("--dataset-shards", required=True, help="train split shard folder (the pool the selection indexes)")
-    p.add_argument("--test-shards", required=True, help="test split shard folder (evaluation)")
+    p.add_argument("--dataset", help="a dataset of --profile: its pool and test shards are made under --work if "
+                                      "missing (the same folders the tables use)")
+    p.add_argument("--profile", default="cpu", help="profile for --dataset (cpu, paper, or a YAML file)")
+    p.add_argument("--source", help="local copy of a paper dataset for --dataset (cifar10, cifar100, imagenet)")
+    p.add_argument("--work", default=os.environ.get("BENCH_SUITE_WORK", "work_dirs"), help="cache folder for --dataset")
+    p.add_argument("--dataset-shards", help="train split shard folder (the pool the selection indexes)")
+    p.add_argument("--test-shards", help="test split shard folder (evaluation)")
     p.add_argument("--selection", required=True, help="selection JSON (bench_suite.selection.Selection)")
     p.add_argument("--recipe", required=True, help="recipe name (launchers/recipes.yaml or --recipes-file)")
     p.add_argument("--recipes-file", help="profile name (cpu, paper) or YAML file whose `recipes:` override the catalogue")
@@ -275,7 +304,8 @@ def main(argv=None) -> int:
     def run():
         args = p.parse_args(argv)
         setup_logging(args.verbose)
-        m = finetune(args.task, args.dataset_shards, args.test_shards, args.selection, args.recipe,
+        train_shards, test_shards = _shard_folders(args)
+        m = finetune(args.task, train_shards, test_shards, args.selection, args.recipe,
                      recipes_file=args.recipes_file, overrides=parse_overrides(args.set), encoder=args.encoder,
                      weights=args.weights, image_size=args.image_size, seed=args.seed, out=args.out,
                      resume=not args.no_resume, resume_from=args.resume, progress=not args.quiet)

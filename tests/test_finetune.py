@@ -300,3 +300,27 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path, digits_shards, dig
     # a checkpoint made with other inputs is refused, not silently reused
     with pytest.raises(BadInputError, match="different inputs"):
         finetune("cls", digits_shards, digits_test_shards, ids[:-1], "cpu_finetune", out=tmp_path / "cut", **common)
+
+
+@pytest.mark.slow
+def test_cli_dataset_name_makes_the_profiles_shards(tmp_path):
+    """``--dataset NAME``: the profile's pool/test shards are written under --work and the run evaluates on them."""
+    import yaml
+
+    prof = tmp_path / "p.yaml"
+    prof.write_text(yaml.safe_dump({
+        "name": "t", "encoder": {"name": "efficientnet_lite0"}, "seeds": [0], "tables": {}, "recipes": {},
+        "datasets": {"digits": {"pool": {"split": "train"}, "test": {"split": "test", "limit": 200}}}}))
+    sel = _sel(tmp_path, list(range(0, 60, 3)))
+    cmd = [sys.executable, "-m", "launchers.finetune", "--dataset", "digits", "--profile", str(prof), "--work",
+           str(tmp_path / "w"), "--selection", str(sel), "--recipe", "cpu_linear_head", "--recipes-file", "cpu",
+           "--encoder", "efficientnet_lite0", "--image-size", "32", "--set", "epochs=2", "--quiet",
+           "--out", str(tmp_path / "o")]
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    m = json.loads((tmp_path / "o" / "metrics.json").read_text())
+    assert m["n_train"] == 20 and m["n_test"] == 200 and 0 <= m["top1"] <= 100
+    assert len(list((tmp_path / "w" / "shards").glob("digits-pool-*"))) == 1
+    both = subprocess.run(cmd + ["--dataset-shards", str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert both.returncode == 2 and "not both" in both.stderr

@@ -30,3 +30,15 @@ def test_ratio_tables_transcription_matches_paper(table, numbers):
         row = next(line for line in block.splitlines() if line.startswith(ratio + "\t"))
         cells = [c.replace(" ", "") for c in row.split("\t")[1:] if c != ratio]  # Table 5 repeats the ratio
         assert cells == values, (table, ratio)
+
+
+@pytest.mark.skipif(not PAPER.exists(), reason="paper text not in this checkout's workspace")
+def test_table4_transcription_matches_paper():
+    from bench_suite.tables.table4 import PAPER as T4
+
+    text = re.sub(r"</?b>", "", PAPER.read_text())
+    for (title, rows), start in zip(T4.items(), ("(a) Performance on DeiT-Small", "(b) Performance on ResNet-50")):
+        block = text[text.index(start):]
+        for name, values in rows.items():
+            line = next(ln for ln in block.splitlines() if ln.startswith(name.split(" (")[0]))
+            assert [c.replace(" ", "") for c in line.split("\t")[1:]] == values, (title, name)

@@ -33,6 +33,12 @@ PROFILE = {
               "methods": [{"label": "tau = 0.04", "method": "activeft", "config": {"temperature": 0.04}},
                           {"label": "tau = 0.07", "method": "activeft", "config": {"temperature": 0.07}}],
               "cells": {"digits": [0.03]}},
+        "4": {"recipe": "linear_probe", "seeds": [0], "methods": ["random", "activeft"],
+              "encoders": [{"label": "DINOv2-S", "encoder": {"name": "dinov2_vits14", "image_size": 56,
+                                                             "pooling": "cls"}},
+                           {"label": "EfficientNet-Lite0", "encoder": {"name": "efficientnet_lite0",
+                                                                       "image_size": 64, "pooling": "gap"}}],
+              "cells": {"digits": [0.03]}},
         "7": {"recipe": "linear_probe", "seeds": [0],
               "methods": [{"label": "T = 0", "method": "activeft", "config": {"iters": 0}},
                           {"label": "T = 40", "method": "activeft", "config": {"iters": 40}}],
@@ -97,3 +103,15 @@ def test_rows_of_variants_merge_the_profile_config():
     assert next(c for c in cells if c["method"] == "coreset")["method_config"] == {"init_ratio": 0.02}
     assert next(c for c in cells if c["method"] == "kmeans")["method_config"] == {}
     assert {c["seed"] for c in cells} == {0}
+
+
+@pytest.mark.slow
+def test_table4_one_subtable_per_encoder(tmp_path):
+    md, t4 = run_table(tmp_path, "4")
+    a, b = t4["parts"]
+    assert a["stores"]["digits"]["pool_meta"]["encoder"]["name"] == "dinov2_vits14"
+    assert b["stores"]["digits"]["pool_meta"]["encoder"]["name"] == "efficientnet_lite0"
+    sha = lambda part: {c["method"]: c["ids_sha"] for c in part["cells"]}  # noqa: E731
+    assert sha(a)["activeft"] != sha(b)["activeft"]  # other features, other selection
+    assert sha(a)["random"] == sha(b)["random"]  # random ignores the features
+    assert "## (a) DINOv2-S" in md and "## (b) EfficientNet-Lite0" in md and "ResNet-50 pretrained with DINO" in md

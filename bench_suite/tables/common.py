@@ -45,23 +45,34 @@ def _digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
+def ensure_shards(profile: dict, dataset: str, part: str, work: Path, source=None, write: bool = True) -> Path:
+    """The shard folder of a profile's dataset split (``part`` = pool | test) under ``work``, written if missing.
+
+    The folder name hashes the dataset, source and split settings, so the tables and
+    ``python -m launchers.finetune --dataset NAME`` share one copy.
+    """
+    from bench_suite.data.shards import MANIFEST, write_shards
+
+    if dataset not in profile["datasets"]:
+        raise unknown(f"dataset of profile {profile['name']}", dataset, profile["datasets"])
+    scfg = profile["datasets"][dataset][part]
+    key = _digest({"dataset": dataset, "source": str(source), **scfg})
+    shard_dir = Path(work) / "shards" / f"{dataset}-{part}-{key}"
+    if write and not (shard_dir / MANIFEST).exists():
+        log.info("writing shards for %s %s -> %s", dataset, part, shard_dir)
+        write_shards(dataset, scfg.get("split", "train"), shard_dir, source=source, limit=scfg.get("limit"),
+                     subset_seed=scfg.get("subset_seed", 0), shard_size=scfg.get("shard_size", 1000))
+    return shard_dir
+
+
 def prepare_split(ctx: Context, dataset: str, part: str, encoder: dict | None = None) -> FeatureStore:
     """Shards (rank 0 writes them once) then features (all ranks extract) of ``part`` = pool | test.
 
     ``encoder`` (a profile encoder entry) defaults to the profile's; Table 4 passes its own.
     """
-    from bench_suite.data.shards import MANIFEST, write_shards
     from bench_suite.features import extract_features
 
-    dcfg = ctx.profile["datasets"][dataset]
-    scfg = dcfg[part]
-    key = _digest({"dataset": dataset, "source": str(ctx.sources.get(dataset)), **scfg})
-    shard_dir = ctx.work / "shards" / f"{dataset}-{part}-{key}"
-    if ctx.rank == 0 and not (shard_dir / MANIFEST).exists():
-        log.info("writing shards for %s %s -> %s", dataset, part, shard_dir)
-        write_shards(dataset, scfg.get("split", "train"), shard_dir, source=ctx.sources.get(dataset),
-                     limit=scfg.get("limit"), subset_seed=scfg.get("subset_seed", 0),
-                     shard_size=scfg.get("shard_size", 1000))
+    shard_dir = ensure_shards(ctx.profile, dataset, part, ctx.work, ctx.sources.get(dataset), write=ctx.rank == 0)
     ctx.accelerator.wait_for_everyone()
     enc = encoder or ctx.profile["encoder"]
     feat_dir = ctx.work / "features" / f"{dataset}-{part}-{key}-{enc['name']}-{enc.get('image_size')}-{enc.get('pooling')}"

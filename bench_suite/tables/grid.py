@@ -6,6 +6,7 @@ A profile's table entry says::
 
     "6":
       recipe: linear_probe
+      recipe_by_dataset: {imagenet: deit_finetune_imagenet}   # optional
       seeds: [0, 1, 2]            # optional, else the profile's seeds
       encoder: {...}              # optional, else the profile's encoder (Table 4 has one entry per encoder)
       cells: {mnist: [0.001, 0.002]}
@@ -54,6 +55,7 @@ def build_cells(profile: dict, table: str) -> list[dict]:
     cells = []
     for dataset, ratios in t["cells"].items():
         al = profile["datasets"][dataset].get("al") or {}
+        recipe = (t.get("recipe_by_dataset") or {}).get(dataset, t["recipe"])
         for ratio in ratios:
             for row in rows_of(profile, table):
                 config = row["config"]
@@ -62,7 +64,7 @@ def build_cells(profile: dict, table: str) -> list[dict]:
                 for seed in seeds_of(profile, table):
                     cells.append({"dataset": dataset, "ratio": float(ratio), "method": row["method"],
                                   "variant": row["label"], "seed": seed, "method_config": config,
-                                  "recipe": t["recipe"]})
+                                  "recipe": recipe})
     return cells
 
 
@@ -143,6 +145,8 @@ def setting_lines(profile: dict, table: str, out: dict, what: str) -> list[str]:
         st = out["stores"][d]
         lines.append(f"- `{d}` plays the role of {dc.get('role', '-')}: pool = {st['pool']} images of the "
                      f"`{dc['pool'].get('split', 'train')}` split, test = {st['test']} images. {dc.get('why', '')}")
+    if t.get("note"):
+        lines.append(f"- Note: {t['note']}")
     lines.append(f"- Seeds: {seeds_of(profile, table)} (the seed drives the selection and the evaluation); "
                  "mean±std over seeds.\n")
     return lines

@@ -14,7 +14,9 @@ SPECS = {
           "paper": ("Table 5 (CIFAR100, DINO DeiT-S)", paper_numbers.TABLE5_COLUMNS, paper_numbers.TABLE5),
           "about": "(a) No-Update keeps each sample's nearest parameter c_i fixed at its initial value; "
                    "(b) S1 drops the diversity term, S2 replaces it with InfoNCE; the rest is ActiveFT as in "
-                   "Table 1."},
+                   "Table 1 (the released code's objective). 'Eq. 11 as printed' optimises the paper's equation "
+                   "literally (repulsion over the B x B parameter similarities with lambda = 1), which the paper "
+                   "does not separate from the code's version."},
     "6": {"title": "Table 6 - effect of the temperature tau",
           "paper": ("Table 6 (CIFAR10, DINO DeiT-S)", paper_numbers.TABLE6_COLUMNS, paper_numbers.TABLE6),
           "about": "ActiveFT with only the temperature changed."},
