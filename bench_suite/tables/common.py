@@ -31,6 +31,8 @@ class Context:
     accelerator: object
     sources: dict = field(default_factory=dict)  # dataset -> local source path (paper datasets)
     quiet: bool = False
+    cells_computed: int = 0  # by this run (the rest came from the cache)
+    cells_total: int = 0
 
     @property
     def rank(self) -> int:
@@ -75,7 +77,7 @@ def prepare_split(ctx: Context, dataset: str, part: str, encoder: dict | None = 
     shard_dir = ensure_shards(ctx.profile, dataset, part, ctx.work, ctx.sources.get(dataset), write=ctx.rank == 0)
     ctx.accelerator.wait_for_everyone()
     enc = encoder or ctx.profile["encoder"]
-    feat_dir = ctx.work / "features" / f"{dataset}-{part}-{key}-{enc['name']}-{enc.get('image_size')}-{enc.get('pooling')}"
+    feat_dir = ctx.work / "features" / f"{shard_dir.name}-{enc['name']}-{enc.get('image_size')}-{enc.get('pooling')}"
     return extract_features(shard_dir, feat_dir, encoder=enc["name"], pooling=enc.get("pooling"),
                             image_size=enc.get("image_size"), batch_size=ctx.profile.get("extraction", {}).get("batch_size", 64),
                             accelerator=ctx.accelerator, weights=enc.get("weights"), progress=not ctx.quiet)
@@ -128,6 +130,7 @@ def run_cells(ctx: Context, cells: list[dict], stores: dict, progress=None) -> l
                 "test": test.meta.get("fingerprint") or test.checksum()}
         keyed.append((cell, cache / f"{_digest(full)}.json"))
     single = Dist()  # a cell is one process's work; ranks share the grid, not a cell
+    computed = 0
     for i, (cell, path) in enumerate(keyed):
         if i % ctx.world != ctx.rank or path.exists():
             if progress and ctx.rank == 0:
@@ -152,9 +155,16 @@ def run_cells(ctx: Context, cells: list[dict], stores: dict, progress=None) -> l
                   "selection_info": {k: v for k, v in sel.info.items() if k != "loss_curve"},
                   "ids_sha": hashlib.sha256(np.sort(sel.ids).tobytes()).hexdigest()[:16]}
         atomic.write_json(path, result)
+        computed += 1
         if progress and ctx.rank == 0:
             progress(cell, result)
     ctx.accelerator.wait_for_everyone()
+    if ctx.world > 1:
+        from accelerate.utils import gather_object
+
+        computed = sum(gather_object([computed]))
+    ctx.cells_computed += computed
+    ctx.cells_total += len(keyed)
     results = []
     for cell, path in keyed:
         if not path.exists():

@@ -32,6 +32,7 @@ def run(ctx, progress_factory=None) -> dict:
         sub.profile = _with_encoder(ctx.profile, entry["encoder"])
         parts.append({"label": entry["label"], "encoder": entry["encoder"],
                       **grid.run(sub, TABLE, progress_factory)})
+        ctx.cells_computed, ctx.cells_total = sub.cells_computed, sub.cells_total
     return {"parts": parts}
 
 
