@@ -19,11 +19,13 @@ PACKAGES = ("torch", "torchvision", "timm", "accelerate", "webdataset", "numpy",
 
 
 def git_revision(root: Path | None = None) -> str:
+    """HEAD, with "+dirty" when tracked files differ from it (the committed reports in results/ do not count:
+    regenerating one table must not mark the next one dirty)."""
     root = root or Path(__file__).resolve().parents[1]
     try:
         rev = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True, text=True,
                              timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!results"], cwd=root,
                                capture_output=True, text=True, timeout=10).stdout.strip()
         return (rev or "unknown") + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
