@@ -21,7 +21,7 @@ def test_table1_transcription_matches_paper():
 
 
 @pytest.mark.skipif(not PAPER.exists(), reason="paper text not in this checkout's workspace")
-@pytest.mark.parametrize("table,numbers", [("3", paper_numbers.TABLE3), ("5", paper_numbers.TABLE5),
+@pytest.mark.parametrize("table,numbers", [("2", paper_numbers.TABLE2), ("3", paper_numbers.TABLE3), ("5", paper_numbers.TABLE5),
                                            ("6", paper_numbers.TABLE6), ("7", paper_numbers.TABLE7)])
 def test_ratio_tables_transcription_matches_paper(table, numbers):
     text = re.sub(r"</?b>", "", PAPER.read_text())

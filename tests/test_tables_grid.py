@@ -22,11 +22,19 @@ PROFILE = {
     "extraction": {"batch_size": 128},
     "seeds": [0, 1],
     "datasets": {"digits": {"label": "Digits", "role": "a tiny pool", "pool": {"split": "train"},
-                            "test": {"split": "test"}, "al": {"init_ratio": 0.02}}},
-    "recipes": {"linear_probe": {"kind": "linear_probe", "C": 10.0, "max_iter": 500}},
+                            "test": {"split": "test"}, "al": {"init_ratio": 0.02}},
+                 "seg_digits": {"label": "Seg-Digits", "role": "ADE20K", "pool": {"split": "train", "limit": 100},
+                                "test": {"split": "test", "limit": 40}}},
+    "recipes": {"linear_probe": {"kind": "linear_probe", "C": 10.0, "max_iter": 500},
+                "seg": {"kind": "seg_finetune", "decoder": "linear", "optimizer": "sgd", "lr": 0.01, "batch_size": 16,
+                        "micro_batch_size": 16, "epochs": 2, "trainable_blocks": 0, "image_size": 56,
+                        "eval_every": 0, "checkpoint_every": 1}},
     "methods": {"activeft": {"iters": 40, "temperature": 0.07}},
     "tables": {
         "1": {"recipe": "linear_probe", "methods": ["random", "activeft"], "cells": {"digits": [0.03]}},
+        "2": {"recipe": "seg", "seeds": [0], "methods": ["random", "activeft"],
+              "encoder": {"name": "dinov2_vits14", "image_size": 56, "pooling": "cls+mean"},
+              "cells": {"seg_digits": [0.1]}},
         "3": {"recipe": "linear_probe", "seeds": [0], "methods": ["kmeans", "coreset", "activeft"],
               "cells": {"digits": [0.02, 0.04]}},
         "6": {"recipe": "linear_probe",
@@ -115,3 +123,14 @@ def test_table4_one_subtable_per_encoder(tmp_path):
     assert sha(a)["activeft"] != sha(b)["activeft"]  # other features, other selection
     assert sha(a)["random"] == sha(b)["random"]  # random ignores the features
     assert "## (a) DINOv2-S" in md and "## (b) EfficientNet-Lite0" in md and "ResNet-50 pretrained with DINO" in md
+
+
+@pytest.mark.slow
+def test_table2_segmentation_reports_miou(tmp_path):
+    md, t2 = run_table(tmp_path, "2")
+    assert {c["method"] for c in t2["cells"]} == {"random", "activeft"}
+    for c in t2["cells"]:
+        assert c["budget"] == 10 and c["n_train"] == 10 and 0 < c["miou"] <= 100 and c["n_test"] == 40
+    meta = t2["stores"]["seg_digits"]["pool_meta"]
+    assert meta["encoder"]["name"] == "dinov2_vits14" and meta["pooling"] == "cls+mean"
+    assert "## mIoU (%)" in md and "| Seg-Digits 10% (B=10) |" in md and "Table 2 (ADE20k" in md

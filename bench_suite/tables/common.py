@@ -83,7 +83,9 @@ def prepare_split(ctx: Context, dataset: str, part: str, encoder: dict | None = 
                             accelerator=ctx.accelerator, weights=enc.get("weights"), progress=not ctx.quiet)
 
 
-def get_recipe(ctx: Context, name: str):
+def get_recipe(ctx: Context, name: str, encoder: dict | None = None):
+    """A recipe as ``fn(train_store, ids, test_store, seed) -> metrics``; finetuning starts from ``encoder``
+    (the table's, else the profile's)."""
     recipes = ctx.profile["recipes"]
     if name not in recipes:
         raise unknown("recipe", name, recipes)
@@ -96,7 +98,8 @@ def get_recipe(ctx: Context, name: str):
     if kind in ("finetune", "seg_finetune"):
         from launchers.finetune import recipe_fn
 
-        return recipe_fn(name, {**cfg, "kind": kind}, encoder=ctx.profile["encoder"], work_dir=ctx.work / "finetune",
+        return recipe_fn(name, {**cfg, "kind": kind}, encoder=encoder or ctx.profile["encoder"],
+                         work_dir=ctx.work / "finetune",
                          task="seg" if kind == "seg_finetune" else "cls", progress=not ctx.quiet), cfg
     raise unknown(f"recipe kind (recipe {name})", kind, ["linear_probe", "finetune", "seg_finetune"])
 
@@ -109,7 +112,7 @@ def initial_set_size(method: str, config: dict, n: int) -> int:
     return selector.sizes(n)[0] if hasattr(selector, "sizes") else 0
 
 
-def run_cells(ctx: Context, cells: list[dict], stores: dict, progress=None) -> list[dict]:
+def run_cells(ctx: Context, cells: list[dict], stores: dict, progress=None, encoder: dict | None = None) -> list[dict]:
     """Run every cell (cached); cells are dealt round robin to ranks; all ranks return all results.
 
     The cache is shared by all tables and keyed by what determines a cell's numbers (not its row label), so a
@@ -147,7 +150,7 @@ def run_cells(ctx: Context, cells: list[dict], stores: dict, progress=None) -> l
             continue
         sel = run_selection(train, cell["method"], budget, cell["seed"], cell.get("method_config"),
                             labels=train.labels, dist=single)
-        recipe, _ = get_recipe(ctx, cell["recipe"])
+        recipe, _ = get_recipe(ctx, cell["recipe"], encoder)
         metrics = recipe(train, sel.ids, test, cell["seed"])
         rows = train.rows_of_ids(sel.ids)
         result = {**cell, "budget": budget, "selection_seconds": sel.seconds,

@@ -76,7 +76,7 @@ def run(ctx: Context, table: str, progress_factory=None) -> dict:
               for d in t["cells"]}
     cells = build_cells(ctx.profile, table)
     progress = progress_factory(len(cells)) if progress_factory else None
-    results = run_cells(ctx, cells, stores, progress)
+    results = run_cells(ctx, cells, stores, progress, encoder=enc)
     return {"cells": results, "stores": {d: {"pool": len(s[0]), "test": len(s[1]), "pool_meta": s[0].meta}
                                          for d, s in stores.items()}}
 
@@ -120,6 +120,10 @@ def transpose(head: list[str], rows: list[list[str]], first: str = "Sel. Ratio")
 
 def top1(got: list[dict]) -> str:
     return report.mean_std([c["top1"] for c in got])
+
+
+def miou(got: list[dict]) -> str:
+    return report.mean_std([c["miou"] for c in got])
 
 
 def emd(got: list[dict]) -> str:
