@@ -129,3 +129,42 @@ def test_offline_datasets_installed(name):
     assert raw.images.shape == (10000, 28, 28) and raw.images.dtype == np.uint8
     counts = np.bincount(raw.labels)
     assert len(counts) == 10 and counts.sum() == 10000 and counts.min() > 800
+
+
+def _fake_ade20k(root):
+    """A tiny ADEChallengeData2016 tree in the official layout (real JPEG/PNG files, class-index annotations)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, n in (("training", 5), ("validation", 2)):
+        (root / "images" / split).mkdir(parents=True)
+        (root / "annotations" / split).mkdir(parents=True)
+        for i in range(n, 0, -1):  # written in reverse: ids must follow the sorted file names
+            stem = f"ADE_{'train' if split == 'training' else 'val'}_{i:08d}"
+            Image.fromarray(rng.integers(0, 255, (24, 32, 3), dtype=np.uint8)).save(root / "images" / split / f"{stem}.jpg")
+            ann = np.full((24, 32), i, dtype=np.uint8)
+            ann[0, 0], ann[0, 1] = 0, 150
+            Image.fromarray(ann).save(root / "annotations" / split / f"{stem}.png")
+    return root
+
+
+def test_ade20k_shards_follow_mmseg_conventions(tmp_path):
+    from bench_suite.data.shards import read_all, write_shards
+    from bench_suite.errors import MissingDataError
+
+    src = _fake_ade20k(tmp_path / "ADEChallengeData2016")
+    manifest = write_shards("ade20k", "train", tmp_path / "shards", source=tmp_path, shard_size=2)
+    assert manifest["count"] == 5 and manifest["num_classes"] == 150 and manifest["task"] == "seg"
+    ids, images, labels, masks = read_all(tmp_path / "shards")
+    assert ids.tolist() == [0, 1, 2, 3, 4] and (labels == 0).all() and images[0].shape == (24, 32, 3)
+    # id i = the i-th file name in sorted order (ADE_train_00000001 -> id 0, whose annotation is all 1s)
+    for i in range(5):
+        assert masks[i][5, 5] == i  # class i + 1 -> i (reduce_zero_label)
+        assert masks[i][0, 0] == 255 and masks[i][0, 1] == 149  # 0 ("other") -> ignore; 150 -> 149
+    val = write_shards("ade20k", "test", tmp_path / "val", source=src)
+    assert val["count"] == 2
+    (src / "annotations" / "training" / "ADE_train_00000003.png").unlink()
+    with pytest.raises(MissingDataError, match="annotation"):
+        write_shards("ade20k", "train", tmp_path / "bad", source=src)
+    with pytest.raises(MissingDataError, match="--source"):
+        write_shards("ade20k", "train", tmp_path / "none")

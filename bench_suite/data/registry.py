@@ -125,4 +125,4 @@ register(DatasetSpec("imagenet", "ImageNet-1k ImageFolder (root/train/<wnid>/*.J
                      ("train", "test"), _imagenet, needs_source=True,
                      install_hint="an ImageFolder copy of ILSVRC2012 with train/ and val/"))
 
-from bench_suite.data import seg_digits  # noqa: E402,F401  (registers the seg_digits stand-in)
+from bench_suite.data import ade20k, seg_digits  # noqa: E402,F401  (register ADE20K and the seg_digits stand-in)
