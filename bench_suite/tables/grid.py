@@ -81,6 +81,13 @@ def run(ctx: Context, table: str, progress_factory=None) -> dict:
                                          for d, s in stores.items()}}
 
 
+def runner(table: str):
+    """The ``run(ctx, progress_factory)`` of a grid table (what run.py calls)."""
+    def run_table(ctx, progress_factory=None) -> dict:
+        return run(ctx, table, progress_factory)
+    return run_table
+
+
 def columns(profile: dict, table: str) -> list[tuple[str, float]]:
     return [(d, float(r)) for d, ratios in profile["tables"][table]["cells"].items() for r in ratios]
 

@@ -28,12 +28,6 @@ SPECS = {
 }
 
 
-def runner(table: str):
-    def run(ctx, progress_factory=None) -> dict:
-        return grid.run(ctx, table, progress_factory)
-    return run
-
-
 def markdown_for(table: str):
     spec = SPECS[table]
 

@@ -9,8 +9,7 @@ from bench_suite.tables import grid, paper_numbers
 TABLE = "2"
 
 
-def run(ctx, progress_factory=None) -> dict:
-    return grid.run(ctx, TABLE, progress_factory)
+run = grid.runner(TABLE)
 
 
 def markdown(profile: dict, prov: dict, out: dict) -> str:
