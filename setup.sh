@@ -15,5 +15,5 @@ if [ ! -e /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] && [ -z
     $SUDO apt-get update -q >/dev/null && $SUDO apt-get install -y -q dataset-fashion-mnist >/dev/null; }
 fi
 # Convert and verify the offline encoder weights once (cached; a no-op afterwards).
-.venv/bin/python -m bench_suite.encoders.prepare
+.venv/bin/python -m bench_suite.cli.prepare_encoders
 echo "setup done"

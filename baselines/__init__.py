@@ -1,1 +1,1 @@
-"""Selection methods: one file per method, all reachable through baselines.registry."""
+"""Selection methods: one file per method, all reachable through bench_suite.methods.registry."""

@@ -49,7 +49,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from bench_suite.errors import BadInputError, MissingDataError
-from bench_suite.selection import Selection, check_budget
+from bench_suite.methods.selection import Selection, check_budget
 
 log = logging.getLogger(__name__)
 
@@ -349,7 +349,7 @@ def _take(store, rows) -> np.ndarray:
 def load_pool_images(store, size: int = 32, method: str = "vaal") -> np.ndarray:
     """The pool's images as ``N x 3 x size x size`` uint8, row-aligned with the store.
 
-    Read from the WebDataset shard folder in ``store.meta["shards"]`` (recorded by bench_suite.features),
+    Read from the WebDataset shard folder in ``store.meta["shards"]`` (recorded by bench_suite.extract),
     resized with PIL bilinear (antialiased when shrinking), grey repeated to 3 channels. Labels in the shards
     are never read. Images are decoded one by one, so pools with images of mixed sizes (ImageNet) work.
     """
@@ -361,7 +361,7 @@ def load_pool_images(store, size: int = 32, method: str = "vaal") -> np.ndarray:
     if not shard_dir:
         raise BadInputError(
             f"{method} trains a VAE on the images, but this feature store's meta has no 'shards' folder; use a "
-            "store made by `python -m bench_suite.features --shards DIR` (it records the folder) or set "
+            "store made by `python -m bench_suite.extract --shards DIR` (it records the folder) or set "
             "meta['shards'] to the WebDataset folder the features came from")
     shard_dir = Path(shard_dir)
     if not shard_dir.exists():

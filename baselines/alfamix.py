@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from baselines._al_common import ActiveLearner, fill_random, head_outputs, positive_int
-from baselines.registry import register
+from bench_suite.methods.registry import register
 from bench_suite.errors import BadInputError
 
 
@@ -148,6 +148,7 @@ def kmeans_pick(feats: np.ndarray, k: int, *, seed: int, n_init: int, backend: s
 @register
 class ALFAMix(ActiveLearner):
     name = "alfamix"
+    label = "ALFA-Mix"
     description = "ALFA-Mix (Parvaneh et al. 2022): feature mixing toward class anchors, k-means over label-changing candidates"
     method_defaults = {"alpha_cap": 0.2, "alpha_mode": "closed_form", "alpha_learning_iters": 5,
                        "alpha_learning_rate": 0.1, "alpha_clf_coef": 1.0, "alpha_l2_coef": 0.01,

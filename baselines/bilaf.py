@@ -42,8 +42,8 @@ import time
 import numpy as np
 import torch
 
-from baselines._knn import as_tensor, finish, on_main, parse_options, pool_array, pool_budget, resolve_device
-from baselines.registry import register
+from baselines._labelfree import as_tensor, finish, on_main, parse_options, pool_array, pool_budget, resolve_device
+from bench_suite.methods.registry import register
 from bench_suite.errors import BadInputError
 
 DEFAULTS = {"cores": None, "core_pool_ratio": 0.001, "max_core_fraction": 0.5, "knn": 10, "growth": 0.1,
@@ -151,6 +151,7 @@ def boundary_picks(xc: torch.Tensor, core: int, b_dist: torch.Tensor, opp: torch
 @register
 class BiLAF:
     name = "bilaf"
+    label = "BiLAF"
     description = "BiLAF (Lu et al., NeurIPS 2024): ActiveFT core samples + denoised boundary samples per pseudo-class"
     label_free = True
 

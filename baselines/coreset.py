@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from baselines._al_common import ActiveLearner, head_outputs, positive_int
-from baselines.registry import register
+from bench_suite.methods.registry import register
 from bench_suite.errors import BadInputError
 
 
@@ -73,6 +73,7 @@ def kcenter_greedy(emb, centre_rows, k: int, *, device="cpu", block: int = 65536
 @register
 class CoreSet(ActiveLearner):
     name = "coreset"
+    label = "CoreSet"
     description = "CoreSet (Sener & Savarese 2018): k-center greedy in the task model's embedding, B.3 batch protocol"
     method_defaults = {"block": 65536}
 

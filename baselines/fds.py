@@ -25,8 +25,8 @@ import time
 import numpy as np
 import torch
 
-from baselines._knn import as_tensor, finish, on_main, parse_options, pool_array, pool_budget, resolve_device
-from baselines.registry import register
+from baselines._labelfree import as_tensor, finish, on_main, parse_options, pool_array, pool_budget, resolve_device
+from bench_suite.methods.registry import register
 
 DEFAULTS = {"device": "auto"}
 
@@ -57,6 +57,7 @@ def kcenter_greedy_cosine(x: torch.Tensor, budget: int, start: int):
 @register
 class FDS:
     name = "fds"
+    label = "FDS"
     description = "FDS / K-Center-Greedy (ActiveFT paper baseline): farthest-point picks, cosine distance, seeded start"
     label_free = True
 

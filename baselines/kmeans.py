@@ -5,7 +5,7 @@ Algorithm: spherical k-means (unit-norm centroids, assignment by cosine similari
 the unit sphere and the encoder was trained with a cosine geometry) into K = B clusters over the whole pool
 (no subsampling), seeded; then every centre takes the real sample most similar to it. Picks are made
 distinct: a sample that is the nearest of several centres goes to the most similar centre and each other
-centre takes its next nearest unused sample (baselines._knn.nearest_unique; ``info["conflicts"]`` counts
+centre takes its next nearest unused sample (baselines._labelfree.nearest_unique; ``info["conflicts"]`` counts
 such centres). A centre whose nearest sample no other centre wants always gets exactly that sample.
 
 Hyper-parameters (``--set key=value``): ``niter`` = 25 Lloyd iterations at most (faiss's default; stops
@@ -47,7 +47,7 @@ the features (2 GB) and centroids fit in GPU memory. Two ways, both picked by
     the torch implementation in baselines/_knn.py (same algorithm: seeded random init, Lloyd, spherical,
     tiles of 16M similarities, deterministic sums via one-hot GEMMs).
 The nearest-sample step is one more tiled K x N pass on the same device. For example:
-``python -m bench_suite.select --features STORE --ratio 0.01 --method kmeans --set device=cuda --out sel.json``.
+``python -m bench_suite.cli.select --features STORE --ratio 0.01 --method kmeans --set device=cuda --out sel.json``.
 
 Departures from the paper: the paper does not say which k-means implementation or initialisation it used; we
 use spherical k-means (cosine) rather than Euclidean k-means, matching its cosine FDS and the
@@ -60,9 +60,9 @@ import time
 
 import numpy as np
 
-from baselines._knn import (as_tensor, choose_backend, finish, nearest_unique, on_main, parse_options, pool_array,
+from baselines._labelfree import (as_tensor, choose_backend, finish, nearest_unique, on_main, parse_options, pool_array,
                             pool_budget, positive_int, resolve_device, spherical_kmeans)
-from baselines.registry import register
+from bench_suite.methods.registry import register
 
 DEFAULTS = {"niter": 25, "init": "random", "kmeans_backend": "auto", "device": "auto", "max_points_per_centroid": None}
 
@@ -70,6 +70,7 @@ DEFAULTS = {"niter": 25, "init": "random", "kmeans_backend": "auto", "device": "
 @register
 class KMeansSelector:
     name = "kmeans"
+    label = "K-Means"
     description = "K-Means (ActiveFT paper baseline): spherical k-means with K = B, the sample nearest each centre"
     label_free = True
 

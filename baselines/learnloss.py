@@ -33,7 +33,7 @@ from __future__ import annotations
 import numpy as np
 
 from baselines._al_common import ActiveLearner, head_outputs
-from baselines.registry import register
+from bench_suite.methods.registry import register
 from bench_suite.errors import BadInputError
 
 
@@ -58,6 +58,7 @@ def train_with_lossnet(state, opts, ranking: str):
 @register
 class LearnLoss(ActiveLearner):
     name = "learnloss"
+    label = "LearnLoss"
     description = "LearnLoss (Yoo & Kweon 2019): highest predicted loss in a random unlabelled subset, B.3 batch protocol"
     method_defaults = {"subset_size": 10000, "margin": 1.0, "loss_weight": 1.0, "stop_grad_frac": 0.6}
 

@@ -53,9 +53,9 @@ import time
 import numpy as np
 import torch
 
-from baselines._knn import (_blocks, as_tensor, choose_backend, finish, max_sim_other_label, on_main,
+from baselines._labelfree import (_blocks, as_tensor, choose_backend, finish, max_sim_other_label, on_main,
                             parse_options, pool_array, pool_budget, positive_int, resolve_device, spherical_kmeans)
-from baselines.registry import register
+from bench_suite.methods.registry import register
 from bench_suite.errors import BadInputError
 
 log = logging.getLogger(__name__)
@@ -155,6 +155,7 @@ def greedy_cover(graph, budget: int, rng: np.random.Generator):
 @register
 class ProbCover:
     name = "probcover"
+    label = "ProbCover"
     description = "ProbCover (Yehuda et al., NeurIPS 2022): greedy max coverage of delta-balls, delta by k-means purity"
     label_free = True
 

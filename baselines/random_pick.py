@@ -9,26 +9,17 @@ Departures from the paper: none.
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 
-from baselines._knn import finish, on_main, parse_options, pool_budget
-from baselines.registry import register
+from bench_suite.methods import Pool, Selector, register
 
 
 @register
-class RandomSelector:
+class RandomSelector(Selector):
     name = "random"
+    label = "Random"
     description = "Random (ActiveFT paper baseline): B samples uniformly at random without replacement, seeded"
     label_free = True
 
-    def __init__(self, **config):
-        self.config = parse_options(self.name, config, {})
-
-    def select(self, store, budget, *, seed, oracle=None, dist=None):
-        t0 = time.perf_counter()
-        budget = pool_budget(self.name, store, budget)
-        n = len(store.ids)
-        rows = on_main(dist, lambda: np.random.default_rng(int(seed)).choice(n, budget, replace=False))
-        return finish(self.name, store, rows, budget, seed, t0, self.config, {}, dist)
+    def choose(self, pool: Pool):
+        return np.random.default_rng(pool.seed).choice(pool.n, pool.budget, replace=False), {}

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 from baselines._al_common import ActiveLearner, _Forked, head_outputs, load_pool_images, to_unit_range
 from baselines.learnloss import check_ll_options, train_with_lossnet
-from baselines.registry import register
+from bench_suite.methods.registry import register
 from baselines.vaal import VAAL_DEFAULTS, VAE, Discriminator, check_vaal_options, endless, score, vae_loss
 from bench_suite.errors import BadInputError
 
@@ -48,6 +48,7 @@ from bench_suite.errors import BadInputError
 @register
 class TAVAAL(ActiveLearner):
     name = "tavaal"
+    label = "TA-VAAL"
     description = "TA-VAAL (Kim et al. 2021): VAAL conditioned on a LearnLoss ranker's predicted loss, B.3 batch protocol"
     method_defaults = {**VAAL_DEFAULTS, "num_vae_steps": 1, "kl": "mean",
                        "subset_size": 10000, "margin": 1.0, "loss_weight": 1.0, "stop_grad_frac": 0.6,

@@ -49,9 +49,9 @@ import time
 import numpy as np
 import torch
 
-from baselines._knn import (as_tensor, choose_backend, finish, on_main, parse_options, pool_array, pool_budget,
+from baselines._labelfree import (as_tensor, choose_backend, finish, on_main, parse_options, pool_array, pool_budget,
                             positive_int, resolve_device, spherical_kmeans, topk_sim)
-from baselines.registry import register
+from bench_suite.methods.registry import register
 
 DEFAULTS = {"max_clusters": 500, "min_cluster_size": 5, "knn": 20, "niter": 25, "init": "random",
             "kmeans_backend": "auto", "device": "auto"}
@@ -151,6 +151,7 @@ def typiclust_rows(x_np: np.ndarray, labels: np.ndarray, budget: int, *, min_clu
 @register
 class TypiClust:
     name = "typiclust"
+    label = "TypiClust"
     description = "TypiClust (Hacohen et al., ICML 2022): most typical sample of the largest uncovered k-means clusters"
     label_free = True
 

@@ -39,7 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from baselines._al_common import ActiveLearner, _Forked, load_pool_images, positive_int, to_unit_range
-from baselines.registry import register
+from bench_suite.methods.registry import register
 from bench_suite.errors import BadInputError
 
 
@@ -147,6 +147,7 @@ def check_vaal_options(name, o):
 @register
 class VAAL(ActiveLearner):
     name = "vaal"
+    label = "VAAL"
     description = "VAAL (Sinha et al. 2019): VAE + adversarial discriminator on 32x32 images, B.3 batch protocol"
     method_defaults = dict(VAAL_DEFAULTS)
     uses_head = False

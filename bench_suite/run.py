@@ -8,33 +8,35 @@ Feature extraction is split across processes; the table's cells are dealt round 
 Every stage is cached under --work, so an interrupted run resumes.
 """
 
+import argparse
+import logging
 import os
-import sys
+import time
+from pathlib import Path
 
-# Run as a script, Python puts bench_suite/ first on sys.path, where select.py would shadow the stdlib
-# `select` module; drop it and put the repository root there instead.
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
-sys.path.insert(0, os.path.dirname(_HERE))
+import torch
+from accelerate import Accelerator
 
-import argparse  # noqa: E402
-import importlib  # noqa: E402
-import logging  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-from bench_suite.cli import main_guard, setup_logging  # noqa: E402
-from bench_suite.errors import BadInputError, unknown  # noqa: E402
+from bench_suite import report
+from bench_suite import runtime as bdist
+from bench_suite.cli import main_guard, setup_logging
+from bench_suite.data.registry import get_dataset
+from bench_suite.encoders import encoder_names
+from bench_suite.errors import BadInputError, unknown
+from bench_suite.methods import registry
+from bench_suite.profiles import load_profile
+from bench_suite.tables.common import Context
+from bench_suite.tables.grid import rows_of
+from bench_suite.tables.registry import get_table, table_names
 
 log = logging.getLogger("bench_suite.run")
-PAPER_TABLES = {"1": "classification", "2": "segmentation", "3": "selection time", "4": "other encoders",
-                "5": "ablations", "6": "temperature", "7": "iterations"}
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="bench_suite/run.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--table", default="1", help="paper table number: " + ", ".join(f"{k} {v}" for k, v in PAPER_TABLES.items()))
+    p.add_argument("--table", default="1", help="paper table number: " + ", ".join(
+        f"{n} {get_table(n).title}" for n in table_names()))
     p.add_argument("--profile", default="cpu", help="built-in profile name (cpu, paper) or a YAML file")
     p.add_argument("--out", default="results", help="report folder")
     p.add_argument("--work", default=os.environ.get("BENCH_SUITE_WORK", "work_dirs"),
@@ -77,16 +79,7 @@ def make_progress(quiet: bool, rank: int):
 def main(argv=None) -> int:
     args = parse_args(argv)
     setup_logging(args.verbose)
-    from bench_suite import report
-    from bench_suite.profiles import load_profile
-    from bench_suite.tables import TABLES
-    from bench_suite.tables.common import Context
-
-    if args.table not in PAPER_TABLES:
-        raise unknown("table", args.table, PAPER_TABLES)
-    if args.table not in TABLES:
-        raise BadInputError(f"table {args.table} ({PAPER_TABLES[args.table]}) is not built yet; available: "
-                            f"{', '.join(sorted(TABLES))}")
+    table = get_table(args.table)
     profile = load_profile(args.profile)
     if args.seeds:
         try:
@@ -101,8 +94,6 @@ def main(argv=None) -> int:
         sources[name] = Path(path).expanduser()
     if str(args.table) not in profile["tables"]:
         raise BadInputError(f"profile {profile['name']} has no settings for table {args.table}")
-    from bench_suite.data.registry import get_dataset
-
     for d, ratios in profile["tables"][str(args.table)].get("cells", {}).items():
         if d not in profile["datasets"]:
             raise BadInputError(f"profile {profile['name']}: table {args.table} uses dataset {d!r} with no settings")
@@ -112,16 +103,12 @@ def main(argv=None) -> int:
                 raise BadInputError(f"profile {profile['name']}: ratio {r} for {d} is not in (0, 1] (budget > pool)")
     _check_methods(profile, str(args.table))
 
-    from accelerate import Accelerator
-    import torch
-
     acc = Accelerator(cpu=not torch.cuda.is_available())
     ctx = Context(profile, Path(args.work), Path(args.out), acc, sources, quiet=args.quiet)
-    module = importlib.import_module(TABLES[args.table])
     factory, stop = make_progress(args.quiet, acc.process_index)
     t0 = time.perf_counter()
     try:
-        out = module.run(ctx, factory)
+        out = table.run(ctx, factory)
     finally:
         stop()
     elapsed = time.perf_counter() - t0
@@ -130,20 +117,15 @@ def main(argv=None) -> int:
                                  {"wall_time": f"{elapsed:.0f} s for this run, which computed {ctx.cells_computed} of "
                                   f"{ctx.cells_total} cells (the others, and any cached shards and features, "
                                   "came from --work)"})
-        md = module.markdown(profile, prov, out)
+        md = table.markdown(profile, prov, out)
         md_path, js_path = report.write_report(args.out, f"table{args.table}", md,
                                                {"provenance": prov, "profile": profile, **out})
         log.info("wrote %s and %s in %.0f s", md_path, js_path, elapsed)
-    from bench_suite import dist as bdist
-
     return bdist.exit_process(0)  # ends a distributed run without the gloo-at-exit abort
 
 
 def _check_methods(profile: dict, table: str) -> None:
     """Unknown method names or options fail here, before any shard or feature is made."""
-    from baselines import registry
-    from bench_suite.tables.grid import rows_of
-
     t = profile["tables"][table]
     for recipe in [t.get("recipe"), *(t.get("recipe_by_dataset") or {}).values()]:
         if recipe not in profile["recipes"]:
@@ -151,8 +133,6 @@ def _check_methods(profile: dict, table: str) -> None:
                                 f"among its recipes ({', '.join(sorted(profile['recipes']))})")
     for row in rows_of(profile, table):
         registry.get(row["method"], **row["config"])
-    from bench_suite.encoders import encoder_names
-
     for enc in [t.get("encoder"), *[e.get("encoder") for e in t.get("encoders", [])]]:
         if enc and enc.get("name") not in encoder_names():
             raise unknown("encoder", enc.get("name"), encoder_names())

@@ -30,8 +30,8 @@ import torch
 from bench_suite import atomic
 from bench_suite.data import shards as wshards
 from bench_suite.errors import BadInputError, MissingDataError, unknown
-from launchers import ft_engine
-from launchers.recipes import TASK_OF_KIND, epochs_for, get_recipe, plan_batches, resolve
+from bench_suite.finetune import engine as ft_engine
+from bench_suite.finetune.recipes import TASK_OF_KIND, epochs_for, get_recipe, plan_batches, resolve
 
 log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint.pt"
@@ -39,7 +39,7 @@ METRICS = "metrics.json"
 
 
 def _selected_ids(selection) -> tuple[np.ndarray, dict]:
-    from bench_suite.selection import Selection
+    from bench_suite.methods.selection import Selection
 
     if isinstance(selection, (str, Path)):
         sel = Selection.load(selection)
@@ -152,12 +152,12 @@ def finetune(task: str, train_shards, test_shards, selection, recipe, *, encoder
 
     torch.manual_seed(seed)  # the fresh head / decoder: identical on every process
     if task == "cls":
-        from launchers.finetune_cls import ClsTask, build_classifier
+        from bench_suite.finetune.classification import ClsTask, build_classifier
 
         model, model_info = build_classifier(enc, rcp, num_classes)
         task_impl = ClsTask(enc, rcp, num_classes, classes)
     else:
-        from launchers.finetune_seg import SegTask, build_segmenter
+        from bench_suite.finetune.segmentation import SegTask, build_segmenter
 
         model, model_info = build_segmenter(enc, rcp, num_classes)
         task_impl = SegTask(enc, rcp, num_classes, classes)
@@ -255,12 +255,13 @@ def _shard_folders(args) -> tuple[Path, Path]:
         if args.dataset_shards or args.test_shards:
             raise BadInputError("give --dataset NAME or --dataset-shards/--test-shards, not both")
         from bench_suite.profiles import load_profile
-        from bench_suite.tables.common import ensure_shards
 
         profile = load_profile(args.profile)
+        if args.dataset not in profile["datasets"]:
+            raise unknown(f"dataset of profile {profile['name']}", args.dataset, profile["datasets"])
         writer = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0
-        folders = [ensure_shards(profile, args.dataset, part, Path(args.work), args.source, write=writer)
-                   for part in ("pool", "test")]
+        folders = [wshards.ensure_shards(args.dataset, part, profile["datasets"][args.dataset][part], Path(args.work),
+                                         args.source, write=writer) for part in ("pool", "test")]
         for folder in folders:  # the other ranks wait for rank 0's shards
             deadline = time.monotonic() + 3600
             while not (folder / wshards.MANIFEST).exists() and time.monotonic() < deadline:
@@ -286,7 +287,7 @@ def main(argv=None) -> int:
     p.add_argument("--work", default=os.environ.get("BENCH_SUITE_WORK", "work_dirs"), help="cache folder for --dataset")
     p.add_argument("--dataset-shards", help="train split shard folder (the pool the selection indexes)")
     p.add_argument("--test-shards", help="test split shard folder (evaluation)")
-    p.add_argument("--selection", required=True, help="selection JSON (bench_suite.selection.Selection)")
+    p.add_argument("--selection", required=True, help="selection JSON (bench_suite.methods.selection.Selection)")
     p.add_argument("--recipe", required=True, help="recipe name (launchers/recipes.yaml or --recipes-file)")
     p.add_argument("--recipes-file", help="profile name (cpu, paper) or YAML file whose `recipes:` override the catalogue")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one recipe field, e.g. --set epochs=3")

@@ -8,8 +8,8 @@ import pytest
 import torch
 from sklearn.datasets import load_digits
 
-from baselines import registry
-from bench_suite import dist as bdist
+from bench_suite.methods import registry
+from bench_suite import runtime as bdist
 from bench_suite.activeft import ActiveFT, Config, optimize, reference_select
 from bench_suite.activeft.assign import Assigner
 from bench_suite.bench.pools import clustered_sphere
@@ -45,7 +45,7 @@ def _fast(x, budget, **cfg):
     conf = Config.from_kwargs(**cfg)
     n = len(x)
     return optimize(torch.from_numpy(np.ascontiguousarray(x)), slice(0, n), n, budget, conf, seed=seed,
-                    dist=bdist.Dist())
+                    dist=bdist.Runtime())
 
 
 def _same_run(x, budget, **cfg):

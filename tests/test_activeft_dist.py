@@ -13,7 +13,7 @@ import torch.distributed as tdist
 import torch.multiprocessing as mp
 from sklearn.datasets import load_digits
 
-from bench_suite import dist as bdist
+from bench_suite import runtime as bdist
 from bench_suite.activeft import ActiveFT
 from bench_suite.errors import BenchError
 from bench_suite.store import FeatureStore
@@ -75,7 +75,7 @@ def digits_store(tmp_path_factory):
 
 def test_two_gloo_ranks_equal_one_process(digits_store, tmp_path):
     torch.set_num_threads(1)
-    one = _run_configs(FeatureStore.open(digits_store / "good"), bdist.Dist())
+    one = _run_configs(FeatureStore.open(digits_store / "good"), bdist.Runtime())
     port = bdist.free_port()
     mp.spawn(_worker, args=(2, port, str(digits_store / "good"), str(digits_store / "bad"), str(tmp_path)),
              nprocs=2, join=True)
@@ -92,9 +92,9 @@ def test_two_gloo_ranks_equal_one_process(digits_store, tmp_path):
 
 
 def test_select_cli_under_torchrun(digits_store, tmp_path):
-    """``torchrun --nproc_per_node 2 -m bench_suite.select``: rank 0 writes the file; same ids as 1 process."""
+    """``torchrun --nproc_per_node 2 -m bench_suite.cli.select``: rank 0 writes the file; same ids as 1 process."""
     torchrun = Path(sys.executable).with_name("torchrun")
-    args = ["-m", "bench_suite.select", "--features", str(digits_store / "good"), "--budget", "25",
+    args = ["-m", "bench_suite.cli.select", "--features", str(digits_store / "good"), "--budget", "25",
             "--method", "activeft", "--set", "iters=30", "progress=false", "--seed", "4"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     cmd = [str(torchrun), "--nproc_per_node", "2", "--master_port", str(bdist.free_port()), *args,

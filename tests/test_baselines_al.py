@@ -23,7 +23,7 @@ from baselines.learnloss import LearnLoss
 from baselines.tavaal import TAVAAL
 from baselines.vaal import VAAL
 from bench_suite.errors import BadInputError
-from bench_suite.selection import Oracle
+from bench_suite.methods.selection import Oracle
 from bench_suite.store import FeatureStore
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -292,7 +292,7 @@ def test_cli_runs_an_al_method(tmp_path, digits_store):
                             meta=dict(digits_store.meta)).save(store_dir)
     out = tmp_path / "sel.json"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "bench_suite.select", "--features", str(store_dir), "--budget", "60", "--method",
+    cmd = [sys.executable, "-m", "bench_suite.cli.select", "--features", str(store_dir), "--budget", "60", "--method",
            "alfamix", "--labels", "store", "--seed", "3", "--set", "init_size=20", "batch_size=20", "head_epochs=50", "cpu_threads=1",
            "--out", str(out)]
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)

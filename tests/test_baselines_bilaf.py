@@ -6,7 +6,7 @@ import pytest
 import torch
 from sklearn.datasets import load_digits
 
-from baselines import registry
+from bench_suite.methods import registry
 from baselines.bilaf import _dist, allocate, boundary_picks, denoise, nearest_two_cores
 from bench_suite.activeft import ActiveFT
 from bench_suite.errors import BadInputError

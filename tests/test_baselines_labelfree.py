@@ -16,12 +16,12 @@ import pytest
 import torch
 from sklearn.datasets import load_digits
 
-import baselines._knn as knn
-from baselines import registry
+import baselines._labelfree as knn
+from bench_suite.methods import registry
 from baselines.probcover import purity_threshold
 from baselines.typiclust import typiclust_rows
 from bench_suite.errors import BadInputError
-from bench_suite.selection import Selection
+from bench_suite.methods.selection import Selection
 from bench_suite.store import FeatureStore
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -359,12 +359,12 @@ def test_probcover_edge_guard(blobs):
 # --------------------------------------------------------------------------- CLI
 def test_cli_every_method(tmp_path, digits):
     FeatureStore(np.asarray(digits.features), digits.ids).save(tmp_path / "store")  # opened as a memmap
-    res = subprocess.run([sys.executable, "-m", "bench_suite.select", "--list"], cwd=ROOT, capture_output=True,
+    res = subprocess.run([sys.executable, "-m", "bench_suite.cli.select", "--list"], cwd=ROOT, capture_output=True,
                          text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     for method in METHODS:
         assert method in res.stdout
-    from bench_suite.select import main
+    from bench_suite.cli.select import main
 
     for method in METHODS:
         out = tmp_path / f"{method}.json"
@@ -372,13 +372,13 @@ def test_cli_every_method(tmp_path, digits):
                      "--out", str(out)]) == 0
         sel = Selection.load(out)
         assert sel.method == method and len(set(sel.ids.tolist())) == 25 and np.isin(sel.ids, digits.ids).all()
-    res = subprocess.run([sys.executable, "-m", "bench_suite.select", "--features", str(tmp_path / "store"),
+    res = subprocess.run([sys.executable, "-m", "bench_suite.cli.select", "--features", str(tmp_path / "store"),
                           "--budget", "9", "--method", "probcover", "--set", "alpha=0.9", "num_classes=12",
                           "--out", str(tmp_path / "pc.json")], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     sel = Selection.load(tmp_path / "pc.json")
     assert sel.config["alpha"] == 0.9 and sel.info["pseudo_classes"] == 12
-    res = subprocess.run([sys.executable, "-m", "bench_suite.select", "--features", str(tmp_path / "store"),
+    res = subprocess.run([sys.executable, "-m", "bench_suite.cli.select", "--features", str(tmp_path / "store"),
                           "--budget", "5000", "--method", "fds", "--out", str(tmp_path / "x.json")], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and "larger than the pool" in res.stderr

@@ -99,7 +99,7 @@ def test_dinov2_antialiased_pos_embed_would_not_match(cache, dinov2, photos):
 
 
 def test_dinov2_conversion_is_cached(cache, capsys):
-    from bench_suite.encoders.prepare import main
+    from bench_suite.cli.prepare_encoders import main
 
     src, _ = dinov2_onnx.source()
     sha = assets.sha256_file(src)

@@ -15,10 +15,10 @@ import pytest
 import torch
 
 from bench_suite.errors import BadInputError, MissingDataError, UnknownNameError
-from launchers import ft_engine
+from bench_suite.finetune import engine as ft_engine
 from launchers.finetune import finetune
-from launchers.recipes import available, get_recipe, plan_batches, resolve, step_bounds
-from launchers.segmenter import Segmenter, confusion_matrix, iou_from_confusion
+from bench_suite.finetune.recipes import available, get_recipe, plan_batches, resolve, step_bounds
+from bench_suite.finetune.segmenter import Segmenter, confusion_matrix, iou_from_confusion
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -112,7 +112,7 @@ def test_catalogue_recipes_resolve_and_paper_values():
     seg = get_recipe("segmenter_paper")
     assert (seg["lr"], seg["momentum"], seg["batch_size"], seg["schedule"], seg["epochs"]) == \
         (0.001, 0.9, 8, "poly", 127)
-    from launchers.recipes import epochs_for
+    from bench_suite.finetune.recipes import epochs_for
 
     imnet = get_recipe("deit_finetune_imagenet")
     assert epochs_for(imnet, 0.01) == 1000 and epochs_for(imnet, 0.05) == 300
@@ -212,7 +212,7 @@ def no_training(monkeypatch):
 
 
 def _sel(tmp_path, ids, name="sel.json"):
-    from bench_suite.selection import Selection
+    from bench_suite.methods.selection import Selection
 
     path = tmp_path / name
     Selection(np.asarray(ids), "random", len(ids), 0).save(path)

@@ -89,7 +89,7 @@ def test_selected_ids_become_the_subset_file(tmp_path):
 
 @pytest.mark.skipif(HAVE_MMSEG, reason="mmsegmentation is installed")
 def test_launcher_without_mmseg_says_how_to_install(tmp_path):
-    from bench_suite.selection import Selection
+    from bench_suite.methods.selection import Selection
 
     root = _fake_ade(tmp_path / "ade")
     Selection(np.array([0, 5]), "random", 2, 0).save(tmp_path / "sel.json")

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from launchers.finetune import finetune
-from launchers.segmenter import confusion_matrix, iou_from_confusion
+from bench_suite.finetune.segmenter import confusion_matrix, iou_from_confusion
 
 ROOT = Path(__file__).resolve().parents[1]
 ACCELERATE = Path(sys.executable).with_name("accelerate")
@@ -28,7 +28,7 @@ ENCODER = "dinov2_vits14"
 
 @pytest.fixture(scope="module")
 def seg_shards(tmp_path_factory):
-    import bench_suite.data.seg_digits  # noqa: F401  (registers seg_digits)
+    import bench_suite.data.sets.seg_digits  # noqa: F401  (registers seg_digits)
     from bench_suite.data.shards import write_shards
 
     root = tmp_path_factory.mktemp("segdigits")
@@ -89,7 +89,7 @@ def test_seg_mask_transformer_trains(seg_shards, tmp_path):
 def _launch(nproc, args, trace):
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT),
            "BENCH_SUITE_TRACE_IDS": str(trace)}
-    from bench_suite.dist import free_port
+    from bench_suite.runtime import free_port
 
     dist = ["--multi_gpu", "--num_processes", str(nproc), "--main_process_port", str(free_port())] if nproc > 1 \
         else ["--num_processes", "1"]
@@ -102,7 +102,7 @@ def _launch(nproc, args, trace):
 
 @pytest.mark.slow
 def test_two_processes_match_one_and_see_each_sample_once(digits_shards, digits_test_shards, tmp_path):
-    from bench_suite.selection import Selection
+    from bench_suite.methods.selection import Selection
 
     ids = np.random.default_rng(1).choice(1297, 101, replace=False)  # odd: the ranks get uneven parts
     Selection(ids, "random", 101, 0).save(tmp_path / "sel.json")
@@ -138,7 +138,7 @@ def test_two_processes_match_one_and_see_each_sample_once(digits_shards, digits_
 @pytest.mark.slow
 def test_seg_two_processes_match_one(seg_shards, tmp_path):
     from bench_suite.data.shards import read_all
-    from bench_suite.selection import Selection
+    from bench_suite.methods.selection import Selection
 
     train, test = seg_shards
     ids = read_all(train)[0][:45]
@@ -162,7 +162,7 @@ def test_recipe_fn_for_the_tables(digits_shards, digits_test_shards, tmp_path):
     from types import SimpleNamespace
 
     from launchers.finetune import recipe_fn
-    from launchers.recipes import available
+    from bench_suite.finetune.recipes import available
 
     # image_size None: the profile encoder's size (a recipe's own image_size would win)
     fn = recipe_fn("cpu_linear_head", {**available()["cpu_linear_head"], "epochs": 2, "image_size": None},

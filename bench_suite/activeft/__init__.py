@@ -29,7 +29,7 @@ order, takes its most similar real sample not already taken - always B unique id
 
 Input rows must be L2-normalised; rows off by more than ``store.NORM_TOL`` are normalised with a warning
 (NaN/Inf and zero rows are errors). ``reference.reference_select`` is the naive released-code-style
-reference used by the tests and ``python -m bench_suite.bench.selector``. Importing this package
+reference used by the tests and ``python -m bench_suite.bench.activeft_speed``. Importing this package
 registers the selector.
 """
 

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as tnf
 
-from bench_suite import dist as bdist
+from bench_suite import runtime as bdist
 from bench_suite.activeft.snap import decision_eps, fps_init, random_init
 
 
@@ -33,7 +33,7 @@ def reference_select(features, budget: int, *, seed: int = 0, objective: str = "
         init_rows = random_init(n, budget, seed)
     else:
         f32 = f.float()
-        init_rows = fps_init(f32, slice(0, n), n, budget, seed, bdist.Dist(),
+        init_rows = fps_init(f32, slice(0, n), n, budget, seed, bdist.Runtime(),
                              decision_eps(d, float(f32.norm(dim=1).max())))
     theta = torch.nn.Parameter(f[torch.as_tensor(init_rows)].clone())
     if objective == "paper":

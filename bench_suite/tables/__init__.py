@@ -1,3 +1,2 @@
-"""One module per paper table: its grid of cells, and its markdown."""
-
-TABLES = {n: f"bench_suite.tables.table{n}" for n in ("1", "2", "3", "4", "5", "6", "7")}
+"""The paper's tables: one module per table (``tableN.py``) that registers a ``TableSpec``
+(``bench_suite.tables.registry``); ``grid`` and ``common`` are the machinery they share."""

@@ -7,17 +7,19 @@ where it stopped and an unchanged cell is never recomputed.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from bench_suite import atomic
-from bench_suite.dist import Dist
+from bench_suite.data.shards import ensure_shards
+from bench_suite.digest import ids_digest, json_digest
 from bench_suite.errors import BadInputError, unknown
+from bench_suite.extract import extract_features
+from bench_suite.methods import budget_from_ratio, registry, run_selection
+from bench_suite.metrics import selection_emd
+from bench_suite.runtime import Runtime
 from bench_suite.store import FeatureStore
 
 log = logging.getLogger(__name__)
@@ -43,38 +45,15 @@ class Context:
         return self.accelerator.num_processes
 
 
-def _digest(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:20]
-
-
-def ensure_shards(profile: dict, dataset: str, part: str, work: Path, source=None, write: bool = True) -> Path:
-    """The shard folder of a profile's dataset split (``part`` = pool | test) under ``work``, written if missing.
-
-    The folder name hashes the dataset, source and split settings, so the tables and
-    ``python -m launchers.finetune --dataset NAME`` share one copy.
-    """
-    from bench_suite.data.shards import MANIFEST, write_shards
-
-    if dataset not in profile["datasets"]:
-        raise unknown(f"dataset of profile {profile['name']}", dataset, profile["datasets"])
-    scfg = profile["datasets"][dataset][part]
-    key = _digest({"dataset": dataset, "source": str(source), **scfg})
-    shard_dir = Path(work) / "shards" / f"{dataset}-{part}-{key}"
-    if write and not (shard_dir / MANIFEST).exists():
-        log.info("writing shards for %s %s -> %s", dataset, part, shard_dir)
-        write_shards(dataset, scfg.get("split", "train"), shard_dir, source=source, limit=scfg.get("limit"),
-                     subset_seed=scfg.get("subset_seed", 0), shard_size=scfg.get("shard_size", 1000))
-    return shard_dir
-
-
 def prepare_split(ctx: Context, dataset: str, part: str, encoder: dict | None = None) -> FeatureStore:
     """Shards (rank 0 writes them once) then features (all ranks extract) of ``part`` = pool | test.
 
     ``encoder`` (a profile encoder entry) defaults to the profile's; Table 4 passes its own.
     """
-    from bench_suite.features import extract_features
-
-    shard_dir = ensure_shards(ctx.profile, dataset, part, ctx.work, ctx.sources.get(dataset), write=ctx.rank == 0)
+    if dataset not in ctx.profile["datasets"]:
+        raise unknown(f"dataset of profile {ctx.profile['name']}", dataset, ctx.profile["datasets"])
+    shard_dir = ensure_shards(dataset, part, ctx.profile["datasets"][dataset][part], ctx.work,
+                              ctx.sources.get(dataset), write=ctx.rank == 0)
     ctx.accelerator.wait_for_everyone()
     enc = encoder or ctx.profile["encoder"]
     feat_dir = ctx.work / "features" / f"{shard_dir.name}-{enc['name']}-{enc.get('image_size')}-{enc.get('pooling')}"
@@ -92,7 +71,7 @@ def get_recipe(ctx: Context, name: str, encoder: dict | None = None):
     cfg = dict(recipes[name])
     kind = cfg.pop("kind", name)
     if kind == "linear_probe":
-        from launchers.linear_probe import linear_probe
+        from bench_suite.finetune.linear_probe import linear_probe
 
         return lambda train, ids, test, seed: linear_probe(train, ids, test, seed=seed, **cfg), cfg
     if kind in ("finetune", "seg_finetune"):
@@ -106,8 +85,6 @@ def get_recipe(ctx: Context, name: str, encoder: dict | None = None):
 
 def initial_set_size(method: str, config: dict, n: int) -> int:
     """The random initial set an active-learning method buys before its first round (0 for one-shot methods)."""
-    from baselines import registry
-
     selector = registry.get(method, **(config or {}))
     return selector.sizes(n)[0] if hasattr(selector, "sizes") else 0
 
@@ -120,10 +97,6 @@ def run_cells(ctx: Context, cells: list[dict], stores: dict, progress=None, enco
     way: the profile's config merged with the variant's) runs once. A cell whose budget does
     not exceed an active-learning method's initial random set is recorded as skipped (the paper's "-").
     """
-    from bench_suite.metrics import selection_emd
-    from bench_suite.select import run_selection
-    from bench_suite.selection import budget_from_ratio
-
     cache = ctx.work / "cells" / "v2"
     keyed = []
     for cell in cells:
@@ -131,8 +104,8 @@ def run_cells(ctx: Context, cells: list[dict], stores: dict, progress=None, enco
         full = {**{k: v for k, v in cell.items() if k != "variant"},
                 "train": train.meta.get("fingerprint") or train.checksum(),
                 "test": test.meta.get("fingerprint") or test.checksum()}
-        keyed.append((cell, cache / f"{_digest(full)}.json"))
-    single = Dist()  # a cell is one process's work; ranks share the grid, not a cell
+        keyed.append((cell, cache / f"{json_digest(full)}.json"))
+    single = Runtime()  # a cell is one process's work; ranks share the grid, not a cell
     computed = 0
     for i, (cell, path) in enumerate(keyed):
         if i % ctx.world != ctx.rank or path.exists():
@@ -156,7 +129,7 @@ def run_cells(ctx: Context, cells: list[dict], stores: dict, progress=None, enco
         result = {**cell, "budget": budget, "selection_seconds": sel.seconds,
                   "emd": selection_emd(train.features, rows), **{k: v for k, v in metrics.items() if k != "seed"},
                   "selection_info": {k: v for k, v in sel.info.items() if k != "loss_curve"},
-                  "ids_sha": hashlib.sha256(np.sort(sel.ids).tobytes()).hexdigest()[:16]}
+                  "ids_sha": ids_digest(sel.ids)}
         atomic.write_json(path, result)
         computed += 1
         if progress and ctx.rank == 0:

@@ -18,7 +18,7 @@ A profile's table entry says::
 from __future__ import annotations
 
 from bench_suite import report
-from bench_suite.tables import paper_numbers
+from bench_suite.methods import registry
 from bench_suite.tables.common import Context, prepare_split, run_cells
 
 
@@ -34,7 +34,7 @@ def rows_of(profile: dict, table: str) -> list[dict]:
             item = {"method": item}
         method = item["method"]
         config = {**(profile.get("methods", {}).get(method) or {}), **(item.get("config") or {})}
-        out.append({"label": item.get("label") or paper_numbers.METHOD_LABELS.get(method, method),
+        out.append({"label": item.get("label") or registry.label(method),
                     "method": method, "config": config})
     return out
 
@@ -49,8 +49,6 @@ def encoder_of(profile: dict, table: str) -> dict:
 
 def build_cells(profile: dict, table: str) -> list[dict]:
     """Every (dataset, ratio, row, seed); active-learning rows get the dataset's ``al`` protocol (init/batch ratio)."""
-    from baselines import registry
-
     t = profile["tables"][table]
     cells = []
     for dataset, ratios in t["cells"].items():
@@ -94,7 +92,7 @@ def columns(profile: dict, table: str) -> list[tuple[str, float]]:
 
 def pick(cells: list[dict], dataset: str, ratio: float, label: str) -> list[dict]:
     return [c for c in cells if c["dataset"] == dataset and abs(c["ratio"] - ratio) < 1e-12
-            and c.get("variant", paper_numbers.METHOD_LABELS.get(c["method"], c["method"])) == label]
+            and c.get("variant", registry.label(c["method"])) == label]
 
 
 def header(profile: dict, table: str, cells: list[dict], first: str = "Methods") -> list[str]:

@@ -163,7 +163,7 @@ def main(argv=None) -> int:
     def run():
         args = p.parse_args(argv)
         setup_logging()
-        from bench_suite.selection import Selection
+        from bench_suite.methods.selection import Selection
 
         t0 = time.perf_counter()
         sel = Selection.load(args.selection)

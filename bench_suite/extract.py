@@ -123,12 +123,12 @@ def _merge_parts(parts_dir: Path, world: int, manifest: dict, out_dir: Path, met
 
 
 def main(argv=None) -> int:
-    """``python -m bench_suite.features --shards DIR --encoder NAME --out DIR`` (works under accelerate launch)."""
+    """``python -m bench_suite.extract --shards DIR --encoder NAME --out DIR`` (works under accelerate launch)."""
     import argparse
 
     from bench_suite.cli import main_guard, setup_logging
 
-    p = argparse.ArgumentParser(prog="python -m bench_suite.features", description=main.__doc__)
+    p = argparse.ArgumentParser(prog="python -m bench_suite.extract", description=main.__doc__)
     p.add_argument("--shards", required=True)
     p.add_argument("--encoder", required=True)
     p.add_argument("--pooling", choices=["cls", "cls+mean", "gap"])
@@ -146,7 +146,7 @@ def main(argv=None) -> int:
                                  image_size=args.image_size, batch_size=args.batch_size, weights=args.weights,
                                  force=args.force)
         log.info("%s: %d x %d", args.out, len(store), store.dim)
-        from bench_suite import dist as bdist
+        from bench_suite import runtime as bdist
 
         return bdist.exit_process(0)  # ends a distributed run without the gloo-at-exit abort
 

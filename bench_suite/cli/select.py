@@ -1,8 +1,8 @@
-"""``python -m bench_suite.select``: run any registered selection method on a feature store.
+"""``python -m bench_suite.cli.select``: run any registered selection method on a feature store.
 
-    python -m bench_suite.select --features STORE_DIR_OR_NPY (--budget B | --ratio R) --method NAME \
+    python -m bench_suite.cli.select --features STORE_DIR_OR_NPY (--budget B | --ratio R) --method NAME \
         [--seed S] [--objective official|paper] [--set key=value ...] [--labels FILE] --out sel.json
-    python -m bench_suite.select --list
+    python -m bench_suite.cli.select --list
 """
 
 from __future__ import annotations
@@ -13,18 +13,19 @@ from pathlib import Path
 
 import numpy as np
 
-from baselines import registry
-from bench_suite import dist as bdist
-from bench_suite.cli import main_guard, parse_kv, setup_logging
+from bench_suite.methods import registry
+from bench_suite import runtime as bdist
+from bench_suite.cli import main_guard, setup_logging
+from bench_suite.options import parse_set
 from bench_suite.errors import BadInputError, MissingDataError
-from bench_suite.selection import Oracle, Timer, budget_from_ratio, check_budget
+from bench_suite.methods import budget_from_ratio, check_budget, run_selection
 from bench_suite.store import FeatureStore
 
-log = logging.getLogger("bench_suite.select")
+log = logging.getLogger("bench_suite.cli.select")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m bench_suite.select", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m bench_suite.cli.select", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--features", help="FeatureStore folder or an N x d .npy")
     g = p.add_mutually_exclusive_group()
@@ -57,24 +58,6 @@ def load_labels(spec: str | None, store: FeatureStore):
     return labels[store.row_offset:store.row_offset + len(store)]
 
 
-def run_selection(store: FeatureStore, method: str, budget: int, seed: int, config: dict | None = None,
-                  labels=None, dist=None):
-    """Instantiate, run and time one selection (shared by the CLI and the tables)."""
-    selector = registry.get(method, **(config or {}))
-    oracle = None
-    if not selector.label_free:
-        if labels is None:
-            raise BadInputError(f"method {method!r} is an active-learning method and needs labels for its oracle (--labels)")
-        oracle = Oracle(np.asarray(labels), store.ids)
-    with Timer() as t:
-        sel = selector.select(store, budget, seed=seed, oracle=oracle, dist=dist)
-    if not sel.seconds:
-        sel.seconds = t.seconds
-    if oracle is not None:
-        sel.info.setdefault("oracle_queries", oracle.n_queries)
-    return sel
-
-
 @main_guard
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
@@ -100,7 +83,7 @@ def main(argv=None) -> int:
     store = FeatureStore.open(args.features)
     n = store.total_rows
     budget = check_budget(args.budget, n) if args.budget is not None else budget_from_ratio(args.ratio, n)
-    config = parse_kv(args.set)
+    config = parse_set(args.set)
     if args.objective:
         config["objective"] = args.objective
     labels = load_labels(args.labels, store)

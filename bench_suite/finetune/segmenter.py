@@ -139,7 +139,7 @@ class Segmenter(nn.Module):
         else:
             raise ValueError(f"unknown decoder {decoder!r}")
 
-        self.prefix = None  # a launchers.ft_engine.FrozenPrefix: forward then also takes its cached tokens
+        self.prefix = None  # a bench_suite.finetune.engine.FrozenPrefix: forward then also takes its cached tokens
 
     def forward(self, x):
         if x.ndim == 3:  # tokens after the frozen prefix (square patch grid)

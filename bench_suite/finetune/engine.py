@@ -40,9 +40,9 @@ import torch.nn.functional as F
 from bench_suite import atomic
 from bench_suite.data import shards as wshards
 from bench_suite.data.sources import decode_image
-from bench_suite.dist import Dist
+from bench_suite.runtime import Runtime
 from bench_suite.errors import BadInputError, CorruptDataError, MissingDataError
-from launchers.recipes import plan_batches, step_bounds
+from bench_suite.finetune.recipes import plan_batches, step_bounds
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +61,8 @@ class RunContext:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     @property
-    def dist(self) -> Dist:
-        return Dist(self.rank, self.world)
+    def dist(self) -> Runtime:
+        return Runtime(self.rank, self.world)
 
     @property
     def is_main(self) -> bool:

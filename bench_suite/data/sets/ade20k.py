@@ -72,4 +72,5 @@ def _load(split: str, source: Path) -> RawSplit:
 SPEC = register(DatasetSpec(
     "ade20k", "ADE20K SceneParsing (ADEChallengeData2016) from a local copy, 150 classes, reduce_zero_label masks",
     ("train", "test"), _load, needs_source=True,
-    install_hint="ADEChallengeData2016.zip from http://sceneparsing.csail.mit.edu/, unzipped", task="seg"))
+    install_hint="ADEChallengeData2016.zip from http://sceneparsing.csail.mit.edu/, unzipped", task="seg",
+    label="ADE20K"))

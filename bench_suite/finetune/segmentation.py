@@ -13,9 +13,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from launchers.ft_engine import TENSOR_BUDGET, RunContext, Samples, Task, apply_crop_flip, autocast, enable_prefix, \
+from bench_suite.finetune.engine import TENSOR_BUDGET, RunContext, Samples, Task, apply_crop_flip, autocast, enable_prefix, \
     set_drop_path, set_trainable
-from launchers.segmenter import Segmenter, confusion_matrix, iou_from_confusion
+from bench_suite.finetune.segmenter import Segmenter, confusion_matrix, iou_from_confusion
 
 
 def _resize(img: np.ndarray, size: int, nearest: bool) -> np.ndarray:

@@ -1,12 +1,12 @@
-"""Selection: the ids a selector picked, with its wall time and metadata; and the Selector protocol."""
+"""Selection: the ids a selector picked, with its wall time and metadata; the Oracle of the AL methods;
+budget checks."""
 
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Callable
 
 import numpy as np
 
@@ -74,14 +74,6 @@ class Oracle:
         return len(self.queried)
 
 
-class Selector(Protocol):
-    name: str
-    description: str
-    label_free: bool
-
-    def select(self, store, budget: int, *, seed: int, oracle=None, dist=None) -> Selection: ...
-
-
 def check_budget(budget, n: int) -> int:
     """Budget must be an integer in [1, N]."""
     if isinstance(budget, bool) or int(budget) != budget:
@@ -99,11 +91,3 @@ def budget_from_ratio(ratio: float, n: int) -> int:
         raise BadInputError(f"ratio must be in (0, 1], got {ratio}")
     return max(1, int(round(ratio * n)))
 
-
-class Timer:
-    def __enter__(self):
-        self.t0 = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc):
-        self.seconds = time.perf_counter() - self.t0

@@ -1,4 +1,4 @@
-"""``python -m bench_suite.bench.selector``: the ActiveFT fast path next to the naive reference.
+"""``python -m bench_suite.bench.activeft_speed``: the ActiveFT fast path next to the naive reference.
 
 Builds a seeded, CIFAR-100-sized pool of clustered unit features (``bench_suite.bench.pools``), runs the
 pruned selector (``fast``), optionally the same loop without pruning (``blocked``: exact analytic gradients,
@@ -8,9 +8,9 @@ and CPU seconds, peak memory (resident-set high-water mark above the pool alread
 and the Eq. 16 EMD of the selection. Runs shorter than ``--iters`` are extrapolated linearly
 (per-iteration time x T + snapping time) and marked ``*``.
 
-    python -m bench_suite.bench.selector                       # N=50,000 d=384 B=1000 T=300
-    python -m bench_suite.bench.selector --n 5000 --budget 100 --iters 50 --naive-iters 50   # quick
-    python -m bench_suite.bench.selector --n 1281167 --budget 12812 --classes 1000 --iters 3 \\
+    python -m bench_suite.bench.activeft_speed                       # N=50,000 d=384 B=1000 T=300
+    python -m bench_suite.bench.activeft_speed --n 5000 --budget 100 --iters 50 --naive-iters 50   # quick
+    python -m bench_suite.bench.activeft_speed --n 1281167 --budget 12812 --classes 1000 --iters 3 \\
         --subset 100000 --no-naive --no-emd --no-snap               # ImageNet size, loop only
 
 No timing is asserted anywhere; the numbers depend on the machine (and on what else runs on it: the load
@@ -26,7 +26,7 @@ import time
 import numpy as np
 import torch
 
-from bench_suite import dist as bdist
+from bench_suite import runtime as bdist
 from bench_suite.activeft.optimize import Config, optimize
 from bench_suite.activeft.reference import reference_select
 from bench_suite.bench.pools import clustered_sphere
@@ -69,7 +69,7 @@ def run_fast(feats: np.ndarray, budget: int, iters: int, seed: int, *, snap: boo
     n = len(feats)
     with PeakMemory() as mem:
         w0, c0 = time.perf_counter(), time.process_time()
-        res = optimize(t, slice(0, n), n, budget, cfg, seed=seed, dist=bdist.Dist(), snap_result=snap)
+        res = optimize(t, slice(0, n), n, budget, cfg, seed=seed, dist=bdist.Runtime(), snap_result=snap)
         wall, cpu = time.perf_counter() - w0, time.process_time() - c0
     per_iter = res["seconds_optimize"] / max(iters, 1)
     return {"wall": wall, "cpu": cpu, "iters": iters, "per_iter": per_iter, "snap_s": res["seconds_snap"],
@@ -100,7 +100,7 @@ def _rel(a: float, b: float) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m bench_suite.bench.selector", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m bench_suite.bench.activeft_speed", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=50_000, help="pool size N (CIFAR-100: 50,000; ImageNet: 1,281,167)")
     p.add_argument("--dim", type=int, default=384)

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from launchers.ft_engine import TENSOR_BUDGET, FrozenPrefix, RunContext, Samples, Task, apply_crop_flip, autocast, \
+from bench_suite.finetune.engine import TENSOR_BUDGET, FrozenPrefix, RunContext, Samples, Task, apply_crop_flip, autocast, \
     enable_prefix, set_drop_path, set_trainable
 
 

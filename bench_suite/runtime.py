@@ -1,8 +1,12 @@
-"""Thin wrapper over torch.distributed: rank, world, all_reduce, gather; one object to pass around.
+"""The runtime context: rank, world, the rank's device, and the collectives; one object to pass around.
 
-Works the same under ``torchrun``, ``accelerate launch`` and SLURM ``srun`` (env:// rendezvous; under
-srun the SLURM_* variables are mapped onto RANK/WORLD_SIZE/LOCAL_RANK). With no process group it is a
-one-process no-op, so library code never branches on "am I distributed".
+A thin layer over torch.distributed that works the same under ``torchrun``, ``accelerate launch`` and
+SLURM ``srun`` (env:// rendezvous; under srun the SLURM_* variables are mapped onto
+RANK/WORLD_SIZE/LOCAL_RANK). With no process group it is a one-process no-op, so library code never
+branches on "am I distributed". Each CLI builds it once (``init_from_env``) and passes it down.
+
+The one device rule of the project (``resolve_device``): ``auto`` is the rank's node-local GPU
+(``cuda:LOCAL_RANK``) when torch sees one, else the CPU; ``cpu``, ``cuda`` and ``cuda:N`` are taken as given.
 """
 
 from __future__ import annotations
@@ -17,9 +21,35 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as tdist
 
+from bench_suite.errors import BadInputError, BenchError
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def resolve_device(spec=None, *, what: str = "device") -> torch.device:
+    """``auto``/None -> this rank's local GPU when there is one, else cpu; ``cpu`` / ``cuda`` / ``cuda:N`` as given.
+
+    ``what`` names the option in the error (e.g. ``"kmeans: option device"``).
+    """
+    name = "auto" if spec is None else str(spec)
+    if name == "auto":
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        # one process per GPU: each rank takes its node-local GPU (all on cuda:0 would collide under NCCL)
+        return torch.device("cuda", local_rank() % torch.cuda.device_count())
+    try:
+        dev = torch.device(name)
+    except RuntimeError as exc:
+        raise BadInputError(f"{what}={name!r} is not a torch device (use auto, cpu, cuda or cuda:N)") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise BadInputError(f"{what}={name!r} but torch sees no CUDA GPU (use auto or cpu)")
+    return dev
+
 
 @dataclass
-class Dist:
+class Runtime:
     rank: int = 0
     world: int = 1
 
@@ -56,6 +86,29 @@ class Dist:
         if self.active:
             tdist.barrier()
 
+    def device(self, spec=None, *, what: str = "device") -> torch.device:
+        """The device this rank computes on (see ``resolve_device``)."""
+        return resolve_device(spec, what=what)
+
+    def on_main(self, fn):
+        """Run ``fn()`` on rank 0 only and give every rank its result.
+
+        For the methods that need the whole pool in one process. A ``BenchError`` raised on rank 0 is
+        raised on every rank (with the same message), so no rank waits forever for a broadcast.
+        """
+        if not self.active:
+            return fn()
+        payload = None
+        if self.is_main:
+            try:
+                payload = ("ok", fn())
+            except BenchError as exc:
+                payload = ("error", exc)
+        kind, value = self.broadcast_object(payload)
+        if kind == "error":
+            raise value
+        return value
+
     def shard(self, n: int) -> slice:
         """The contiguous rows [start, stop) of an N-row pool that this rank owns (sizes differ by <= 1)."""
         base, extra = divmod(n, self.world)
@@ -63,11 +116,11 @@ class Dist:
         return slice(start, start + base + (1 if self.rank < extra else 0))
 
 
-def current() -> Dist:
-    """The Dist of the live process group, or a one-process Dist."""
+def current() -> Runtime:
+    """The Runtime of the live process group, or a one-process Runtime."""
     if tdist.is_available() and tdist.is_initialized():
-        return Dist(tdist.get_rank(), tdist.get_world_size())
-    return Dist()
+        return Runtime(tdist.get_rank(), tdist.get_world_size())
+    return Runtime()
 
 
 def _map_slurm_env() -> None:
@@ -81,14 +134,14 @@ def _map_slurm_env() -> None:
             os.environ["MASTER_ADDR"] = nodes.split(",")[0].split("[")[0]
 
 
-def init_from_env(backend: str | None = None) -> Dist:
+def init_from_env(backend: str | None = None) -> Runtime:
     """Join the process group that the launcher described in the environment (no-op for one process)."""
     _map_slurm_env()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not tdist.is_initialized():
         backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
         if backend == "nccl":  # NCCL needs each rank on its own GPU before the first collective
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+            torch.cuda.set_device(local_rank() % torch.cuda.device_count())
         tdist.init_process_group(backend=backend)
         # A gloo group still alive at interpreter exit aborts the process ("terminate called without an
         # active exception"), so whoever joins through here also leaves cleanly, even on an early return.

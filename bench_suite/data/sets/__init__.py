@@ -1,0 +1,1 @@
+"""The datasets: one file each, registered into ``bench_suite.data.registry`` when discovered."""

@@ -1,0 +1,1 @@
+"""The encoders: one file each, registered into ``bench_suite.encoders.registry`` when discovered."""

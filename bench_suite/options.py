@@ -1,0 +1,223 @@
+"""Typed options: a dataclass per method (or config section) and one coercion helper with clear errors.
+
+    @dataclass
+    class Options:
+        niter: int = opt(25, minimum=1)
+        init: str = opt("random", choices=("random", "kmeans++"))
+        device: str = "auto"
+
+    options = coerce(Options, {"niter": "30"}, where="kmeans")   # -> Options(niter=30, ...)
+
+Rules: an unknown key is an error that lists the known ones; ints accept integral floats and numeric
+strings, floats accept ints and numeric strings, bools accept true/false/yes/no/1/0; ``X | None`` accepts
+None; ``tuple[int, ...]`` accepts a list, a tuple, one number, or "a,b,c"; ``minimum`` / ``maximum`` /
+``choices`` / ``check`` (metadata set by ``opt``) are checked after the type. Every error is one line:
+``<where>: option <key> must be ..., got <value>``.
+
+``parse_set`` is the one parser of ``--set key=value`` pairs for every CLI: each value is read as a YAML
+scalar or list (``300``, ``0.07``, ``1e-3``, ``true``, ``null``, ``[0.08, 1.0]``), else kept as a string.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from typing import Any, Callable
+
+import numpy as np
+import yaml
+
+from bench_suite.errors import BadInputError
+
+
+def opt(default=dataclasses.MISSING, *, minimum=None, maximum=None, choices=None, check: Callable | None = None,
+        doc: str = "", default_factory=dataclasses.MISSING):
+    """A dataclass field with its checks (``minimum``/``maximum`` inclusive, ``choices``, ``check(value) -> error or None``)."""
+    meta = {"minimum": minimum, "maximum": maximum, "choices": choices, "check": check, "doc": doc}
+    if default_factory is not dataclasses.MISSING:
+        return dataclasses.field(default_factory=default_factory, metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def _fail(where: str, key: str, what: str, value) -> BadInputError:
+    return BadInputError(f"{where}: option {key} must be {what}, got {value!r}")
+
+
+def _as_int(where, key, v) -> int:
+    if isinstance(v, str):
+        try:
+            v = float(v) if any(c in v for c in ".eE") else int(v)
+        except ValueError:
+            raise _fail(where, key, "an integer", v) from None
+    if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
+        raise _fail(where, key, "an integer", v)
+    if isinstance(v, (float, np.floating)) and (not math.isfinite(v) or v != int(v)):
+        raise _fail(where, key, "an integer", v)
+    return int(v)
+
+
+def _as_float(where, key, v) -> float:
+    if isinstance(v, str):
+        try:
+            v = float(v)
+        except ValueError:
+            raise _fail(where, key, "a number", v) from None
+    if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or math.isnan(float(v)):
+        raise _fail(where, key, "a number", v)
+    return float(v)
+
+
+def _as_bool(where, key, v) -> bool:
+    if isinstance(v, (bool, np.bool_)):
+        return bool(v)
+    if isinstance(v, (int, np.integer)) and v in (0, 1):
+        return bool(v)
+    if isinstance(v, str) and v.lower() in ("true", "false", "yes", "no", "1", "0"):
+        return v.lower() in ("true", "yes", "1")
+    raise _fail(where, key, "true or false", v)
+
+
+def _as_str(where, key, v) -> str:
+    if isinstance(v, bool) or not isinstance(v, (str, int, float)):
+        raise _fail(where, key, "a string", v)
+    return str(v)
+
+
+def _as_int_tuple(where, key, v) -> tuple:
+    if v is None or v == "" or (isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v == 0):
+        return ()
+    if isinstance(v, str):
+        v = [p for p in v.replace(" ", "").split(",") if p]
+    elif not isinstance(v, (list, tuple)):
+        v = [v]
+    return tuple(_as_int(where, key, x) for x in v)
+
+
+def _as_float_tuple(where, key, v) -> tuple:
+    if isinstance(v, str):
+        v = [p for p in v.replace(" ", "").split(",") if p]
+    elif not isinstance(v, (list, tuple)):
+        v = [v]
+    return tuple(_as_float(where, key, x) for x in v)
+
+
+_SCALARS = {int: _as_int, float: _as_float, bool: _as_bool, str: _as_str}
+
+
+def _convert(where: str, key: str, tp, value):
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        errors = []
+        for a in inner:
+            try:
+                return _convert(where, key, a, value)
+            except BadInputError as exc:
+                errors.append(exc)
+        if len(inner) == 1:
+            raise errors[0]
+        raise _fail(where, key, " or ".join(getattr(a, "__name__", str(a)) for a in inner), value)
+    if origin is typing.Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise _fail(where, key, "one of " + ", ".join(map(repr, allowed)), value)
+        return value
+    if origin is tuple:
+        args = typing.get_args(tp)
+        return _as_float_tuple(where, key, value) if args and args[0] is float else _as_int_tuple(where, key, value)
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise _fail(where, key, "a mapping", value)
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp in _SCALARS:
+        return _SCALARS[tp](where, key, value)
+    raise TypeError(f"{where}: option {key} has an unsupported type {tp!r}")
+
+
+def _check_field(where: str, f: dataclasses.Field, value):
+    if value is None:
+        return
+    meta = f.metadata
+    lo, hi, choices, check = meta.get("minimum"), meta.get("maximum"), meta.get("choices"), meta.get("check")
+    if choices is not None and value not in choices:
+        raise _fail(where, f.name, "one of " + ", ".join(map(str, choices)), value)
+    values = value if isinstance(value, tuple) else (value,)
+    for v in values:
+        if lo is not None and hi is not None and not lo <= v <= hi:
+            raise _fail(where, f.name, f"in [{lo}, {hi}]", value)
+        if lo is not None and v < lo:
+            raise _fail(where, f.name, f">= {lo}", value)
+        if hi is not None and v > hi:
+            raise _fail(where, f.name, f"<= {hi}", value)
+    if check is not None:
+        err = check(value)
+        if err:
+            raise _fail(where, f.name, err, value)
+
+
+def coerce(cls, given: dict | None, where: str, *, aliases: dict | None = None):
+    """``cls(**given)`` with every value converted to its field's type and checked; errors name ``where``."""
+    given = dict(given or {})
+    for old, new in (aliases or {}).items():
+        if old in given:
+            given.setdefault(new, given.pop(old))
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(given) - set(fields))
+    if unknown:
+        raise BadInputError(f"{where}: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(fields))}")
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for name, f in fields.items():
+        if name not in given:
+            continue
+        values[name] = _convert(where, name, hints[name], given[name])
+        _check_field(where, f, values[name])
+    out = cls(**values)
+    for name, f in fields.items():  # defaults are checked too (a subclass may tighten a field)
+        if name not in given:
+            _check_field(where, f, getattr(out, name))
+    post = getattr(out, "validate", None)
+    if post is not None:
+        err = post()
+        if err:
+            raise BadInputError(f"{where}: {err}")
+    return out
+
+
+def as_dict(options) -> dict:
+    """The options as plain JSON-able data (tuples become lists)."""
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(options).items()}
+
+
+def parse_value(text: str):
+    """One ``--set`` value: a YAML scalar or list; ``1e-3`` is a number (YAML 1.1 would keep it a string)."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    if isinstance(value, str):
+        try:
+            return float(value) if any(c in value for c in ".eE") and value.lower() not in ("nan", "inf") else value
+        except ValueError:
+            return value
+    return value
+
+
+def parse_set(pairs: list[str] | None, flag: str = "--set") -> dict:
+    """``["iters=300", "crop_scale=[0.08, 1.0]"]`` -> ``{"iters": 300, "crop_scale": [0.08, 1.0]}``; dashes -> underscores."""
+    out = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise BadInputError(f"{flag} expects key=value, got {pair!r}")
+        key, text = pair.split("=", 1)
+        if not key:
+            raise BadInputError(f"{flag} expects key=value, got {pair!r}")
+        out[key.strip().replace("-", "_")] = parse_value(text.strip())
+    return out
