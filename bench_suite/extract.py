@@ -6,7 +6,8 @@ Batches never cross shard boundaries, so 1 and N processes run the encoder on id
 identical stores. Ranks write their part atomically; rank 0 merges them in global-id order.
 
 CPU multi-process: ``ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 ...``
-(plain ``--cpu --num_processes 2`` silently starts one process).
+(plain ``--cpu --num_processes 2`` silently starts one process). The command line is
+``python -m bench_suite.cli.features`` (bench_suite/cli/features.py).
 """
 
 from __future__ import annotations
@@ -20,9 +21,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from accelerate import Accelerator
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from bench_suite import atomic
 from bench_suite.data import shards as wshards
+from bench_suite.encoders import get_encoder
 from bench_suite.errors import CorruptDataError
 from bench_suite.store import FeatureStore
 
@@ -35,8 +39,6 @@ def _fingerprint(manifest: dict, enc_meta: dict, pooling: str) -> str:
 
 
 def _make_accelerator():
-    from accelerate import Accelerator
-
     return Accelerator(cpu=not torch.cuda.is_available())
 
 
@@ -44,8 +46,6 @@ def extract_features(shard_dir, out_dir, *, encoder: str, pooling: str | None = 
                      batch_size: int = 64, accelerator=None, weights=None, cache_dir=None, progress: bool = True,
                      force: bool = False) -> FeatureStore:
     """Extract (or reuse cached) features of every sample in ``shard_dir`` into the store ``out_dir``."""
-    from bench_suite.encoders import get_encoder
-
     shard_dir, out_dir = Path(shard_dir), Path(out_dir)
     manifest = wshards.load_manifest(shard_dir)
     acc = accelerator or _make_accelerator()
@@ -84,8 +84,6 @@ def extract_features(shard_dir, out_dir, *, encoder: str, pooling: str | None = 
 
 @torch.inference_mode()
 def _extract_rank(shard_dir, names, manifest, enc, pooling, batch_size, device, progress):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
     counts = {s["name"]: s["count"] for s in manifest["shards"]}
     ids, feats, labels = [], [], []
     cols = [TextColumn("features {task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
@@ -120,38 +118,3 @@ def _merge_parts(parts_dir: Path, world: int, manifest: dict, out_dir: Path, met
     order = np.argsort(ids, kind="stable")
     FeatureStore(feats[order], ids[order], labels[order], meta).save(out_dir)
     log.info("feature store %s: %d x %d", out_dir, len(ids), feats.shape[1])
-
-
-def main(argv=None) -> int:
-    """``python -m bench_suite.extract --shards DIR --encoder NAME --out DIR`` (works under accelerate launch)."""
-    import argparse
-
-    from bench_suite.cli import main_guard, setup_logging
-
-    p = argparse.ArgumentParser(prog="python -m bench_suite.extract", description=main.__doc__)
-    p.add_argument("--shards", required=True)
-    p.add_argument("--encoder", required=True)
-    p.add_argument("--pooling", choices=["cls", "cls+mean", "gap"])
-    p.add_argument("--image-size", type=int)
-    p.add_argument("--weights", help="local checkpoint for encoders that need one (dino_vits16)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--out", required=True)
-    p.add_argument("--force", action="store_true", help="re-extract even if cached")
-
-    @main_guard
-    def run():
-        args = p.parse_args(argv)
-        setup_logging()
-        store = extract_features(args.shards, args.out, encoder=args.encoder, pooling=args.pooling,
-                                 image_size=args.image_size, batch_size=args.batch_size, weights=args.weights,
-                                 force=args.force)
-        log.info("%s: %d x %d", args.out, len(store), store.dim)
-        from bench_suite import runtime as bdist
-
-        return bdist.exit_process(0)  # ends a distributed run without the gloo-at-exit abort
-
-    return run()
-
-
-if __name__ == "__main__":
-    main()

@@ -18,7 +18,7 @@ def _launch(nproc, shards, out, encoder="efficientnet_lite0", size=64):
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     dist = ["--multi_gpu", "--num_processes", str(nproc), "--main_process_port", str(_port())] if nproc > 1 else ["--num_processes", "1"]
     cmd = [str(ACCELERATE), "launch", *dist, "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "-m", "bench_suite.extract", "--shards", str(shards), "--encoder", encoder, "--image-size", str(size),
+           "-m", "bench_suite.cli.features", "--shards", str(shards), "--encoder", encoder, "--image-size", str(size),
            "--batch-size", "50", "--out", str(out)]
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]

@@ -18,6 +18,7 @@ A profile's table entry says::
 from __future__ import annotations
 
 from bench_suite import report
+from bench_suite.data.registry import get_dataset
 from bench_suite.methods import registry
 from bench_suite.tables.common import Context, prepare_split, run_cells
 
@@ -99,7 +100,7 @@ def header(profile: dict, table: str, cells: list[dict], first: str = "Methods")
     labels = [r["label"] for r in rows_of(profile, table)]
     out = [first]
     for d, r in columns(profile, table):
-        name = profile["datasets"][d].get("label", d)
+        name = profile["datasets"][d].get("label") or get_dataset(d).label or d
         got = pick(cells, d, r, labels[0])
         out.append(f"{name} {fmt_ratio(r)}" + (f" (B={got[0]['budget']})" if got else ""))
     return out
