@@ -1,4 +1,8 @@
-"""Shared geometry for the label-free selectors (fds, kmeans, typiclust, probcover).
+"""Shared geometry for the label-free selectors (fds, kmeans, typiclust, probcover, bilaf).
+
+A toolkit, not a framework: options, the pool and budget checks, the device, running on rank 0 and
+building the Selection are the ``Selector`` base's work (bench_suite/methods/base.py); what is here is the
+pool as an array, the tiled similarity kernels, spherical k-means and the distinct nearest samples.
 
 Everything here works on the unit sphere (FeatureStore rows are L2-normalised), so similarity is the dot
 product, cosine distance is ``1 - s`` and squared Euclidean distance is ``2 - 2 s``.
@@ -6,15 +10,15 @@ product, cosine distance is ``1 - s`` and squared Euclidean distance is ``2 - 2 
 Memory: no function ever holds an N x N matrix. Pairwise work runs over tiles of at most ``TILE`` elements
 (rows x columns), so the extra memory is O(TILE) plus O(N k) for k-nearest-neighbour lists.
 
-Devices: the tiled kernels use torch, so they run on the CPU or on a CUDA GPU (``device="auto"`` picks the
-GPU when torch sees one). Spherical k-means runs on faiss (CPU, or faiss-GPU when the installed faiss has
+Devices: the tiled kernels use torch, so they run on the CPU or on a CUDA GPU (the selectors' ``device``
+option, resolved by the base with the project's one rule: ``auto`` = the rank's local GPU when torch sees
+one, else the CPU). Spherical k-means runs on faiss (CPU, or faiss-GPU when the installed faiss has
 GPU support) or on a small torch implementation (any torch device; the fallback on a GPU node without
 faiss-gpu). See baselines/kmeans.py for the speed comparison that chose faiss.
 """
 
 from __future__ import annotations
 
-import logging
 import math
 import time
 from dataclasses import dataclass
@@ -23,50 +27,18 @@ import numpy as np
 import torch
 
 from bench_suite.errors import BadInputError
-from bench_suite.methods.selection import Selection, check_budget
-
-log = logging.getLogger(__name__)
 
 TILE = 1 << 24  # elements per similarity tile (64 MiB of float32)
 
 
-# --------------------------------------------------------------------------- options, pool, devices
-def parse_options(method: str, given: dict, defaults: dict) -> dict:
-    """Merge constructor kwargs over defaults; unknown keys are a BadInputError naming the known ones."""
-    unknown = sorted(set(given) - set(defaults))
-    if unknown:
-        raise BadInputError(f"{method}: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(defaults))}")
-    return {**defaults, **given}
+# --------------------------------------------------------------------------- options and the pool
+KMEANS_INITS = ("random", "kmeans++")  # kmeans++ is faiss only
+KMEANS_BACKENDS = ("auto", "faiss", "torch")
 
 
-def positive_int(method: str, key: str, value, *, allow_none: bool = False, minimum: int = 1):
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise BadInputError(f"{method}: option {key} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
-
-
-def resolve_device(method: str, device) -> torch.device:
-    """``auto`` -> cuda when torch sees a GPU, else cpu; ``cpu`` / ``cuda`` / ``cuda:N`` as given."""
-    name = "auto" if device is None else str(device)
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError as exc:
-        raise BadInputError(f"{method}: option device={name!r} is not a torch device (use auto, cpu or cuda)") from exc
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise BadInputError(f"{method}: device={name!r} but torch sees no CUDA GPU (use device=cpu or auto)")
-    return dev
-
-
-def pool_budget(method: str, store, budget) -> int:
-    """The label-free selectors need the whole pool in this process; budget in [1, N]."""
-    if store.total_rows is not None and store.total_rows != len(store):
-        raise BadInputError(f"{method}: got a slice of {len(store)} of {store.total_rows} rows; label-free selectors "
-                            "need the whole pool (open the store without rows=)")
-    return check_budget(budget, len(store))
+def fraction(value) -> str | None:
+    """An ``opt(check=...)`` rule: a fraction in (0, 1] (None when it is one, else what it must be)."""
+    return None if 0 < value <= 1 else "in (0, 1]"
 
 
 def pool_array(store) -> np.ndarray:
@@ -211,7 +183,7 @@ def _faiss_gpus() -> int:
 
 def choose_backend(method: str, backend: str, device: torch.device) -> str:
     """``auto``: faiss on the CPU; on a GPU, faiss-GPU if the installed faiss has it, else the torch one."""
-    if backend not in ("auto", "faiss", "torch"):
+    if backend not in KMEANS_BACKENDS:
         raise BadInputError(f"{method}: option kmeans_backend must be auto, faiss or torch, got {backend!r}")
     if backend == "auto":
         return "faiss" if device.type == "cpu" or _faiss_gpus() > 0 else "torch"
@@ -332,21 +304,3 @@ def nearest_unique(x: torch.Tensor, c: torch.Tensor) -> tuple[np.ndarray, int]:
         pending = pending[~won]
         first_round = False
     return rows, lost
-
-
-# --------------------------------------------------------------------------- running a selection
-def finish(method: str, store, rows: np.ndarray, budget: int, seed: int, t0: float, config: dict,
-           info: dict, dist=None) -> Selection:
-    """Rows -> Selection of global ids (rank 0's answer is broadcast under a distributed launch)."""
-    if dist is not None and getattr(dist, "active", False):
-        rows, info = dist.broadcast_object((rows, info) if dist.is_main else None)
-    rows = np.asarray(rows, dtype=np.int64)
-    ids = np.asarray(store.ids, dtype=np.int64)[rows]
-    return Selection(ids, method, budget, int(seed), time.perf_counter() - t0, dict(config), dict(info))
-
-
-def on_main(dist, fn):
-    """Run ``fn`` on rank 0 only (the others get None and wait for the broadcast in ``finish``)."""
-    if dist is not None and getattr(dist, "active", False) and not dist.is_main:
-        return None
-    return fn()

@@ -1,5 +1,5 @@
 """ALFA-Mix (Parvaneh, Abbasnejad, Teney, Haffari, van den Hengel & Shi, "Active Learning by Feature Mixing",
-CVPR 2022), transplanted with the ActiveFT paper's batch protocol (appendix B.3; see baselines/_al_common.py).
+CVPR 2022), transplanted with the ActiveFT paper's batch protocol (appendix B.3; see baselines/_al_protocol.py).
 
 Each round: retrain the task model; embed the pool with it (z = the head's last hidden layer, the classifier
 g = its final linear layer); for every labelled class i an anchor z*_i = mean embedding of the labelled
@@ -25,7 +25,7 @@ loop).
 
 Hyper-parameters: alpha_cap 0.2 (eps), alpha_mode closed_form, k-means (scikit-learn KMeans, k-means++,
 ``kmeans_n_init`` 10 as the scikit-learn default the original ran with; faiss for very large candidate
-sets, ``kmeans_backend``), the head recipe of _al_common.
+sets, ``kmeans_backend``), the head recipe of baselines/_al_head.py.
 
 Departures from the original, and why:
 - Task model = frozen encoder + MLP head (cpu profile) instead of a finetuned backbone; z is the head's last
@@ -39,14 +39,16 @@ Departures from the original, and why:
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from baselines._al_common import ActiveLearner, fill_random, head_outputs, positive_int
-from bench_suite.methods.registry import register
-from bench_suite.errors import BadInputError
+from baselines._al_head import head_outputs
+from baselines._al_protocol import ActiveLearner, LearnerOptions, fill_random
+from bench_suite.methods import register
+from bench_suite.options import opt
 
 
 def class_anchors(emb_l: np.ndarray, y_l: np.ndarray, num_classes: int) -> np.ndarray:
@@ -145,62 +147,65 @@ def kmeans_pick(feats: np.ndarray, k: int, *, seed: int, n_init: int, backend: s
     return np.asarray(picks, dtype=np.int64)
 
 
+def _cap(v) -> str | None:
+    return None if 0 < v <= 1 else "in (0, 1]"
+
+
 @register
 class ALFAMix(ActiveLearner):
     name = "alfamix"
     label = "ALFA-Mix"
     description = "ALFA-Mix (Parvaneh et al. 2022): feature mixing toward class anchors, k-means over label-changing candidates"
-    method_defaults = {"alpha_cap": 0.2, "alpha_mode": "closed_form", "alpha_learning_iters": 5,
-                       "alpha_learning_rate": 0.1, "alpha_clf_coef": 1.0, "alpha_l2_coef": 0.01,
-                       "kmeans_n_init": 10, "kmeans_backend": "auto"}
 
-    def check_options(self):
-        o = self.opts
-        for key in ("alpha_cap", "alpha_learning_rate", "alpha_clf_coef", "alpha_l2_coef"):
-            if isinstance(o[key], bool) or not isinstance(o[key], (int, float)):
-                raise BadInputError(f"alfamix: {key} must be a number, got {o[key]!r}")
-        if not 0 < float(o["alpha_cap"]) <= 1:
-            raise BadInputError(f"alfamix: alpha_cap must be in (0, 1], got {o['alpha_cap']!r}")
-        if o["alpha_mode"] not in ("closed_form", "learned"):
-            raise BadInputError(f"alfamix: alpha_mode must be 'closed_form' or 'learned', got {o['alpha_mode']!r}")
-        if o["kmeans_backend"] not in ("auto", "sklearn", "faiss"):
-            raise BadInputError(f"alfamix: kmeans_backend must be auto, sklearn or faiss, got {o['kmeans_backend']!r}")
-        positive_int("alfamix: kmeans_n_init", o["kmeans_n_init"])
-        positive_int("alfamix: alpha_learning_iters", o["alpha_learning_iters"])
+    @dataclass
+    class Options(LearnerOptions):
+        alpha_cap: float = opt(0.2, check=_cap, doc="eps; the cap grows by this up to 1 until > K candidates")
+        alpha_mode: str = opt("closed_form", choices=("closed_form", "learned"))
+        alpha_learning_iters: int = opt(5, minimum=1)
+        alpha_learning_rate: float = 0.1
+        alpha_clf_coef: float = 1.0
+        alpha_l2_coef: float = 0.01
+        kmeans_n_init: int = opt(10, minimum=1)
+        kmeans_backend: str = opt("auto", choices=("auto", "sklearn", "faiss"))
 
-    def query(self, state, k, ctx):
-        o = self.opts
-        dev = state.device
-        head, _ = state.train_head()
-        out_u = head_outputs(head, state.store, state.unlabelled_rows, device=dev)
-        emb_l = head_outputs(head, state.store, state.labelled_rows, device=dev, what=("embed",))["embed"]
-        anchors = class_anchors(emb_l, state.labels, state.num_classes)
+    def candidates(self, state, out_u, anchors, head, k) -> tuple[np.ndarray, list]:
+        """The label-changing candidates (mask over the unlabelled rows), growing the cap until > k are found."""
+        o, dev = self.options, state.device
         W = head.fc.weight.detach().float().cpu().numpy()
         cand = np.zeros(len(state.unlabelled_rows), dtype=bool)
         cap, caps_used = 0.0, []
         gen = torch.Generator().manual_seed(state.seed + 11)
         while cap < 1.0:
-            cap += float(o["alpha_cap"])
-            if o["alpha_mode"] == "closed_form":
+            cap += float(o.alpha_cap)
+            if o.alpha_mode == "closed_form":
                 pc = candidates_closed_form(out_u["embed"], out_u["logits"], anchors, W, cap, device=dev)
             else:
                 with torch.enable_grad():
                     pc = candidates_learned(out_u["embed"], out_u["logits"], anchors, head.fc, min(cap, 1.0), gen=gen,
-                                            device=dev, iters=int(o["alpha_learning_iters"]),
-                                            lr=float(o["alpha_learning_rate"]), clf_coef=float(o["alpha_clf_coef"]),
-                                            l2_coef=float(o["alpha_l2_coef"]))
+                                            device=dev, iters=int(o.alpha_learning_iters),
+                                            lr=float(o.alpha_learning_rate), clf_coef=float(o.alpha_clf_coef),
+                                            l2_coef=float(o.alpha_l2_coef))
             cand |= pc
             caps_used.append([round(cap, 4), int(pc.sum())])
             if cand.sum() > k:
                 break
+        return cand, caps_used
+
+    def query(self, state, k, ctx):
+        o, dev = self.options, state.device
+        head, _ = state.train_head()
+        out_u = head_outputs(head, state.store, state.unlabelled_rows, device=dev)
+        emb_l = head_outputs(head, state.store, state.labelled_rows, device=dev, what=("embed",))["embed"]
+        anchors = class_anchors(emb_l, state.labels, state.num_classes)
+        cand, caps_used = self.candidates(state, out_u, anchors, head, k)
         cand_idx = np.flatnonzero(cand)
         state.info.update(candidates=int(len(cand_idx)), alpha_caps=caps_used)
         picks = np.zeros(0, dtype=np.int64)
         if len(cand_idx):
             feats = out_u["embed"][cand_idx]
             feats = feats / np.maximum(np.linalg.norm(feats, axis=1, keepdims=True), 1e-12)
-            sel = kmeans_pick(feats, min(k, len(cand_idx)), seed=state.seed, n_init=int(o["kmeans_n_init"]),
-                              backend=o["kmeans_backend"])
+            sel = kmeans_pick(feats, min(k, len(cand_idx)), seed=state.seed, n_init=int(o.kmeans_n_init),
+                              backend=o.kmeans_backend)
             picks = state.unlabelled_rows[cand_idx[sel]]
         picks, n_random = fill_random(picks, k, state)
         state.info["random_fill"] = n_random

@@ -3,7 +3,9 @@
 Not in the ActiveFT paper: its successor from the same group, and the strongest one-shot active-finetuning
 method we know of. Two stages, label-free, one shot:
 
-1. Core samples (from ActiveFT, Xie et al. CVPR 2023, this repository's ``activeft``): K pseudo-class centres.
+1. Core samples (from ActiveFT, Xie et al. CVPR 2023, this repository's ``activeft`` method, reached through
+   the method registry with the ``temperature``, ``iters``, ``lr`` and ``objective`` options): K pseudo-class
+   centres.
    K is the ``cores`` option, else ``core_pool_ratio`` x N (the released subsets use 0.1% of N for CIFAR-10,
    0.5% for CIFAR-100 and ImageNet), capped at ``max_core_fraction`` x B (their smallest setting has B = 2K).
 2. Boundary samples (from BiLAF), following the authors' released code (github.com/Thinklab-SJTU/BiLAF,
@@ -33,22 +35,24 @@ Departures from the released code, and why:
   size with the excess passed on (the code could pick duplicates), and if the denoised pool is smaller than
   the budget the rest is filled with denoised-out samples nearest their core (``info["filled"]``).
 - K <= B / 2 by default (``max_core_fraction``); with B = 1 the selection is ActiveFT's single core.
+
+Under a distributed launch both stages run on rank 0 (ActiveFT in that one process) and every rank gets the
+selection.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from baselines._labelfree import as_tensor, finish, on_main, parse_options, pool_array, pool_budget, resolve_device
-from bench_suite.methods.registry import register
-from bench_suite.errors import BadInputError
+from baselines._labelfree import as_tensor, fraction, pool_array
+from bench_suite.methods import Pool, Selector, register, registry
+from bench_suite.options import opt
+from bench_suite.runtime import Runtime
 
-DEFAULTS = {"cores": None, "core_pool_ratio": 0.001, "max_core_fraction": 0.5, "knn": 10, "growth": 0.1,
-            "remove": 0.1, "penalty": 1.1, "min_denoise": 10, "temperature": 0.07, "iters": 300, "lr": 1e-3,
-            "objective": "official", "device": "auto"}
 TILE = 8192
 
 
@@ -148,81 +152,89 @@ def boundary_picks(xc: torch.Tensor, core: int, b_dist: torch.Tensor, opp: torch
     return picks
 
 
+def _below_one(value) -> str | None:
+    return None if 0 <= value < 1 else "in [0, 1)"
+
+
 @register
-class BiLAF:
+class BiLAF(Selector):
     name = "bilaf"
     label = "BiLAF"
     description = "BiLAF (Lu et al., NeurIPS 2024): ActiveFT core samples + denoised boundary samples per pseudo-class"
     label_free = True
+    quick_options = {"iters": 60}  # the registry's contract tests: a shorter ActiveFT stage
 
-    def __init__(self, **config):
-        self.config = parse_options(self.name, config, DEFAULTS)
-        c = self.config
-        for key in ("core_pool_ratio", "max_core_fraction", "growth"):
-            if not 0 < float(c[key]) <= 1:
-                raise BadInputError(f"{self.name}: {key} must be in (0, 1], got {c[key]!r}")
-        if not 0 <= float(c["remove"]) < 1:
-            raise BadInputError(f"{self.name}: remove must be in [0, 1), got {c['remove']!r}")
-        if float(c["penalty"]) < 1:
-            raise BadInputError(f"{self.name}: penalty must be >= 1, got {c['penalty']!r}")
-        for key in ("knn", "min_denoise") + (("cores",) if c["cores"] is not None else ()):
-            if int(c[key]) != c[key] or int(c[key]) < 1:
-                raise BadInputError(f"{self.name}: {key} must be a positive integer, got {c[key]!r}")
+    @dataclass
+    class Options:
+        cores: int | None = opt(None, minimum=1, doc="K core samples (None: core_pool_ratio x N)")
+        core_pool_ratio: float = opt(0.001, check=fraction, doc="K = this x N when cores is None")
+        max_core_fraction: float = opt(0.5, check=fraction, doc="K is capped at this x B")
+        knn: int = opt(10, minimum=1, doc="denoising: neighbours of the density")
+        growth: float = opt(0.1, check=fraction, doc="denoising: level size, a fraction of the pseudo-class")
+        remove: float = opt(0.1, check=_below_one, doc="denoising: fraction of the last members to join dropped")
+        penalty: float = opt(1.1, minimum=1, doc="opponent penalty delta of the boundary score")
+        min_denoise: int = opt(10, minimum=1, doc="pseudo-classes smaller than this are not denoised")
+        # stage 1's ActiveFT options; ActiveFT checks them (when BiLAF is built)
+        temperature: float = opt(0.07, doc="ActiveFT (core samples): temperature")
+        iters: int = opt(300, doc="ActiveFT (core samples): iterations")
+        lr: float = opt(1e-3, doc="ActiveFT (core samples): learning rate")
+        objective: str = opt("official", doc="ActiveFT (core samples): objective (official | paper)")
+        device: str = opt("auto", doc="auto (the rank's local GPU, else cpu) | cpu | cuda | cuda:N")
+
+    def __init__(self, **options):
+        super().__init__(**options)
+        self.core_selector(self.options.device)  # ActiveFT checks its options now rather than at select time
+
+    def core_selector(self, device: str):
+        """The ActiveFT selector of stage 1, from the registry."""
+        o = self.options
+        return registry.get("activeft", temperature=o.temperature, iters=o.iters, lr=o.lr, objective=o.objective,
+                            device=device, progress=False)
 
     def n_cores(self, n: int, budget: int) -> int:
-        c = self.config
-        k = int(c["cores"]) if c["cores"] is not None else max(1, round(float(c["core_pool_ratio"]) * n))
-        return max(1, min(k, int(float(c["max_core_fraction"]) * budget), budget))
+        o = self.options
+        k = o.cores if o.cores is not None else max(1, round(o.core_pool_ratio * n))
+        return max(1, min(k, int(o.max_core_fraction * budget), budget))
 
-    def select(self, store, budget, *, seed, oracle=None, dist=None):
-        from bench_suite.activeft import ActiveFT
-
+    def choose(self, pool: Pool):
+        o, store, device, budget = self.options, pool.store, pool.device, pool.budget
+        n = pool.n
+        k = self.n_cores(n, budget)
         t0 = time.perf_counter()
-        budget = pool_budget(self.name, store, budget)
-        c = self.config
-        device = resolve_device(self.name, c["device"])
-
-        def run():
-            n = len(store)
-            k = self.n_cores(n, budget)
-            core_sel = ActiveFT(temperature=c["temperature"], iters=c["iters"], lr=c["lr"], objective=c["objective"],
-                                device=str(device), progress=False).select(store, k, seed=int(seed))
-            core_rows = np.asarray(store.rows_of_ids(core_sel.ids), dtype=np.int64)
-            t_core = time.perf_counter() - t0
-            x = as_tensor(pool_array(store), device)
-            own, opp, b_all = nearest_two_cores(x, x[torch.as_tensor(core_rows, device=device)])
-            own[torch.as_tensor(core_rows, device=device)] = torch.arange(k, device=device)  # duplicates
-            own_np = own.cpu().numpy()
-            members, kept = [], []
-            for j, core_row in enumerate(core_rows):
-                rows = np.flatnonzero(own_np == j)
-                members.append(rows)
-                local_core = int(np.searchsorted(rows, core_row))
-                keep = denoise(x[torch.as_tensor(rows, device=device)], local_core, knn=int(c["knn"]),
-                               growth=float(c["growth"]), remove=float(c["remove"]), min_size=int(c["min_denoise"]))
-                kept.append(rows[keep])  # kept[j][0] is the core
-            alloc = allocate(np.array([len(r) for r in kept]), budget)
-            picked = []
-            for j, rows in enumerate(kept):
-                xc = x[torch.as_tensor(rows, device=device)]
-                rows_t = torch.as_tensor(rows, device=device)
-                local = boundary_picks(xc, 0, b_all[rows_t], opp[rows_t], k, int(alloc[j]), float(c["penalty"]))
-                picked.extend(rows[local].tolist())
-            filled = 0
-            if len(picked) < budget:  # the denoised pool is smaller than the budget: nearest-to-core removed ones
-                taken = set(picked)
-                rest = np.array([r for r in range(n) if r not in taken], dtype=np.int64)
-                core_of = torch.as_tensor(core_rows[own_np[rest]], device=device)
-                d = (x[torch.as_tensor(rest, device=device)] * x[core_of]).sum(1)
-                extra = rest[torch.argsort(-d, stable=True).cpu().numpy()[: budget - len(picked)]]
-                picked.extend(extra.tolist())
-                filled = len(extra)
-            info = {"cores": k, "core_ids": core_sel.ids.tolist(), "core_seconds": round(t_core, 4),
-                    "denoised_out": int(sum(len(m) - len(kk) for m, kk in zip(members, kept))),
-                    "allocation": alloc.tolist(), "filled": filled,
-                    "activeft_final_loss": core_sel.info.get("final_loss")}
-            return np.asarray(picked, dtype=np.int64), info
-
-        out = on_main(dist, run)
-        rows, info = out if out is not None else (None, None)
-        return finish(self.name, store, rows, budget, seed, t0, self.config, info, dist)
+        # stage 1 runs here, in this one process (rank 0 under a distributed launch), hence a one-process Runtime
+        core_sel = self.core_selector(str(device)).select(store, k, seed=pool.seed, dist=Runtime())
+        core_rows = np.asarray(store.rows_of_ids(core_sel.ids), dtype=np.int64)
+        t_core = time.perf_counter() - t0
+        x = as_tensor(pool_array(store), device)
+        own, opp, b_all = nearest_two_cores(x, x[torch.as_tensor(core_rows, device=device)])
+        own[torch.as_tensor(core_rows, device=device)] = torch.arange(k, device=device)  # duplicates
+        own_np = own.cpu().numpy()
+        members, kept = [], []
+        for j, core_row in enumerate(core_rows):
+            rows = np.flatnonzero(own_np == j)
+            members.append(rows)
+            local_core = int(np.searchsorted(rows, core_row))
+            keep = denoise(x[torch.as_tensor(rows, device=device)], local_core, knn=o.knn, growth=o.growth,
+                           remove=o.remove, min_size=o.min_denoise)
+            kept.append(rows[keep])  # kept[j][0] is the core
+        alloc = allocate(np.array([len(r) for r in kept]), budget)
+        picked = []
+        for j, rows in enumerate(kept):
+            xc = x[torch.as_tensor(rows, device=device)]
+            rows_t = torch.as_tensor(rows, device=device)
+            local = boundary_picks(xc, 0, b_all[rows_t], opp[rows_t], k, int(alloc[j]), o.penalty)
+            picked.extend(rows[local].tolist())
+        filled = 0
+        if len(picked) < budget:  # the denoised pool is smaller than the budget: nearest-to-core removed ones
+            taken = set(picked)
+            rest = np.array([r for r in range(n) if r not in taken], dtype=np.int64)
+            core_of = torch.as_tensor(core_rows[own_np[rest]], device=device)
+            d = (x[torch.as_tensor(rest, device=device)] * x[core_of]).sum(1)
+            extra = rest[torch.argsort(-d, stable=True).cpu().numpy()[: budget - len(picked)]]
+            picked.extend(extra.tolist())
+            filled = len(extra)
+        info = {"cores": k, "core_ids": core_sel.ids.tolist(), "core_seconds": round(t_core, 4),
+                "denoised_out": int(sum(len(m) - len(kk) for m, kk in zip(members, kept))),
+                "allocation": alloc.tolist(), "filled": filled,
+                "activeft_final_loss": core_sel.info.get("final_loss")}
+        return np.asarray(picked, dtype=np.int64), info

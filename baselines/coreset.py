@@ -1,5 +1,5 @@
 """CoreSet (Sener & Savarese, "Active Learning for Convolutional Neural Networks: A Core-Set Approach",
-ICLR 2018), transplanted with the ActiveFT paper's batch protocol (appendix B.3; see baselines/_al_common.py).
+ICLR 2018), transplanted with the ActiveFT paper's batch protocol (appendix B.3; see baselines/_al_protocol.py).
 
 Each round: retrain the task model on all labels bought so far, embed the whole pool with it (the
 penultimate layer - here the head's last hidden layer, 256-d by default), then pick the batch by k-center
@@ -7,7 +7,7 @@ greedy (the paper's Algorithm 1): repeatedly take the unlabelled sample farthest
 nearest labelled-or-picked sample, and make it a centre.
 
 Hyper-parameters: Euclidean distance in the task model's embedding as in the paper; the head recipe of
-_al_common (Adam, lr 1e-2, 100 epochs, one hidden layer of 256); sizes from the protocol.
+baselines/_al_head.py (Adam, lr 1e-2, 100 epochs, one hidden layer of 256); sizes from the protocol.
 
 Implementation: the N-vector of distances to the nearest centre is initialised in blocks (rows x centres,
 ``block`` rows at a time), then updated in O(N) per pick with ||a||^2 + ||b||^2 - 2ab - memory O(N) besides
@@ -26,12 +26,16 @@ Departures from the original, and why:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
-from baselines._al_common import ActiveLearner, head_outputs, positive_int
-from bench_suite.methods.registry import register
+from baselines._al_head import head_outputs
+from baselines._al_protocol import ActiveLearner, LearnerOptions
 from bench_suite.errors import BadInputError
+from bench_suite.methods import register
+from bench_suite.options import opt
 
 
 def kcenter_greedy(emb, centre_rows, k: int, *, device="cpu", block: int = 65536):
@@ -75,14 +79,14 @@ class CoreSet(ActiveLearner):
     name = "coreset"
     label = "CoreSet"
     description = "CoreSet (Sener & Savarese 2018): k-center greedy in the task model's embedding, B.3 batch protocol"
-    method_defaults = {"block": 65536}
 
-    def check_options(self):
-        positive_int("coreset: block", self.opts["block"])
+    @dataclass
+    class Options(LearnerOptions):
+        block: int = opt(65536, minimum=1, doc="rows per block in the distance passes")
 
     def query(self, state, k, ctx):
         head, _ = state.train_head()
         emb = head_outputs(head, state.store, device=state.device, what=("embed",))["embed"]
-        picks, radii = kcenter_greedy(emb, state.labelled_rows, k, device=state.device, block=int(self.opts["block"]))
+        picks, radii = kcenter_greedy(emb, state.labelled_rows, k, device=state.device, block=int(self.options.block))
         state.info["radius"] = [round(r, 6) for r in radii]  # greedy radius before each pick
         return picks

@@ -6,7 +6,9 @@ Algorithm: the first centre is a row drawn uniformly at random with the seed
 (``numpy.random.default_rng(seed).integers(N)``); then B - 1 times, the sample whose cosine distance
 ``1 - <f_i, f_c>`` to its nearest chosen centre is largest becomes a centre (first row on exact ties).
 The N-vector of distances to the nearest centre is updated with one N x d mat-vec per pick, so memory is
-O(N) besides the features, and time O(B N d) (torch; runs on a GPU with ``device=cuda`` or ``auto``).
+O(N) besides the features, and time O(B N d) (torch; runs on a GPU with ``device=cuda`` or ``auto``, which
+is the rank's local GPU when torch sees one; under a distributed launch rank 0 selects and every rank gets
+its answer).
 
 Hyper-parameters: cosine distance, as the ActiveFT paper says ("in accordance with the pretraining
 process [DINO], we apply cosine distance"); ``device`` (auto | cpu | cuda, default auto).
@@ -20,15 +22,14 @@ different selections).
 
 from __future__ import annotations
 
-import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from baselines._labelfree import as_tensor, finish, on_main, parse_options, pool_array, pool_budget, resolve_device
-from bench_suite.methods.registry import register
-
-DEFAULTS = {"device": "auto"}
+from baselines._labelfree import as_tensor, pool_array
+from bench_suite.methods import Pool, Selector, register
+from bench_suite.options import opt
 
 
 @torch.no_grad()
@@ -55,29 +56,22 @@ def kcenter_greedy_cosine(x: torch.Tensor, budget: int, start: int):
 
 
 @register
-class FDS:
+class FDS(Selector):
     name = "fds"
     label = "FDS"
     description = "FDS / K-Center-Greedy (ActiveFT paper baseline): farthest-point picks, cosine distance, seeded start"
     label_free = True
 
-    def __init__(self, **config):
-        self.config = parse_options(self.name, config, DEFAULTS)
+    @dataclass
+    class Options:
+        device: str = opt("auto", doc="auto (the rank's local GPU, else cpu) | cpu | cuda | cuda:N")
 
-    def select(self, store, budget, *, seed, oracle=None, dist=None):
-        t0 = time.perf_counter()
-        budget = pool_budget(self.name, store, budget)
-        device = resolve_device(self.name, self.config["device"])
-
-        def run():
-            x = as_tensor(pool_array(store), device)
-            start = int(np.random.default_rng(int(seed)).integers(x.shape[0]))
-            rows, radii, final = kcenter_greedy_cosine(x, budget, start)
-            self.radii_ = np.asarray(radii)
-            info = {"start_id": int(store.ids[start]), "covering_radius": final,
-                    "radius_first": radii[0] if radii else final, "device": str(device)}
-            return rows, info
-
-        out = on_main(dist, run)
-        rows, info = out if out is not None else (None, None)
-        return finish(self.name, store, rows, budget, seed, t0, self.config, info, dist)
+    def choose(self, pool: Pool):
+        store, device = pool.store, pool.device
+        x = as_tensor(pool_array(store), device)
+        start = int(np.random.default_rng(pool.seed).integers(x.shape[0]))
+        rows, radii, final = kcenter_greedy_cosine(x, pool.budget, start)
+        self.radii_ = np.asarray(radii)
+        info = {"start_id": int(store.ids[start]), "covering_radius": final,
+                "radius_first": radii[0] if radii else final, "device": str(device)}
+        return rows, info

@@ -44,9 +44,10 @@ the features (2 GB) and centroids fit in GPU memory. Two ways, both picked by
     ``conda install -c pytorch faiss-gpu``) in place of faiss-cpu; ``kmeans_backend=auto`` then uses
     ``faiss.Kmeans(..., spherical=True, gpu=True)`` (all visible GPUs).
   - torch: with only the project's pinned torch (CUDA build) installed, ``kmeans_backend=auto`` falls back to
-    the torch implementation in baselines/_knn.py (same algorithm: seeded random init, Lloyd, spherical,
+    the torch implementation in baselines/_labelfree.py (same algorithm: seeded random init, Lloyd, spherical,
     tiles of 16M similarities, deterministic sums via one-hot GEMMs).
-The nearest-sample step is one more tiled K x N pass on the same device. For example:
+The nearest-sample step is one more tiled K x N pass on the same device. ``auto`` is the rank's local GPU;
+under a distributed launch rank 0 clusters the whole pool and every rank gets its selection. For example:
 ``python -m bench_suite.cli.select --features STORE --ratio 0.01 --method kmeans --set device=cuda --out sel.json``.
 
 Departures from the paper: the paper does not say which k-means implementation or initialisation it used; we
@@ -56,48 +57,42 @@ unit-norm features, with faiss's random initialisation (k-means++ seeding is opt
 
 from __future__ import annotations
 
-import time
+from dataclasses import dataclass
 
 import numpy as np
 
-from baselines._labelfree import (as_tensor, choose_backend, finish, nearest_unique, on_main, parse_options, pool_array,
-                            pool_budget, positive_int, resolve_device, spherical_kmeans)
-from bench_suite.methods.registry import register
-
-DEFAULTS = {"niter": 25, "init": "random", "kmeans_backend": "auto", "device": "auto", "max_points_per_centroid": None}
+from baselines._labelfree import (KMEANS_BACKENDS, KMEANS_INITS, as_tensor, choose_backend, nearest_unique, pool_array,
+                                  spherical_kmeans)
+from bench_suite.methods import Pool, Selector, register
+from bench_suite.options import opt
 
 
 @register
-class KMeansSelector:
+class KMeansSelector(Selector):
     name = "kmeans"
     label = "K-Means"
     description = "K-Means (ActiveFT paper baseline): spherical k-means with K = B, the sample nearest each centre"
     label_free = True
 
-    def __init__(self, **config):
-        self.config = parse_options(self.name, config, DEFAULTS)
-        positive_int(self.name, "niter", self.config["niter"])
-        positive_int(self.name, "max_points_per_centroid", self.config["max_points_per_centroid"], allow_none=True)
+    @dataclass
+    class Options:
+        niter: int = opt(25, minimum=1, doc="Lloyd iterations at most (stops earlier once the assignment is stable)")
+        init: str = opt("random", choices=KMEANS_INITS, doc="initial centroids (kmeans++: faiss CPU only)")
+        kmeans_backend: str = opt("auto", choices=KMEANS_BACKENDS, doc="auto: faiss; torch on a GPU without faiss-gpu")
+        device: str = opt("auto", doc="auto (the rank's local GPU, else cpu) | cpu | cuda | cuda:N")
+        max_points_per_centroid: int | None = opt(None, minimum=1, doc="None: cluster every sample; else faiss "
+                                                                       "subsamples the pool to K x this")
 
-    def select(self, store, budget, *, seed, oracle=None, dist=None):
-        t0 = time.perf_counter()
-        budget = pool_budget(self.name, store, budget)
-        device = resolve_device(self.name, self.config["device"])
-        backend = choose_backend(self.name, self.config["kmeans_backend"], device)
-
-        def run():
-            x = pool_array(store)
-            km = spherical_kmeans(x, budget, seed=int(seed), niter=self.config["niter"], backend=backend,
-                                  device=device, init=self.config["init"],
-                                  max_points_per_centroid=self.config["max_points_per_centroid"])
-            rows, conflicts = nearest_unique(as_tensor(x, device), as_tensor(km.centroids, device))
-            self.centroids_, self.clusters_ = km.centroids, km.labels
-            sizes = np.bincount(km.labels, minlength=budget)
-            info = {"backend": km.backend, "iterations": km.iterations, "kmeans_seconds": round(km.seconds, 4),
-                    "mean_cos_to_centre": km.objective, "conflicts": conflicts,
-                    "empty_clusters": int((sizes == 0).sum()), "largest_cluster": int(sizes.max())}
-            return rows, info
-
-        out = on_main(dist, run)
-        rows, info = out if out is not None else (None, None)
-        return finish(self.name, store, rows, budget, seed, t0, self.config, info, dist)
+    def choose(self, pool: Pool):
+        o, budget, device = self.options, pool.budget, pool.device
+        backend = choose_backend(self.name, o.kmeans_backend, device)
+        x = pool_array(pool.store)
+        km = spherical_kmeans(x, budget, seed=pool.seed, niter=o.niter, backend=backend, device=device, init=o.init,
+                              max_points_per_centroid=o.max_points_per_centroid)
+        rows, conflicts = nearest_unique(as_tensor(x, device), as_tensor(km.centroids, device))
+        self.centroids_, self.clusters_ = km.centroids, km.labels
+        sizes = np.bincount(km.labels, minlength=budget)
+        info = {"backend": km.backend, "iterations": km.iterations, "kmeans_seconds": round(km.seconds, 4),
+                "mean_cos_to_centre": km.objective, "conflicts": conflicts,
+                "empty_clusters": int((sizes == 0).sum()), "largest_cluster": int(sizes.max())}
+        return rows, info

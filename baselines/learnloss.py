@@ -1,5 +1,5 @@
 """LearnLoss (Yoo & Kweon, "Learning Loss for Active Learning", CVPR 2019), transplanted with the ActiveFT
-paper's batch protocol (appendix B.3; see baselines/_al_common.py).
+paper's batch protocol (appendix B.3; see baselines/_al_protocol.py).
 
 Each round: train the task model jointly with a loss prediction module on all labels bought so far, draw a
 random subset of the unlabelled pool, predict every subset sample's loss, and buy the labels of the
@@ -30,29 +30,13 @@ Departures from the original, and why:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
-from baselines._al_common import ActiveLearner, head_outputs
-from bench_suite.methods.registry import register
-from bench_suite.errors import BadInputError
-
-
-def check_ll_options(name, opts):
-    for key in ("subset_size", "margin", "loss_weight", "stop_grad_frac"):
-        if isinstance(opts[key], bool) or not isinstance(opts[key], (int, float)):
-            raise BadInputError(f"{name}: {key} must be a number, got {opts[key]!r}")
-    if int(opts["subset_size"]) != opts["subset_size"] or opts["subset_size"] < 0:
-        raise BadInputError(f"{name}: subset_size must be >= 0 (0 = the whole unlabelled pool), got {opts['subset_size']!r}")
-    if not 0 <= float(opts["stop_grad_frac"]) <= 1:
-        raise BadInputError(f"{name}: stop_grad_frac must be in [0, 1], got {opts['stop_grad_frac']!r}")
-    if float(opts["margin"]) < 0 or float(opts["loss_weight"]) < 0:
-        raise BadInputError(f"{name}: margin and loss_weight must be >= 0")
-
-
-def train_with_lossnet(state, opts, ranking: str):
-    stop = int(round(float(opts["stop_grad_frac"]) * state.selector.head.epochs))
-    return state.train_head(loss_module=True, ranking=ranking, margin=float(opts["margin"]),
-                            weight=float(opts["loss_weight"]), stop_grad_epoch=stop)
+from baselines._al_head import RankerOptions, head_outputs
+from baselines._al_protocol import ActiveLearner, LearnerOptions
+from bench_suite.methods import register
 
 
 @register
@@ -60,14 +44,15 @@ class LearnLoss(ActiveLearner):
     name = "learnloss"
     label = "LearnLoss"
     description = "LearnLoss (Yoo & Kweon 2019): highest predicted loss in a random unlabelled subset, B.3 batch protocol"
-    method_defaults = {"subset_size": 10000, "margin": 1.0, "loss_weight": 1.0, "stop_grad_frac": 0.6}
 
-    def check_options(self):
-        check_ll_options(self.name, self.opts)
+    @dataclass
+    class Options(RankerOptions, LearnerOptions):
+        """The protocol's and the head's options, and the loss prediction module's (baselines/_al_head.py)."""
 
     def query(self, state, k, ctx):
-        head, net = train_with_lossnet(state, self.opts, "margin")
-        subset = state.random_subset(int(self.opts["subset_size"]), k)
+        o = self.options
+        head, net = state.train_head_and_ranker(o, "margin")
+        subset = state.random_subset(int(o.subset_size), k)
         pred = head_outputs(head, state.store, subset, device=state.device, what=(), lossnet=net)["pred_loss"]
         order = np.argsort(-pred, kind="stable")[:k]
         state.info["pred_loss_picked_mean"] = round(float(pred[order].mean()), 5)

@@ -48,20 +48,22 @@ from __future__ import annotations
 
 import logging
 import math
-import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from baselines._labelfree import (_blocks, as_tensor, choose_backend, finish, max_sim_other_label, on_main,
-                            parse_options, pool_array, pool_budget, positive_int, resolve_device, spherical_kmeans)
-from bench_suite.methods.registry import register
+from baselines._labelfree import (KMEANS_BACKENDS, KMEANS_INITS, _blocks, as_tensor, choose_backend, fraction,
+                                  max_sim_other_label, pool_array, spherical_kmeans)
 from bench_suite.errors import BadInputError
+from bench_suite.methods import Pool, Selector, register
+from bench_suite.options import opt
 
 log = logging.getLogger(__name__)
 
-DEFAULTS = {"alpha": 0.95, "num_classes": None, "delta": None, "niter": 25, "init": "random",
-            "kmeans_backend": "auto", "device": "auto", "max_edges": 400_000_000}
+
+def _positive_delta(delta) -> str | None:
+    return None if delta > 0 else "a positive number (L2 on unit features)"
 
 
 def purity_threshold(max_other: np.ndarray, alpha: float) -> float:
@@ -153,28 +155,27 @@ def greedy_cover(graph, budget: int, rng: np.random.Generator):
 
 
 @register
-class ProbCover:
+class ProbCover(Selector):
     name = "probcover"
     label = "ProbCover"
     description = "ProbCover (Yehuda et al., NeurIPS 2022): greedy max coverage of delta-balls, delta by k-means purity"
     label_free = True
 
-    def __init__(self, **config):
-        self.config = parse_options(self.name, config, DEFAULTS)
-        alpha = self.config["alpha"]
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha <= 1:
-            raise BadInputError(f"probcover: option alpha must be in (0, 1], got {alpha!r}")
-        delta = self.config["delta"]
-        if delta is not None and (isinstance(delta, bool) or not isinstance(delta, (int, float)) or delta <= 0):
-            raise BadInputError(f"probcover: option delta must be a positive number (L2 on unit features), "
-                                f"got {delta!r}")
-        positive_int(self.name, "num_classes", self.config["num_classes"], allow_none=True, minimum=2)
-        positive_int(self.name, "niter", self.config["niter"])
-        positive_int(self.name, "max_edges", self.config["max_edges"])
+    @dataclass
+    class Options:
+        alpha: float = opt(0.95, check=fraction, doc="purity the delta must reach (the paper's 0.95)")
+        num_classes: int | None = opt(None, minimum=2, doc="pseudo-classes of the purity heuristic (None: the "
+                                                           "store's meta num_classes / classes, else 10)")
+        delta: float | None = opt(None, check=_positive_delta, doc="ball radius (L2); None: the purity heuristic")
+        niter: int = opt(25, minimum=1, doc="k-means: Lloyd iterations at most")
+        init: str = opt("random", choices=KMEANS_INITS, doc="k-means: initial centroids (kmeans++: faiss CPU only)")
+        kmeans_backend: str = opt("auto", choices=KMEANS_BACKENDS, doc="auto: faiss; torch on a GPU without faiss-gpu")
+        device: str = opt("auto", doc="auto (the rank's local GPU, else cpu) | cpu | cuda | cuda:N")
+        max_edges: int = opt(400_000_000, minimum=1, doc="refuse a delta-ball graph larger than this (~10 B/edge)")
 
     def _num_classes(self, store) -> int:
-        if self.config["num_classes"] is not None:
-            return int(self.config["num_classes"])
+        if self.options.num_classes is not None:
+            return self.options.num_classes
         meta = store.meta or {}
         if meta.get("num_classes"):
             return int(meta["num_classes"])
@@ -182,41 +183,32 @@ class ProbCover:
             return len(meta["classes"])
         return 10
 
-    def select(self, store, budget, *, seed, oracle=None, dist=None):
-        t0 = time.perf_counter()
-        budget = pool_budget(self.name, store, budget)
-        device = resolve_device(self.name, self.config["device"])
-        backend = choose_backend(self.name, self.config["kmeans_backend"], device)
-
-        def run():
-            x_np = pool_array(store)
-            x = as_tensor(x_np, device)
-            n = x_np.shape[0]
-            info = {}
-            if self.config["delta"] is None:
-                k = min(self._num_classes(store), n)
-                km = spherical_kmeans(x_np, k, seed=int(seed), niter=self.config["niter"], backend=backend,
-                                      device=device, init=self.config["init"])
-                max_other = max_sim_other_label(x, as_tensor(km.labels, device)).cpu().numpy()
-                thr = purity_threshold(max_other, float(self.config["alpha"]))
-                if not math.isfinite(thr):  # one pseudo-class only: every ball is pure
-                    thr = -1.0 - 1e-6
-                purity = float(np.mean(max_other <= thr))
-                self.pseudo_labels_ = km.labels
-                info.update(pseudo_classes=k, backend=km.backend, kmeans_seconds=round(km.seconds, 4))
-            else:
-                thr = 1.0 - float(self.config["delta"]) ** 2 / 2.0
-                purity = None
-            graph = delta_graph(x, thr, max_edges=int(self.config["max_edges"]))
-            rows, curve, random_picks = greedy_cover(graph, budget, np.random.default_rng(int(seed)))
-            self.coverage_, self.threshold_ = curve, thr
-            self.delta_ = sim_to_delta(thr) if self.config["delta"] is None else float(self.config["delta"])
-            info.update(delta=self.delta_, purity=purity, edges=int(graph.nnz),
-                        mean_ball=round(graph.nnz / n, 3), coverage=float(curve[-1]), random_picks=random_picks)
-            log.info("probcover: delta %.4f (purity %s), %d edges, coverage %.3f, %d random picks",
-                     self.delta_, purity, graph.nnz, curve[-1], random_picks)
-            return rows, info
-
-        out = on_main(dist, run)
-        rows, info = out if out is not None else (None, None)
-        return finish(self.name, store, rows, budget, seed, t0, self.config, info, dist)
+    def choose(self, pool: Pool):
+        o, store, device = self.options, pool.store, pool.device
+        backend = choose_backend(self.name, o.kmeans_backend, device)
+        x_np = pool_array(store)
+        x = as_tensor(x_np, device)
+        n = x_np.shape[0]
+        info = {}
+        if o.delta is None:
+            k = min(self._num_classes(store), n)
+            km = spherical_kmeans(x_np, k, seed=pool.seed, niter=o.niter, backend=backend, device=device, init=o.init)
+            max_other = max_sim_other_label(x, as_tensor(km.labels, device)).cpu().numpy()
+            thr = purity_threshold(max_other, o.alpha)
+            if not math.isfinite(thr):  # one pseudo-class only: every ball is pure
+                thr = -1.0 - 1e-6
+            purity = float(np.mean(max_other <= thr))
+            self.pseudo_labels_ = km.labels
+            info.update(pseudo_classes=k, backend=km.backend, kmeans_seconds=round(km.seconds, 4))
+        else:
+            thr = 1.0 - o.delta ** 2 / 2.0
+            purity = None
+        graph = delta_graph(x, thr, max_edges=o.max_edges)
+        rows, curve, random_picks = greedy_cover(graph, pool.budget, np.random.default_rng(pool.seed))
+        self.coverage_, self.threshold_ = curve, thr
+        self.delta_ = sim_to_delta(thr) if o.delta is None else o.delta
+        info.update(delta=self.delta_, purity=purity, edges=int(graph.nnz),
+                    mean_ball=round(graph.nnz / n, 3), coverage=float(curve[-1]), random_picks=random_picks)
+        log.info("probcover: delta %.4f (purity %s), %d edges, coverage %.3f, %d random picks",
+                 self.delta_, purity, graph.nnz, curve[-1], random_picks)
+        return rows, info

@@ -44,17 +44,15 @@ Departures from the original, and why:
 
 from __future__ import annotations
 
-import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from baselines._labelfree import (as_tensor, choose_backend, finish, on_main, parse_options, pool_array, pool_budget,
-                            positive_int, resolve_device, spherical_kmeans, topk_sim)
-from bench_suite.methods.registry import register
-
-DEFAULTS = {"max_clusters": 500, "min_cluster_size": 5, "knn": 20, "niter": 25, "init": "random",
-            "kmeans_backend": "auto", "device": "auto"}
+from baselines._labelfree import (KMEANS_BACKENDS, KMEANS_INITS, as_tensor, choose_backend, pool_array,
+                                  spherical_kmeans, topk_sim)
+from bench_suite.methods import Pool, Selector, register
+from bench_suite.options import opt
 
 
 class ClusterTypicality:
@@ -149,38 +147,33 @@ def typiclust_rows(x_np: np.ndarray, labels: np.ndarray, budget: int, *, min_clu
 
 
 @register
-class TypiClust:
+class TypiClust(Selector):
     name = "typiclust"
     label = "TypiClust"
     description = "TypiClust (Hacohen et al., ICML 2022): most typical sample of the largest uncovered k-means clusters"
     label_free = True
 
-    def __init__(self, **config):
-        self.config = parse_options(self.name, config, DEFAULTS)
-        for key in ("max_clusters", "knn", "niter"):
-            positive_int(self.name, key, self.config[key])
-        positive_int(self.name, "min_cluster_size", self.config["min_cluster_size"], minimum=0)
+    @dataclass
+    class Options:
+        max_clusters: int = opt(500, minimum=1, doc="K = min(B, max_clusters) k-means clusters")
+        min_cluster_size: int = opt(5, minimum=0, doc="clusters of at most this many samples are skipped")
+        knn: int = opt(20, minimum=1, doc="neighbours of the typicality (min(knn, m // 2) for m samples left)")
+        niter: int = opt(25, minimum=1, doc="k-means: Lloyd iterations at most")
+        init: str = opt("random", choices=KMEANS_INITS, doc="k-means: initial centroids (kmeans++: faiss CPU only)")
+        kmeans_backend: str = opt("auto", choices=KMEANS_BACKENDS, doc="auto: faiss; torch on a GPU without faiss-gpu")
+        device: str = opt("auto", doc="auto (the rank's local GPU, else cpu) | cpu | cuda | cuda:N")
 
-    def select(self, store, budget, *, seed, oracle=None, dist=None):
-        t0 = time.perf_counter()
-        budget = pool_budget(self.name, store, budget)
-        device = resolve_device(self.name, self.config["device"])
-        backend = choose_backend(self.name, self.config["kmeans_backend"], device)
-        k_clusters = min(budget, int(self.config["max_clusters"]))
-
-        def run():
-            x = pool_array(store)
-            km = spherical_kmeans(x, k_clusters, seed=int(seed), niter=self.config["niter"], backend=backend,
-                                  device=device, init=self.config["init"])
-            rows, from_small, n_kept, n_small = typiclust_rows(
-                x, km.labels, budget, min_cluster_size=int(self.config["min_cluster_size"]),
-                knn=int(self.config["knn"]), device=device)
-            self.clusters_ = km.labels
-            info = {"clusters": k_clusters, "kept_clusters": n_kept, "small_clusters_skipped": n_small,
-                    "small_cluster_picks": from_small, "backend": km.backend, "iterations": km.iterations,
-                    "kmeans_seconds": round(km.seconds, 4)}
-            return rows, info
-
-        out = on_main(dist, run)
-        rows, info = out if out is not None else (None, None)
-        return finish(self.name, store, rows, budget, seed, t0, self.config, info, dist)
+    def choose(self, pool: Pool):
+        o, budget, device = self.options, pool.budget, pool.device
+        backend = choose_backend(self.name, o.kmeans_backend, device)
+        k_clusters = min(budget, o.max_clusters)
+        x = pool_array(pool.store)
+        km = spherical_kmeans(x, k_clusters, seed=pool.seed, niter=o.niter, backend=backend, device=device,
+                              init=o.init)
+        rows, from_small, n_kept, n_small = typiclust_rows(x, km.labels, budget, min_cluster_size=o.min_cluster_size,
+                                                           knn=o.knn, device=device)
+        self.clusters_ = km.labels
+        info = {"clusters": k_clusters, "kept_clusters": n_kept, "small_clusters_skipped": n_small,
+                "small_cluster_picks": from_small, "backend": km.backend, "iterations": km.iterations,
+                "kmeans_seconds": round(km.seconds, 4)}
+        return rows, info

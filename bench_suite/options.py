@@ -11,7 +11,9 @@
 Rules: an unknown key is an error that lists the known ones; ints accept integral floats and numeric
 strings, floats accept ints and numeric strings, bools accept true/false/yes/no/1/0; ``X | None`` accepts
 None; ``tuple[int, ...]`` accepts a list, a tuple, one number, or "a,b,c"; ``minimum`` / ``maximum`` /
-``choices`` / ``check`` (metadata set by ``opt``) are checked after the type. Every error is one line:
+``choices`` / ``check`` (metadata set by ``opt``) are checked after the type. Nested settings work too
+(profiles): a field typed as another dataclass takes a mapping, ``list[X]`` a list, ``dict[str, X]`` a
+mapping, and an error names the dotted path of the key. Every error is one line:
 ``<where>: option <key> must be ..., got <value>``.
 
 ``parse_set`` is the one parser of ``--set key=value`` pairs for every CLI: each value is read as a YAML
@@ -42,7 +44,9 @@ def opt(default=dataclasses.MISSING, *, minimum=None, maximum=None, choices=None
 
 
 def _fail(where: str, key: str, what: str, value) -> BadInputError:
-    return BadInputError(f"{where}: option {key} must be {what}, got {value!r}")
+    """``where`` is "<context>: <noun>" up to the key (e.g. "kmeans: option ", "profile cpu: tables.1.")."""
+    text = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
+    return BadInputError(f"{where}{key} must be {what}, got {text}")
 
 
 def _as_int(where, key, v) -> int:
@@ -130,10 +134,22 @@ def _convert(where: str, key: str, tp, value):
     if origin is tuple:
         args = typing.get_args(tp)
         return _as_float_tuple(where, key, value) if args and args[0] is float else _as_int_tuple(where, key, value)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise _fail(where, key, "a mapping", value)
+        return _coerce(tp, value, f"{where}{key}.")
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise _fail(where, key, "a list", value)
+        (inner,) = typing.get_args(tp) or (Any,)
+        return [_convert(where, f"{key}[{i}]", inner, v) for i, v in enumerate(value)]
     if origin is dict or tp is dict:
         if not isinstance(value, dict):
             raise _fail(where, key, "a mapping", value)
-        return dict(value)
+        args = typing.get_args(tp)
+        if len(args) != 2 or args[1] is Any:
+            return dict(value)
+        return {str(k): _convert(where, f"{key}.{k}", args[1], v) for k, v in value.items()}
     if tp is Any:
         return value
     if tp in _SCALARS:
@@ -141,7 +157,7 @@ def _convert(where: str, key: str, tp, value):
     raise TypeError(f"{where}: option {key} has an unsupported type {tp!r}")
 
 
-def _check_field(where: str, f: dataclasses.Field, value):
+def _check_field(where: str, f: dataclasses.Field, value):  # where: as in _fail
     if value is None:
         return
     meta = f.metadata
@@ -162,16 +178,29 @@ def _check_field(where: str, f: dataclasses.Field, value):
             raise _fail(where, f.name, err, value)
 
 
-def coerce(cls, given: dict | None, where: str, *, aliases: dict | None = None):
-    """``cls(**given)`` with every value converted to its field's type and checked; errors name ``where``."""
+def coerce(cls, given: dict | None, where: str, *, aliases: dict | None = None, noun: str = "option "):
+    """``cls(**given)`` with every value converted to its field's type and checked; errors name ``where``
+    (e.g. the method) and the key (``noun`` + the key's dotted path)."""
     given = dict(given or {})
     for old, new in (aliases or {}).items():
         if old in given:
             given.setdefault(new, given.pop(old))
+    return _coerce(cls, given, f"{where}: {noun}")
+
+
+def _coerce(cls, given: dict, where: str):
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(given) - set(fields))
+    unknown = sorted(str(k) for k in set(given) - set(fields))
+    ctx, _, path = where.rpartition(": ")  # "kmeans", "option " | "profile cpu", "tables.1."
     if unknown:
-        raise BadInputError(f"{where}: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(fields))}")
+        what = f"{path.strip()}(s)" if path.strip() else "key(s)"
+        names = ", ".join(f"{path if path.endswith('.') else ''}{k}" for k in unknown)
+        raise BadInputError(f"{ctx}: unknown {what if not path.endswith('.') else 'key(s)'} {names}; "
+                            f"known: {', '.join(sorted(fields))}")
+    missing = sorted(name for name, f in fields.items() if name not in given
+                     and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
+    if missing:
+        raise BadInputError(f"{where}{missing[0]} is required")
     hints = typing.get_type_hints(cls)
     values = {}
     for name, f in fields.items():
@@ -187,7 +216,7 @@ def coerce(cls, given: dict | None, where: str, *, aliases: dict | None = None):
     if post is not None:
         err = post()
         if err:
-            raise BadInputError(f"{where}: {err}")
+            raise BadInputError(f"{ctx}: {path[:-1] + ': ' if path.endswith('.') else ''}{err}")
     return out
 
 

@@ -64,11 +64,12 @@ def versions() -> str:
     return ", ".join(out)
 
 
-def provenance(profile: dict, seeds, world: int, extra: dict | None = None) -> dict:
+def provenance(profile, seeds, world: int, extra: dict | None = None) -> dict:
+    """Where a report's numbers come from (``profile`` is a bench_suite.profiles.Profile)."""
     return {
         "command": " ".join(shlex.quote(a) for a in sys.argv) or "(python api)",
-        "profile": profile["name"],
-        "profile_note": profile.get("description", ""),
+        "profile": profile.name,
+        "profile_note": profile.description,
         "git_revision": git_revision(),
         "hardware": hardware(),
         "processes": world,

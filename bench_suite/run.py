@@ -9,6 +9,7 @@ Every stage is cached under --work, so an interrupted run resumes.
 """
 
 import argparse
+import dataclasses
 import logging
 import os
 import time
@@ -21,11 +22,11 @@ from bench_suite import report
 from bench_suite import runtime as bdist
 from bench_suite.cli import main_guard, setup_logging
 from bench_suite.data.registry import get_dataset
-from bench_suite.encoders import encoder_names
-from bench_suite.errors import BadInputError, unknown
+from bench_suite.encoders.registry import spec as get_encoder_spec
+from bench_suite.errors import BadInputError
 from bench_suite.methods import registry
-from bench_suite.profiles import load_profile
-from bench_suite.tables.common import Context
+from bench_suite.profiles import Profile, load_profile
+from bench_suite.tables.common import Context, recipe_settings
 from bench_suite.tables.grid import rows_of
 from bench_suite.tables.registry import get_table, table_names
 
@@ -83,7 +84,7 @@ def main(argv=None) -> int:
     profile = load_profile(args.profile)
     if args.seeds:
         try:
-            profile["seeds"] = [int(s) for s in args.seeds.split(",")]
+            profile = dataclasses.replace(profile, seeds=[int(s) for s in args.seeds.split(",")])
         except ValueError as exc:
             raise BadInputError(f"--seeds must be comma-separated integers, got {args.seeds!r}") from exc
     sources = {}
@@ -92,16 +93,7 @@ def main(argv=None) -> int:
             raise BadInputError(f"--source expects DATASET=PATH, got {spec!r}")
         name, path = spec.split("=", 1)
         sources[name] = Path(path).expanduser()
-    if str(args.table) not in profile["tables"]:
-        raise BadInputError(f"profile {profile['name']} has no settings for table {args.table}")
-    for d, ratios in profile["tables"][str(args.table)].get("cells", {}).items():
-        if d not in profile["datasets"]:
-            raise BadInputError(f"profile {profile['name']}: table {args.table} uses dataset {d!r} with no settings")
-        get_dataset(d)
-        for r in ratios:
-            if not 0 < float(r) <= 1:
-                raise BadInputError(f"profile {profile['name']}: ratio {r} for {d} is not in (0, 1] (budget > pool)")
-    _check_methods(profile, str(args.table))
+    check_names(profile, table.name)
 
     acc = Accelerator(cpu=not torch.cuda.is_available())
     ctx = Context(profile, Path(args.work), Path(args.out), acc, sources, quiet=args.quiet)
@@ -113,29 +105,31 @@ def main(argv=None) -> int:
         stop()
     elapsed = time.perf_counter() - t0
     if acc.is_main_process:
-        prov = report.provenance(profile, profile["seeds"], acc.num_processes,
+        prov = report.provenance(profile, profile.seeds, acc.num_processes,
                                  {"wall_time": f"{elapsed:.0f} s for this run, which computed {ctx.cells_computed} of "
                                   f"{ctx.cells_total} cells (the others, and any cached shards and features, "
                                   "came from --work)"})
         md = table.markdown(profile, prov, out)
         md_path, js_path = report.write_report(args.out, f"table{args.table}", md,
-                                               {"provenance": prov, "profile": profile, **out})
+                                               {"provenance": prov, "profile": profile.to_dict(), **out})
         log.info("wrote %s and %s in %.0f s", md_path, js_path, elapsed)
     return bdist.exit_process(0)  # ends a distributed run without the gloo-at-exit abort
 
 
-def _check_methods(profile: dict, table: str) -> None:
-    """Unknown method names or options fail here, before any shard or feature is made."""
-    t = profile["tables"][table]
-    for recipe in [t.get("recipe"), *(t.get("recipe_by_dataset") or {}).values()]:
-        if recipe not in profile["recipes"]:
-            raise BadInputError(f"profile {profile['name']}: table {table} uses recipe {recipe!r}, which is not "
-                                f"among its recipes ({', '.join(sorted(profile['recipes']))})")
+def check_names(profile: Profile, table: str) -> None:
+    """Every name the table's settings use (datasets, recipes, methods and their options, encoders) exists:
+    checked against the registries here, before any shard or feature is made."""
+    t = profile.table(table)
+    for d in t.cells:
+        profile.dataset(d)
+        get_dataset(d)
+    for recipe in [t.recipe, *t.recipe_by_dataset.values()]:
+        recipe_settings(profile, recipe)
     for row in rows_of(profile, table):
         registry.get(row["method"], **row["config"])
-    for enc in [t.get("encoder"), *[e.get("encoder") for e in t.get("encoders", [])]]:
-        if enc and enc.get("name") not in encoder_names():
-            raise unknown("encoder", enc.get("name"), encoder_names())
+    for enc in [profile.encoder, t.encoder, *[e.encoder for e in t.encoders]]:
+        if enc is not None:
+            get_encoder_spec(enc.name)
 
 
 if __name__ == "__main__":

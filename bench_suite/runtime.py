@@ -16,7 +16,7 @@ import logging
 import os
 import socket
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as tdist
@@ -48,10 +48,23 @@ def resolve_device(spec=None, *, what: str = "device") -> torch.device:
     return dev
 
 
+_CPU_GROUP = None  # a gloo group beside an NCCL one, for object collectives (created on first use)
+
+
 @dataclass
 class Runtime:
+    """This process's place in the launch: rank, world size, its device, and the collectives."""
+
     rank: int = 0
     world: int = 1
+    device: torch.device = field(default_factory=lambda: resolve_device("auto"))
+
+    @classmethod
+    def of_accelerator(cls, accelerator, *, distributed: bool = True) -> "Runtime":
+        """The Runtime of an ``accelerate`` launch; ``distributed=False``: this process alone (a table cell)."""
+        if not distributed:
+            return cls(0, 1, accelerator.device)
+        return cls(accelerator.process_index, accelerator.num_processes, accelerator.device)
 
     @property
     def active(self) -> bool:
@@ -62,33 +75,44 @@ class Runtime:
         return self.rank == 0
 
     def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
-        """In-place all-reduce (sum/max/min); identity on one process."""
+        """In-place all-reduce (sum/max/min); identity on one process. A CPU tensor under NCCL (which only
+        takes GPU tensors) is reduced on this rank's device and copied back."""
         if self.active:
-            tdist.all_reduce(tensor, op={"sum": tdist.ReduceOp.SUM, "max": tdist.ReduceOp.MAX,
-                                         "min": tdist.ReduceOp.MIN}[op])
+            red = {"sum": tdist.ReduceOp.SUM, "max": tdist.ReduceOp.MAX, "min": tdist.ReduceOp.MIN}[op]
+            if tensor.device.type == "cpu" and tdist.get_backend() == "nccl":
+                on_device = tensor.to(self.device)
+                tdist.all_reduce(on_device, op=red)
+                tensor.copy_(on_device.cpu())
+            else:
+                tdist.all_reduce(tensor, op=red)
         return tensor
+
+    def _object_group(self):
+        """Object collectives go over gloo (CPU), so large pickled payloads never pass through GPU memory."""
+        global _CPU_GROUP
+        if tdist.get_backend() == "gloo":
+            return None
+        if _CPU_GROUP is None:
+            _CPU_GROUP = tdist.new_group(backend="gloo")
+        return _CPU_GROUP
 
     def all_gather_object(self, obj) -> list:
         if not self.active:
             return [obj]
         out = [None] * self.world
-        tdist.all_gather_object(out, obj)
+        tdist.all_gather_object(out, obj, group=self._object_group())
         return out
 
     def broadcast_object(self, obj, src: int = 0):
         if not self.active:
             return obj
         box = [obj]
-        tdist.broadcast_object_list(box, src=src)
+        tdist.broadcast_object_list(box, src=src, group=self._object_group())
         return box[0]
 
     def barrier(self) -> None:
         if self.active:
             tdist.barrier()
-
-    def device(self, spec=None, *, what: str = "device") -> torch.device:
-        """The device this rank computes on (see ``resolve_device``)."""
-        return resolve_device(spec, what=what)
 
     def on_main(self, fn):
         """Run ``fn()`` on rank 0 only and give every rank its result.

@@ -139,28 +139,9 @@ class FeatureStore:
             raise BadInputError("feature store is empty (N = 0)")
         if len(np.unique(self.ids)) != n:
             raise BadInputError("feature store ids are not unique")
-        norms = np.empty(n, dtype=np.float64)
-        bad_rows = []
-        for start in range(0, n, 65536):
-            block = np.asarray(self.features[start:start + 65536], dtype=np.float32)
-            finite = np.isfinite(block).all(axis=1)
-            if not finite.all():
-                bad_rows.append(start + int(np.flatnonzero(~finite)[0]))
-                break
-            norms[start:start + len(block)] = np.linalg.norm(block.astype(np.float64), axis=1)
-        if bad_rows:
-            raise BadInputError(f"features contain NaN/Inf (first at row {bad_rows[0]})")
-        zero = norms < 1e-12
-        if zero.any():
-            raise BadInputError(f"features contain {int(zero.sum())} zero-norm rows (first at row {int(np.flatnonzero(zero)[0])})")
-        off = np.abs(norms - 1.0) > NORM_TOL
-        if off.any():
-            if not normalize:
-                raise BadInputError(
-                    f"features are not L2-normalised ({int(off.sum())} rows off by > {NORM_TOL}); "
-                    "normalise them or load with FeatureStore.from_array(..., normalize=True)")
-            log.warning("features were not L2-normalised (%d rows); normalising them", int(off.sum()))
-            self.features = (np.asarray(self.features, dtype=np.float32) / norms[:, None]).astype(np.float32)
+        self.features, n_off = check_rows(self.features, normalize=normalize)
+        if n_off:
+            log.warning("features were not L2-normalised (%d rows); normalising them", n_off)
 
     def take(self, rows) -> np.ndarray:
         return np.asarray(self.features[rows], dtype=np.float32)
@@ -176,3 +157,35 @@ class FeatureStore:
             missing = ids[~found][:5].tolist()
             raise BadInputError(f"ids not in the feature store: {missing}{' ...' if (~found).sum() > 5 else ''}")
         return order[pos]
+
+
+def check_rows(features, *, normalize: bool, first_row: int = 0, block: int = 65536) -> tuple[np.ndarray, int]:
+    """The one check of feature rows (the store's, and a distributed selector's on its slice of the pool).
+
+    ``features`` (an N x d array or memmap) is read in blocks of ``block`` rows. A NaN/Inf or zero-norm row
+    is a BadInputError naming the first one, rows numbered from ``first_row`` (a rank checking its slice
+    names global rows). Rows whose norm is off 1 by more than ``NORM_TOL`` are an error too, or with
+    ``normalize=True`` every row is divided by its norm. Returns (``features`` itself when nothing changed,
+    else a normalised float32 copy; the number of rows that were off). The caller logs any warning.
+    """
+    n = int(features.shape[0])
+    norms = np.empty(n, dtype=np.float64)
+    for start in range(0, n, block):
+        part = np.asarray(features[start:start + block], dtype=np.float32)
+        finite = np.isfinite(part).all(axis=1)
+        if not finite.all():
+            first = first_row + start + int(np.flatnonzero(~finite)[0])
+            raise BadInputError(f"features contain NaN/Inf (first at row {first})")
+        norms[start:start + len(part)] = np.linalg.norm(part.astype(np.float64), axis=1)
+    zero = norms < 1e-12
+    if zero.any():
+        raise BadInputError(f"features contain {int(zero.sum())} zero-norm rows "
+                            f"(first at row {first_row + int(np.flatnonzero(zero)[0])})")
+    n_off = int((np.abs(norms - 1.0) > NORM_TOL).sum())
+    if not n_off:
+        return features, 0
+    if not normalize:
+        raise BadInputError(
+            f"features are not L2-normalised ({n_off} rows off by > {NORM_TOL}); "
+            "normalise them or load with FeatureStore.from_array(..., normalize=True)")
+    return (np.asarray(features, dtype=np.float32) / norms[:, None]).astype(np.float32), n_off

@@ -1,1 +1,4 @@
-"""Launchers: shard preparation, finetuning / probing recipes, SLURM scripts."""
+"""Command lines and batch scripts (orchestration): shard preparation, finetuning, mmsegmentation, SLURM.
+
+The library they drive lives in ``bench_suite`` (``bench_suite.finetune`` for finetuning).
+"""

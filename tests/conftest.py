@@ -28,3 +28,18 @@ def digits_test_shards(tmp_path_factory):
     out = tmp_path_factory.mktemp("digits") / "test"
     write_shards("digits", "test", out, shard_size=500)
     return out
+
+
+@pytest.fixture(scope="session")
+def digits_pixel_store(digits_shards):
+    """The digits train split as a FeatureStore of its 64 pixel values per image (L2-normalised), with the
+    shard folder in its meta (the VAE methods read the images from there)."""
+    import numpy as np
+
+    from bench_suite.data.shards import read_all
+    from bench_suite.store import FeatureStore
+
+    ids, images, labels, *_ = read_all(digits_shards)
+    feats = images.reshape(len(images), -1).astype(np.float32)
+    return FeatureStore.from_array(feats, ids=ids, labels=labels, normalize=True,
+                                   meta={"shards": str(digits_shards), "num_classes": 10})

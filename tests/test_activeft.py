@@ -10,10 +10,11 @@ from sklearn.datasets import load_digits
 
 from bench_suite.methods import registry
 from bench_suite import runtime as bdist
-from bench_suite.activeft import ActiveFT, Config, optimize, reference_select
+from bench_suite.activeft import ActiveFT, Options, optimize, reference_select
 from bench_suite.activeft.assign import Assigner
 from bench_suite.bench.pools import clustered_sphere
 from bench_suite.errors import BadInputError, UnknownNameError
+from bench_suite.options import as_dict
 from bench_suite.metrics import selection_emd
 from bench_suite.store import FeatureStore
 
@@ -42,7 +43,7 @@ def sphere():
 def _fast(x, budget, **cfg):
     seed = cfg.pop("seed", 0)
     cfg.setdefault("progress", False)
-    conf = Config.from_kwargs(**cfg)
+    conf = ActiveFT(**cfg).options
     n = len(x)
     return optimize(torch.from_numpy(np.ascontiguousarray(x)), slice(0, n), n, budget, conf, seed=seed,
                     dist=bdist.Runtime())
@@ -243,10 +244,10 @@ def test_bad_features():
 
 
 def test_bad_names_and_options():
-    with pytest.raises(UnknownNameError) as exc:
+    with pytest.raises(BadInputError) as exc:
         ActiveFT(objective="eq11")
     assert "official" in _one_line(exc) and "paper" in str(exc.value)
-    with pytest.raises(UnknownNameError) as exc:
+    with pytest.raises(BadInputError) as exc:
         ActiveFT(regularizer="l2")
     assert "infonce" in _one_line(exc)
     with pytest.raises(UnknownNameError) as exc:
@@ -257,15 +258,31 @@ def test_bad_names_and_options():
     assert "temperature" in _one_line(exc)
     for kw in ({"temperature": 0}, {"iters": -1}, {"lr": float("nan")}, {"update_assign": "maybe"},
                {"init": "kmeans"}, {"subset": 1.5}):
-        with pytest.raises((BadInputError, UnknownNameError)) as exc:
+        with pytest.raises(BadInputError) as exc:
             ActiveFT(**kw)
         _one_line(exc)
-    assert ActiveFT(no_update=True).cfg.update_assign is False
-    assert ActiveFT(update_assign="false", iters="30").cfg.iters == 30
+    assert ActiveFT(no_update=True).options.update_assign is False
+    assert ActiveFT(no_update="false").options.update_assign is True
+    assert ActiveFT(update_assign="false", iters="30").options.iters == 30
+    with pytest.raises(BadInputError) as exc:
+        ActiveFT(no_update="maybe")
+    assert "no_update" in _one_line(exc)
+    old = ActiveFT(tau=0.2, T=7, M=100, K=4, lambda_=0.5).options  # the released code's / paper's names
+    assert (old.temperature, old.iters, old.subset, old.candidates, old.balance) == (0.2, 7, 100, 4, 0.5)
+
+
+def test_options_defaults_and_record(digits):
+    """Options are a typed dataclass; device follows the project's rule (auto); the record re-creates the selector."""
+    opts = ActiveFT().options
+    assert isinstance(opts, Options) and opts.device == "auto" and opts.iters == 300 and opts.temperature == 0.07
+    sel = ActiveFT(iters=3, progress=False, device="cpu").select(digits, 10, seed=0)
+    assert sel.config == as_dict(ActiveFT(iters=3, progress=False, device="cpu").options)
+    assert ActiveFT(**sel.config).options == ActiveFT(iters=3, progress=False, device="cpu").options
+    assert sel.info["device"] == "cpu" and sel.info["block_size"] > 0 and sel.info["bb_dtype"] == "float64"
 
 
 def test_select_cli_writes_selection(digits, tmp_path):
-    from bench_suite import select as select_cli
+    from bench_suite.cli import select as select_cli
 
     np.save(tmp_path / "x.npy", digits)
     out = tmp_path / "sel.json"
@@ -281,7 +298,7 @@ def test_select_cli_writes_selection(digits, tmp_path):
 
 
 def test_benchmark_quick_run(tmp_path):
-    from bench_suite.bench import selector as bench
+    from bench_suite.bench import activeft_speed as bench
 
     out = bench.main(["--n", "800", "--dim", "32", "--classes", "8", "--budget", "20", "--iters", "8",
                       "--naive-iters", "4", "--blocked-iters", "3", "--threads", "1",

@@ -25,6 +25,7 @@ CONFIGS = [
     {"budget": 50, "seed": 1, "iters": 60, "objective": "paper"},
     {"budget": 40, "seed": 2, "iters": 40, "subset": 600, "init": "fps"},
     {"budget": 30, "seed": 3, "iters": 20, "regularizer": "infonce"},
+    {"budget": 30, "seed": 5, "iters": 30, "no_update": True, "lr": 5e-3},  # Table 5a "No-Update"
 ]
 
 

@@ -9,6 +9,7 @@ import math
 import os
 import subprocess
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -16,14 +17,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from baselines._al_common import HeadRecipe, head_outputs, train_head
+from baselines._al_head import HeadRecipe, head_outputs, train_head
 from baselines.alfamix import ALFAMix, candidates_closed_form
 from baselines.coreset import CoreSet, kcenter_greedy
 from baselines.learnloss import LearnLoss
 from baselines.tavaal import TAVAAL
 from baselines.vaal import VAAL
+from bench_suite.data.shards import read_all
 from bench_suite.errors import BadInputError
 from bench_suite.methods.selection import Oracle
+from bench_suite.runtime import Runtime
 from bench_suite.store import FeatureStore
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,8 +59,6 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def digits_store(digits_shards):
-    from bench_suite.data.shards import read_all
-
     ids, images, labels = read_all(digits_shards)
     feats = images.reshape(len(ids), -1).astype(np.float32)
     return FeatureStore.from_array(feats, ids=ids, labels=labels,
@@ -253,17 +254,16 @@ def test_tavaal_uses_the_ranker(runs):
         assert r["disc_mean_picked"] < r["disc_mean_subset"]
 
 
-class FakeDist:
+@dataclass
+class TwoRanks(Runtime):
     """Two ranks without a process group: rank 0 publishes, rank 1 receives what rank 0 published."""
 
-    world, active = 2, True
-
-    def __init__(self, rank, box):
-        self.rank, self.box = rank, box
+    world: int = 2
+    box: list = field(default_factory=list)
 
     @property
-    def is_main(self):
-        return self.rank == 0
+    def active(self) -> bool:
+        return True
 
     def broadcast_object(self, obj, src=0):
         if self.is_main:
@@ -274,15 +274,15 @@ class FakeDist:
 def test_distributed_rank0_selects_and_broadcasts(digits_store):
     box = []
     o0, o1 = oracle_for(digits_store), oracle_for(digits_store)
-    s0 = make("coreset").select(digits_store, 80, seed=0, oracle=o0, dist=FakeDist(0, box))
-    s1 = make("coreset").select(digits_store, 80, seed=0, oracle=o1, dist=FakeDist(1, box))
+    s0 = make("coreset").select(digits_store, 80, seed=0, oracle=o0, dist=TwoRanks(rank=0, box=box))
+    s1 = make("coreset").select(digits_store, 80, seed=0, oracle=o1, dist=TwoRanks(rank=1, box=box))
     np.testing.assert_array_equal(s0.ids, s1.ids)
     assert len(o0.queried) == 80 and o1.queried == []  # only rank 0 asks the oracle
     box.clear()
     with pytest.raises(BadInputError, match="initial"):  # an error on rank 0 reaches the other ranks
-        make("coreset").select(digits_store, 10, seed=0, oracle=o0, dist=FakeDist(0, box))
+        make("coreset").select(digits_store, 10, seed=0, oracle=o0, dist=TwoRanks(rank=0, box=box))
     with pytest.raises(BadInputError, match="initial"):
-        make("coreset").select(digits_store, 10, seed=0, oracle=o1, dist=FakeDist(1, box))
+        make("coreset").select(digits_store, 10, seed=0, oracle=o1, dist=TwoRanks(rank=1, box=box))
 
 
 # ------------------------------------------------------------------ the CLI

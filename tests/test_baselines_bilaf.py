@@ -6,10 +6,12 @@ import pytest
 import torch
 from sklearn.datasets import load_digits
 
-from bench_suite.methods import registry
 from baselines.bilaf import _dist, allocate, boundary_picks, denoise, nearest_two_cores
+from bench_suite import runtime
 from bench_suite.activeft import ActiveFT
-from bench_suite.errors import BadInputError
+from bench_suite.errors import BadInputError, BenchError
+from bench_suite.methods import registry
+from bench_suite.runtime import Runtime
 from bench_suite.store import FeatureStore
 
 CFG = {"core_pool_ratio": 0.005, "iters": 60}
@@ -82,6 +84,40 @@ def test_allocation_is_proportional_with_the_smallest_first():
 
 
 def test_bad_options():
-    for bad in ({"remove": 1.0}, {"penalty": 0.5}, {"knn": 0}, {"cores": 2.5}, {"growth": 0}):
-        with pytest.raises(BadInputError):
+    for bad, msg in (({"remove": 1.0}, r"option remove must be in \[0, 1\)"),
+                     ({"penalty": 0.5}, "option penalty must be >= 1"), ({"knn": 0}, "option knn must be >= 1"),
+                     ({"cores": 2.5}, "option cores must be an integer"),
+                     ({"growth": 0}, r"option growth must be in \(0, 1\]"), ({"no_such": 1}, "unknown option")):
+        with pytest.raises(BadInputError, match="bilaf: " + msg):
             registry.get("bilaf", **bad)
+    with pytest.raises(BenchError, match="objective"):  # ActiveFT's own options are checked when BiLAF is built
+        registry.get("bilaf", objective="no_such_objective")
+
+
+class TwoRankRuntime(Runtime):
+    """Rank 0 of a 2-process launch without a process group: only a broadcast is allowed, and it echoes."""
+
+    def __init__(self):
+        super().__init__(rank=0, world=2)
+
+    @property
+    def active(self):
+        return True
+
+    def broadcast_object(self, obj, src=0):
+        return obj
+
+    def all_reduce(self, tensor, op="sum"):
+        raise AssertionError("BiLAF ran a collective: ActiveFT must run in rank 0's process alone")
+
+    def all_gather_object(self, obj):
+        raise AssertionError("BiLAF ran a collective: ActiveFT must run in rank 0's process alone")
+
+
+def test_core_stage_runs_alone_on_rank_zero(digits, monkeypatch):
+    """Under a distributed launch BiLAF runs on rank 0 only, so its ActiveFT must not join the other ranks."""
+    ref = registry.get("bilaf", **CFG).select(digits, 30, seed=2)
+    launch = TwoRankRuntime()
+    monkeypatch.setattr(runtime, "current", lambda: launch)  # what ActiveFT would find without dist=
+    sel = registry.get("bilaf", **CFG).select(digits, 30, seed=2, dist=launch)
+    assert np.array_equal(sel.ids, ref.ids) and sel.info["core_ids"] == ref.info["core_ids"]

@@ -5,6 +5,7 @@ and a synthetic clustered pool on the sphere. Store ids are 1000 + 3 i, so a row
 stores' ``labels`` raise when read, so a selector that peeks at labels fails.
 """
 
+import ast
 import json
 import math
 import subprocess
@@ -22,6 +23,7 @@ from baselines.probcover import purity_threshold
 from baselines.typiclust import typiclust_rows
 from bench_suite.errors import BadInputError
 from bench_suite.methods.selection import Selection
+from bench_suite.runtime import Runtime
 from bench_suite.store import FeatureStore
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -150,18 +152,98 @@ def test_slice_of_pool_is_refused(tmp_path, digits):
         select("fds", part, 5)
 
 
+class FakeRuntime(Runtime):
+    """A rank of a 2-process launch without a process group: ``broadcast_object`` hands out ``answer``
+    (rank 1, as rank 0's payload) or echoes the payload it is given (rank 0), and records what it was given."""
+
+    def __init__(self, rank, answer=None):
+        super().__init__(rank=rank, world=2)
+        self.answer, self.sent = answer, []
+
+    @property
+    def active(self):
+        return True
+
+    def broadcast_object(self, obj, src=0):
+        self.sent.append(obj)
+        return obj if self.is_main else self.answer
+
+
 def test_rank_other_than_zero_takes_the_broadcast(digits):
     main = select("kmeans", digits, 12, seed=4)
+    other = FakeRuntime(1, answer=("ok", (digits.rows_of_ids(main.ids), dict(main.info))))
+    sel = registry.get("kmeans").select(digits, 12, seed=4, dist=other)
+    assert other.sent == [None]  # this rank computed nothing
+    assert np.array_equal(sel.ids, main.ids) and sel.info == main.info
 
-    class FakeDist:
-        active, is_main = True, False
 
-        def broadcast_object(self, obj):
-            assert obj is None  # this rank computed nothing
-            return digits.rows_of_ids(main.ids), dict(main.info)
+@pytest.mark.parametrize("method", ["fds", "probcover"])
+def test_rank_zero_selects_and_broadcasts(method, digits):
+    alone = select(method, digits, 12, seed=4)
+    rank0 = FakeRuntime(0)
+    sel = registry.get(method).select(digits, 12, seed=4, dist=rank0)
+    (kind, (rows, _info)), = rank0.sent
+    assert kind == "ok" and np.array_equal(digits.ids[rows], alone.ids) and np.array_equal(sel.ids, alone.ids)
 
-    sel = registry.get("kmeans").select(digits, 12, seed=4, dist=FakeDist())
-    assert np.array_equal(sel.ids, main.ids)
+
+def test_an_error_on_rank_zero_reaches_every_rank(blobs):
+    rank0 = FakeRuntime(0)
+    with pytest.raises(BadInputError, match="max_edges"):
+        registry.get("probcover", delta=1.9, max_edges=1000).select(blobs, 5, seed=0, dist=rank0)
+    (kind, err), = rank0.sent
+    assert kind == "error" and "max_edges" in str(err)
+
+
+def test_options_are_typed_with_the_old_defaults():
+    """Same option names and defaults as before the Selector base; values are coerced and checked."""
+    expected = {
+        "fds": {"device": "auto"},
+        "kmeans": {"niter": 25, "init": "random", "kmeans_backend": "auto", "device": "auto",
+                   "max_points_per_centroid": None},
+        "typiclust": {"max_clusters": 500, "min_cluster_size": 5, "knn": 20, "niter": 25, "init": "random",
+                      "kmeans_backend": "auto", "device": "auto"},
+        "probcover": {"alpha": 0.95, "num_classes": None, "delta": None, "niter": 25, "init": "random",
+                      "kmeans_backend": "auto", "device": "auto", "max_edges": 400_000_000},
+        "bilaf": {"cores": None, "core_pool_ratio": 0.001, "max_core_fraction": 0.5, "knn": 10, "growth": 0.1,
+                  "remove": 0.1, "penalty": 1.1, "min_denoise": 10, "temperature": 0.07, "iters": 300, "lr": 1e-3,
+                  "objective": "official", "device": "auto"},
+    }
+    for method, defaults in expected.items():
+        assert registry.get(method).config() == defaults, method
+    pc = registry.get("probcover", alpha="0.9", num_classes=12.0, delta=1)
+    assert (pc.options.alpha, pc.options.num_classes, pc.options.delta) == (0.9, 12, 1.0)
+    assert isinstance(pc.options.num_classes, int) and isinstance(pc.options.delta, float)
+    with pytest.raises(BadInputError, match=r"probcover: option alpha must be in \(0, 1\], got 1.5"):
+        registry.get("probcover", alpha=1.5)
+    with pytest.raises(BadInputError, match="option init must be one of random, kmeans\\+\\+"):
+        registry.get("typiclust", init="k-means")
+    with pytest.raises(BadInputError, match="option kmeans_backend"):
+        registry.get("kmeans", kmeans_backend="sklearn")
+    with pytest.raises(BadInputError, match="option max_points_per_centroid must be >= 1"):
+        registry.get("kmeans", max_points_per_centroid=0)
+    with pytest.raises(BadInputError, match="option min_cluster_size must be >= 0"):
+        registry.get("typiclust", min_cluster_size=-1)
+    assert registry.get("typiclust", min_cluster_size=0).options.min_cluster_size == 0
+
+
+LAYERED = ["_labelfree", "fds", "kmeans", "typiclust", "probcover", "bilaf"]
+
+
+@pytest.mark.parametrize("module", LAYERED)
+def test_imports_point_down_and_stay_at_module_level(module):
+    """No function-level import of a project module; nothing from the orchestration layer or ActiveFT itself."""
+    tree = ast.parse((ROOT / "baselines" / f"{module}.py").read_text())
+    top = set(tree.body)
+    for node in ast.walk(tree):
+        if not isinstance(node, (ast.Import, ast.ImportFrom)):
+            continue
+        names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+        for name in names:
+            root = name.split(".")[0]
+            if root in ("bench_suite", "baselines"):
+                assert node in top, f"{module}: function-level import of {name}"
+                assert not name.startswith(("bench_suite.activeft", "bench_suite.cli", "bench_suite.tables",
+                                            "bench_suite.bench", "bench_suite.finetune")), f"{module} imports {name}"
 
 
 # --------------------------------------------------------------------------- tiled kernels

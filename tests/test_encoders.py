@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from bench_suite.encoders import describe_encoders, encoder_names, get_encoder
-from bench_suite.encoders import assets, dinov2_onnx, efficientnet_lite
+from bench_suite.encoders import assets
+from bench_suite.encoders.models import dinov2_onnx, efficientnet_lite
 from bench_suite.errors import BadInputError, CorruptDataError, MissingDataError, UnknownNameError
 
 
@@ -59,7 +60,7 @@ def digits():
 
 
 def test_names_unknown_and_description():
-    assert encoder_names() == ["dinov2_vits14", "efficientnet_lite0", "dino_vits16"]
+    assert encoder_names() == ["dino_vits16", "dinov2_vits14", "efficientnet_lite0"]
     with pytest.raises(UnknownNameError, match="unknown encoder 'resnet9'; known: dino_vits16, dinov2_vits14"):
         get_encoder("resnet9")
     desc = {d["name"]: d for d in describe_encoders()}

@@ -1,4 +1,4 @@
-"""Finetuning launchers: recipes, step planning, mIoU, the seg_digits stand-in, bad input, resume.
+"""The finetuning library and its CLI: recipes, step planning, mIoU, the seg_digits stand-in, bad input, resume.
 
 Mechanics tests (resume, bad input) use a tiny from-scratch timm ViT; accuracy and the 2-process run use
 the real pretrained encoder (tests/test_finetune_real.py).
@@ -15,10 +15,11 @@ import pytest
 import torch
 
 from bench_suite.errors import BadInputError, MissingDataError, UnknownNameError
-from bench_suite.finetune import engine as ft_engine
-from launchers.finetune import finetune
-from bench_suite.finetune.recipes import available, get_recipe, plan_batches, resolve, step_bounds
+from bench_suite.finetune import augment, backbone, launch, loop
+from bench_suite.finetune.launch import finetune
+from bench_suite.finetune.recipes import available, get_recipe, plan_batches, resolve, resolve_named, step_bounds
 from bench_suite.finetune.segmenter import Segmenter, confusion_matrix, iou_from_confusion
+from bench_suite.profiles import load_profile
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -116,8 +117,9 @@ def test_catalogue_recipes_resolve_and_paper_values():
 
     imnet = get_recipe("deit_finetune_imagenet")
     assert epochs_for(imnet, 0.01) == 1000 and epochs_for(imnet, 0.05) == 300
-    # the paper profile's existing deit_finetune (no defaults spelled out) resolves to the same optimiser
+    # through the paper profile (which no longer repeats the catalogue entry): the same recipe
     prof = get_recipe("deit_finetune", "paper")
+    assert prof == paper
     assert (prof["lr"], prof["batch_size"], prof["epochs"]) == (0.001, 512, 1000)
 
 
@@ -135,6 +137,31 @@ def test_recipe_errors(tmp_path):
         get_recipe("mine", tmp_path / "absent.yaml")
 
 
+def test_resolve_named_layers_catalogue_profile_overrides():
+    cat = resolve_named("cpu_finetune")
+    # a profile entry of a catalogue name overrides it field by field
+    prof = {"cpu_finetune": {"epochs": 3}, "probe": {"kind": "linear_probe", "C": 10.0}}
+    got = resolve_named("cpu_finetune", prof)
+    assert got == {**cat, "epochs": 3}
+    # a profile may define a new name; defaults are filled in
+    assert resolve_named("probe", prof) == {"kind": "linear_probe", "C": 10.0, "max_iter": 1000}
+    # then the overrides (--set), checked
+    assert resolve_named("cpu_finetune", prof, {"lr": 0.5})["lr"] == 0.5
+    with pytest.raises(BadInputError, match="with overrides.*lr"):
+        resolve_named("cpu_finetune", prof, {"lr": -1})
+    # an entry of another kind replaces the catalogue entry instead of merging into it
+    seg = resolve_named("cpu_finetune", {"cpu_finetune": {"kind": "seg_finetune", "decoder": "linear"}})
+    assert seg["kind"] == "seg_finetune" and seg["lr"] == resolve({"kind": "seg_finetune"})["lr"]
+    with pytest.raises(UnknownNameError, match="unknown recipe 'nope'.*probe"):
+        resolve_named("nope", prof)
+    # the shipped profiles keep only real differences and profile-only recipes
+    for name in ("cpu", "paper"):
+        recipes = load_profile(name).recipes
+        for rname, entry in recipes.items():
+            if rname in available():
+                assert resolve_named(rname, recipes) != resolve_named(rname), f"{name}: {rname} repeats the catalogue"
+
+
 @pytest.mark.parametrize("n,batch,world", [(101, 24, 2), (10, 512, 2), (49, 16, 3), (17, 16, 2), (1, 8, 2)])
 def test_steps_cover_every_sample_once(n, batch, world):
     bounds = step_bounds(n, min(batch, n), world)
@@ -148,26 +175,26 @@ def test_steps_cover_every_sample_once(n, batch, world):
 
 def test_crop_params_depend_only_on_seed_epoch_id():
     ids = np.array([3, 9, 27, 81])
-    a = ft_engine.crop_flip_params(ids, 0, 1, [0.5, 1.0], True)
-    b = ft_engine.crop_flip_params(ids[::-1], 0, 1, [0.5, 1.0], True)[::-1]
+    a = augment.crop_flip_params(ids, 0, 1, [0.5, 1.0], True)
+    b = augment.crop_flip_params(ids[::-1], 0, 1, [0.5, 1.0], True)[::-1]
     assert np.array_equal(a, b)
-    assert not np.array_equal(a, ft_engine.crop_flip_params(ids, 0, 2, [0.5, 1.0], True))
-    assert ft_engine.crop_flip_params(ids, 0, 1, None, False) is None
+    assert not np.array_equal(a, augment.crop_flip_params(ids, 0, 2, [0.5, 1.0], True))
+    assert augment.crop_flip_params(ids, 0, 1, None, False) is None
     x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).reshape(2, 3, 8, 8)
     ident = np.array([[1, 1, 0, 0], [-1, 1, 0, 0]], np.float32)
-    y, m = ft_engine.apply_crop_flip(x, ident, torch.arange(2 * 64).reshape(2, 8, 8) % 5)
+    y, m = augment.apply_crop_flip(x, ident, torch.arange(2 * 64).reshape(2, 8, 8) % 5)
     assert torch.allclose(y[0], x[0], atol=1e-4) and torch.allclose(y[1], x[1].flip(-1), atol=1e-4)
     assert torch.equal(m[1], (torch.arange(2 * 64).reshape(2, 8, 8) % 5)[1].flip(-1))
 
 
 def test_trainable_blocks_freeze_the_rest(tiny):
     bb = tiny.backbone_for_finetune()
-    info = ft_engine.set_trainable(bb, 1)
+    info = backbone.set_trainable(bb, 1)
     assert info == {"trainable_blocks": 1, "total_blocks": 4}
     trainable = {n for n, p in bb.named_parameters() if p.requires_grad}
     assert any(n.startswith("blocks.3.") for n in trainable) and "norm.weight" in trainable
     assert not any(n.startswith(("blocks.0.", "blocks.2.", "patch_embed", "pos_embed", "cls_token")) for n in trainable)
-    ft_engine.set_drop_path(bb, 0.3)
+    backbone.set_drop_path(bb, 0.3)
     assert bb.blocks[0].drop_path1.__class__.__name__ == "Identity"
     assert bb.blocks[3].drop_path1.drop_prob == pytest.approx(0.3)
 
@@ -181,7 +208,7 @@ def test_segmenter_decoders_shapes(tiny):
 
 # --------------------------------------------------------------------------- seg_digits
 def test_seg_digits_stand_in():
-    from bench_suite.data import seg_digits
+    from bench_suite.data.sets import seg_digits
     from bench_suite.data.registry import get_dataset
 
     spec = get_dataset("seg_digits")
@@ -208,7 +235,7 @@ def test_seg_digits_stand_in():
 def no_training(monkeypatch):
     def boom(*a, **k):
         raise AssertionError("training started")
-    monkeypatch.setattr(ft_engine, "train", boom)
+    monkeypatch.setattr(launch, "train", boom)
 
 
 def _sel(tmp_path, ids, name="sel.json"):
@@ -279,18 +306,18 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path, digits_shards, dig
     full = finetune("cls", digits_shards, digits_test_shards, ids, "cpu_finetune", out=tmp_path / "full", **common)
     assert full["epochs_this_run"] == 3 and full["resumed_from_epoch"] is None
 
-    real = ft_engine.crop_flip_params
+    real = loop.crop_flip_params
 
     def crash_in_epoch_3(ids_, seed, epoch, *a):
         if epoch == 2:
             raise KeyboardInterrupt("simulated preemption")
         return real(ids_, seed, epoch, *a)
 
-    monkeypatch.setattr(ft_engine, "crop_flip_params", crash_in_epoch_3)
+    monkeypatch.setattr(loop, "crop_flip_params", crash_in_epoch_3)
     with pytest.raises(KeyboardInterrupt):
         finetune("cls", digits_shards, digits_test_shards, ids, "cpu_finetune", out=tmp_path / "cut", **common)
     assert (tmp_path / "cut" / "checkpoint.pt").exists() and not (tmp_path / "cut" / "metrics.json").exists()
-    monkeypatch.setattr(ft_engine, "crop_flip_params", real)
+    monkeypatch.setattr(loop, "crop_flip_params", real)
     resumed = finetune("cls", digits_shards, digits_test_shards, ids, "cpu_finetune", out=tmp_path / "cut", **common)
     assert resumed["resumed_from_epoch"] == 2 and resumed["epochs_this_run"] == 1
     assert [h["loss"] for h in resumed["history"]] == pytest.approx([h["loss"] for h in full["history"]], abs=1e-6)

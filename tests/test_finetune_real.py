@@ -18,8 +18,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from launchers.finetune import finetune
+from bench_suite.finetune.launch import finetune, recipe_fn
+from bench_suite.finetune.recipes import available
 from bench_suite.finetune.segmenter import confusion_matrix, iou_from_confusion
+from bench_suite.profiles import EncoderRef
 
 ROOT = Path(__file__).resolve().parents[1]
 ACCELERATE = Path(sys.executable).with_name("accelerate")
@@ -79,7 +81,7 @@ def test_seg_finetune_beats_majority_class(seg_shards, tmp_path):
 @pytest.mark.slow
 def test_seg_mask_transformer_trains(seg_shards, tmp_path):
     # mechanics: the mask-transformer decoder learns far more slowly than the linear one on CPU-scale
-    # schedules (see launchers/recipes.yaml), so only the loss is checked here
+    # schedules (see bench_suite/finetune/recipes.yaml), so only the loss is checked here
     m, _, _ = _seg_run(seg_shards, tmp_path, n=64, epochs=3, decoder="mask_transformer")
     losses = [h["loss"] for h in m["history"]]
     assert losses[-1] < 0.8 * losses[0], losses
@@ -161,12 +163,9 @@ def test_recipe_fn_for_the_tables(digits_shards, digits_test_shards, tmp_path):
     """The tables' recipe protocol: fn(train_store, ids, test_store, seed) with shard folders from store meta."""
     from types import SimpleNamespace
 
-    from launchers.finetune import recipe_fn
-    from bench_suite.finetune.recipes import available
-
     # image_size None: the profile encoder's size (a recipe's own image_size would win)
     fn = recipe_fn("cpu_linear_head", {**available()["cpu_linear_head"], "epochs": 2, "image_size": None},
-                   encoder={"name": ENCODER, "image_size": 56}, work_dir=tmp_path)
+                   encoder=EncoderRef(name=ENCODER, image_size=56), work_dir=tmp_path)
     train = SimpleNamespace(meta={"shards": str(digits_shards)})
     test = SimpleNamespace(meta={"shards": str(digits_test_shards)})
     ids = np.arange(0, 1297, 20)

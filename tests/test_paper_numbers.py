@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from bench_suite.tables import paper_numbers
+from bench_suite.tables.registry import get_table
 
 PAPER = Path(__file__).resolve().parents[2] / "shared" / "paper" / "activeft-cvpr2023.md"
 
@@ -14,16 +14,16 @@ PAPER = Path(__file__).resolve().parents[2] / "shared" / "paper" / "activeft-cvp
 def test_table1_transcription_matches_paper():
     text = PAPER.read_text()
     block = text[text.index("Methods\tCIFAR10"):]
-    for name, values in paper_numbers.TABLE1.items():
+    for name, values in get_table("1").paper_rows.items():
         row = next(line for line in block.splitlines() if re.sub(r"<[^>]+>", "", line).startswith(name))
         cells = [re.sub(r"<[^>]+>", "", c).replace(" ", "") for c in row.split("\t")[1:]]
         assert cells == [v or "-" for v in values], name
 
 
 @pytest.mark.skipif(not PAPER.exists(), reason="paper text not in this checkout's workspace")
-@pytest.mark.parametrize("table,numbers", [("2", paper_numbers.TABLE2), ("3", paper_numbers.TABLE3), ("5", paper_numbers.TABLE5),
-                                           ("6", paper_numbers.TABLE6), ("7", paper_numbers.TABLE7)])
-def test_ratio_tables_transcription_matches_paper(table, numbers):
+@pytest.mark.parametrize("table", ["2", "3", "5", "6", "7"])
+def test_ratio_tables_transcription_matches_paper(table):
+    numbers = get_table(table).paper_rows
     text = re.sub(r"</?b>", "", PAPER.read_text())
     block = text[text.index(f"Table {table}. **"):]
     for ratio, values in numbers.items():
@@ -34,8 +34,7 @@ def test_ratio_tables_transcription_matches_paper(table, numbers):
 
 @pytest.mark.skipif(not PAPER.exists(), reason="paper text not in this checkout's workspace")
 def test_table4_transcription_matches_paper():
-    from bench_suite.tables.table4 import PAPER as T4
-
+    T4 = get_table("4").paper_rows
     text = re.sub(r"</?b>", "", PAPER.read_text())
     for (title, rows), start in zip(T4.items(), ("(a) Performance on DeiT-Small", "(b) Performance on ResNet-50")):
         block = text[text.index(start):]

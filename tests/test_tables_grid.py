@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from bench_suite.profiles import parse_profile
 from bench_suite.tables import grid
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -104,10 +105,11 @@ def test_table3_times_and_dash_for_the_initial_set(tmp_path):
 
 
 def test_rows_of_variants_merge_the_profile_config():
-    rows = grid.rows_of(PROFILE, "6")
+    profile = parse_profile(PROFILE, "test profile")
+    rows = grid.rows_of(profile, "6")
     assert [r["label"] for r in rows] == ["tau = 0.04", "tau = 0.07"]
     assert rows[0]["config"] == {"iters": 40, "temperature": 0.04}
-    cells = grid.build_cells(PROFILE, "3")
+    cells = grid.build_cells(profile, "3")
     assert next(c for c in cells if c["method"] == "coreset")["method_config"] == {"init_ratio": 0.02}
     assert next(c for c in cells if c["method"] == "kmeans")["method_config"] == {}
     assert {c["seed"] for c in cells} == {0}

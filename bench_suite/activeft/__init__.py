@@ -12,30 +12,36 @@ Two objectives (equations and gradients in ``bench_suite.activeft.objectives``):
       L = -mean_i max_j <f_i, theta_j>/tau + lambda mean_j log sum_{k != j} exp(<theta_j, theta_k>/tau),
       theta renormalised after every step
 
-Options (keyword arguments of ``ActiveFT``, ``--set key=value`` on the CLI; see ``optimize.Config``):
-``objective``, ``regularizer`` (ours | none = S1 | infonce = S2, Table 5b), ``temperature`` (0.07),
-``iters`` (300), ``lr`` (1e-3, Adam), ``init`` (random | fps), ``update_assign`` (False = Table 5a
-"No-Update"; alias ``no_update=true``), ``balance`` (lambda, 1), ``scheduler`` (none | cosine),
-``subset`` (M samples per iteration, Sec. 3.5; 0 = all), ``prune``/``candidates`` (the exact pruning,
-K=16), ``block_size``, ``device``, ``threads``, ``progress``, ``verify`` (debug: check every pruned
-assignment against the full computation).
+Options (keyword arguments of ``ActiveFT``, ``--set key=value`` on the CLI; the typed dataclass
+``options.Options``, checked by ``bench_suite.options.coerce``): ``objective``, ``regularizer`` (ours |
+none = S1 | infonce = S2, Table 5b), ``temperature`` (0.07), ``iters`` (300), ``lr`` (1e-3, Adam), ``init``
+(random | fps), ``update_assign`` (False = Table 5a "No-Update"; alias ``no_update=true``), ``balance``
+(lambda, 1), ``scheduler`` (none | cosine), ``subset`` (M samples per iteration, Sec. 3.5; 0 = all),
+``prune``/``candidates`` (the exact pruning, K=16), ``block_size``, ``snap_candidates``, ``bb_dtype``,
+``device`` (auto = the rank's local GPU, else cpu: the project's one rule, ``runtime.resolve_device``),
+``threads``, ``progress``, ``verify`` (debug: check every pruned assignment against the full computation).
+Old names still accepted: ``tau``, ``T``, ``max_iter``, ``M``, ``K``, ``lambda_``.
 
 How it is fast and exact: the nearest-parameter search (N x B x d per iteration in the released code) is
 pruned with certified bounds (``assign``: assignments provably equal to the full argmax); gradients are
 closed-form B x d scatter sums, no autograd over N x B; memory O((N + B) d + block x B). Distributed
-(``optimize``): each rank holds its rows, one O(B d) all_reduce per iteration, B x B repulsion on every
-rank, float64 sums, so 1 and W ranks select the same ids. Snapping (``snap``): each parameter, in index
-order, takes its most similar real sample not already taken - always B unique ids.
+(``ActiveFT.distributed``: every rank runs on its own shard of the pool; ``optimize``): one O(B d)
+all_reduce per iteration, B x B repulsion on every rank, float64 sums, so 1 and W ranks select the same
+ids. Initialisation (``init``: random rows, or farthest-point in float32 with float64 re-evaluation of close
+calls) and snapping (``snap``: each parameter, in index order, takes its most similar real sample not
+already taken - always B unique ids) are exact across ranks the same way.
 
-Input rows must be L2-normalised; rows off by more than ``store.NORM_TOL`` are normalised with a warning
-(NaN/Inf and zero rows are errors). ``reference.reference_select`` is the naive released-code-style
-reference used by the tests and ``python -m bench_suite.bench.activeft_speed``. Importing this package
-registers the selector.
+Input rows must be L2-normalised; each rank checks its rows with the store's one row check
+(``store.check_rows``): rows off by more than ``store.NORM_TOL`` are normalised with a warning, NaN/Inf and
+zero rows are errors (the same error on every rank). ``reference.reference_select`` is the naive
+released-code-style reference used by the tests and ``python -m bench_suite.bench.activeft_speed``.
+Importing this package registers the selector.
 """
 
 from bench_suite.activeft.objectives import OBJECTIVES, REGULARIZERS
-from bench_suite.activeft.optimize import Config, optimize
+from bench_suite.activeft.optimize import optimize
+from bench_suite.activeft.options import Options
 from bench_suite.activeft.reference import reference_select
 from bench_suite.activeft.selector import ActiveFT
 
-__all__ = ["ActiveFT", "Config", "OBJECTIVES", "REGULARIZERS", "optimize", "reference_select"]
+__all__ = ["ActiveFT", "OBJECTIVES", "Options", "REGULARIZERS", "optimize", "reference_select"]

@@ -39,6 +39,11 @@ import torch
 U32 = 2.0 ** -24
 
 
+def decision_eps(d: int, fnorm: float = 1.0) -> float:
+    """Margin above which a float32 similarity comparison is certainly right (2 x the rounding bound)."""
+    return 2.0 * (d + 2) * U32 * fnorm + 1e-7
+
+
 class Workspace:
     """Reusable scratch buffers. Fresh multi-MiB temporaries every block and iteration are returned to the
     OS and page-faulted back in each time, which cost more than the arithmetic; these are allocated once."""
@@ -84,7 +89,7 @@ class Assigner:
         self.P_hist = torch.zeros((max_steps + 1, self.B), dtype=torch.float64, device=dev)
         self.step = -1
         self._prev_c64 = None
-        self.eps_base = 2.0 * (self.d + 2) * U32 * self.fnorm + 1e-7
+        self.eps_base = decision_eps(self.d, self.fnorm)
         self.totals = {"certified": 0, "refined": 0, "refreshed": 0, "pairs": 0, "verify_mismatches": 0}
         self.per_iter: list[dict] = []
         self.timing = {"certify": 0.0, "refresh": 0.0}

@@ -103,12 +103,3 @@ def project_normalize_grad(grad_c: torch.Tensor, c: torch.Tensor, theta_norm: to
     """Chain rule through ``c = theta/|theta|``: ``(I - c c^T) grad_c / |theta|``."""
     radial = (grad_c * c).sum(dim=1, keepdim=True)
     return (grad_c - radial * c) / theta_norm[:, None]
-
-
-def check_names(objective: str, regularizer: str) -> None:
-    from bench_suite.errors import unknown
-
-    if objective not in OBJECTIVES:
-        raise unknown("ActiveFT objective", objective, OBJECTIVES)
-    if regularizer not in REGULARIZERS:
-        raise unknown("ActiveFT regularizer", regularizer, REGULARIZERS)

@@ -5,129 +5,29 @@ terms reduced to B x d sums and B scalars, ONE all_reduce of that buffer (O(B d)
 the B x B repulsion computed identically on every rank, an Adam step in float64 on every rank. The
 per-sample sums are accumulated in float64, so a split pool gives the same parameters as one process up to
 float64 rounding, and the same assignments and selection.
+
+``optimize`` runs it; ``_Run`` holds one run's state, one method per stage: setup and initialisation,
+the pass over the rows (``_pass``), the loss and gradient of the objective (``_gradient``), the Adam step
+(``_step``), and the snapping and statistics at the end (``finish``).
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
-import os
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as tnf
 
 from bench_suite.activeft import objectives as obj
-from bench_suite.activeft.assign import Assigner
-from bench_suite.activeft.snap import decision_eps, fps_init, gather_rows, random_init, snap
-from bench_suite.errors import BadInputError
+from bench_suite.activeft.assign import Assigner, decision_eps
+from bench_suite.activeft.init import gather_rows, initial_rows
+from bench_suite.activeft.options import Options
+from bench_suite.activeft.snap import snap
 
-
-@dataclass
-class Config:
-    objective: str = "official"  # official | paper
-    regularizer: str = "ours"  # ours | none (S1) | infonce (S2)
-    temperature: float = 0.07
-    iters: int = 300
-    lr: float = 1e-3
-    init: str = "random"  # random | fps
-    update_assign: bool = True  # False: nearest parameters frozen at init (Table 5a "No-Update")
-    balance: float = 1.0  # lambda: weight of the repulsion (paper) / of R in the log-ratio (official)
-    scheduler: str = "none"  # none | cosine (as the released code's --scheduler)
-    subset: int = 0  # M: random samples per iteration (0 = the whole pool), Sec. 3.5
-    prune: bool = True  # certified candidate pruning of the nearest-parameter search
-    candidates: int = 16  # K: candidates kept per sample for the pruning
-    block_size: int = 0  # rows per block (0 = auto, so that block x B float32 stays near 256 MiB)
-    snap_candidates: int = 8  # per-parameter candidates kept by the distributed snapping
-    bb_dtype: str = "auto"  # dtype of the B x B repulsion: float32 | float64 | auto (float64 if B <= 512)
-    device: str = "cpu"  # cpu | cuda | cuda:N | auto
-    threads: int = 0  # torch CPU threads during the selection (0 = leave torch's setting)
-    progress: bool | None = None  # rich progress bar on rank 0 (None: only when stderr is a terminal)
-    verify: bool = False  # debug: check every pruned assignment against the full computation
-
-    @classmethod
-    def from_kwargs(cls, **kw) -> "Config":
-        names = {f.name for f in dataclasses.fields(cls)}
-        aliases = {"tau": "temperature", "T": "iters", "max_iter": "iters", "M": "subset", "K": "candidates",
-                   "lambda_": "balance"}
-        clean = {}
-        for key, val in kw.items():
-            key = aliases.get(key, key)
-            if key == "no_update":
-                key, val = "update_assign", not _as_bool("no_update", val)
-            if key not in names:
-                raise BadInputError(f"unknown ActiveFT option {key!r}; known: {', '.join(sorted(names))}")
-            clean[key] = val
-        cfg = cls(**clean)
-        cfg.validate()
-        return cfg
-
-    def validate(self) -> None:
-        obj.check_names(self.objective, self.regularizer)
-        from bench_suite.errors import unknown
-
-        if self.init not in ("random", "fps"):
-            raise unknown("ActiveFT init", self.init, ("random", "fps"))
-        if self.scheduler not in ("none", "cosine"):
-            raise unknown("ActiveFT scheduler", self.scheduler, ("none", "cosine"))
-        if self.bb_dtype not in ("auto", "float32", "float64"):
-            raise unknown("ActiveFT bb_dtype", self.bb_dtype, ("auto", "float32", "float64"))
-        for name in ("temperature", "lr", "balance"):
-            v = _as_number(name, getattr(self, name))
-            if not math.isfinite(v) or v <= 0:
-                raise BadInputError(f"ActiveFT option {name} must be a positive number, got {v!r}")
-            setattr(self, name, float(v))
-        for name, lo in (("iters", 0), ("subset", 0), ("candidates", 1), ("block_size", 0), ("snap_candidates", 1),
-                         ("threads", 0)):
-            v = _as_number(name, getattr(self, name))
-            if not float(v).is_integer():
-                raise BadInputError(f"ActiveFT option {name} must be an integer, got {v!r}")
-            if int(v) < lo:
-                raise BadInputError(f"ActiveFT option {name} must be >= {lo}, got {int(v)}")
-            setattr(self, name, int(v))
-        for name in ("update_assign", "prune", "verify"):
-            setattr(self, name, _as_bool(name, getattr(self, name)))
-        if self.progress is not None:
-            self.progress = _as_bool("progress", self.progress)
-
-    def as_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-
-def _as_number(name, v) -> float:
-    if isinstance(v, str):
-        try:
-            v = float(v)
-        except ValueError:
-            raise BadInputError(f"ActiveFT option {name} must be a number, got {v!r}") from None
-    if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
-        raise BadInputError(f"ActiveFT option {name} must be a number, got {v!r}")
-    return float(v)
-
-
-def _as_bool(name, v) -> bool:
-    if isinstance(v, bool):
-        return v
-    if isinstance(v, (int, np.integer)) and v in (0, 1):
-        return bool(v)
-    if isinstance(v, str) and v.lower() in ("true", "false", "yes", "no", "1", "0"):
-        return v.lower() in ("true", "yes", "1")
-    raise BadInputError(f"ActiveFT option {name} must be true or false, got {v!r}")
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        if not torch.cuda.is_available():
-            return torch.device("cpu")
-        # one process per GPU: each rank takes its node-local GPU (all on cuda:0 would collide under NCCL)
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise BadInputError(f"device {name!r} requested but CUDA is not available (use device=cpu)")
-    return dev
+ASSIGN_STATS = ("certified", "refined", "refreshed", "pairs")
 
 
 class _InfoNCE:
@@ -180,92 +80,133 @@ def full_fp32_matmul():
         torch.backends.cuda.matmul.allow_tf32 = tf32
 
 
-def optimize(feats: torch.Tensor, shard: slice, n_total: int, budget: int, cfg: Config, *, seed: int, dist,
+def optimize(feats: torch.Tensor, shard: slice, n_total: int, budget: int, cfg: Options, *, seed: int, dist,
              progress=None, snap_result: bool = True) -> dict:
-    """Run ActiveFT on this rank's rows ``feats`` (= global rows ``shard``) and snap to ``budget`` rows.
-
-    See ``_optimize``; this wrapper only pins the float32 matmul precision for the duration.
-    """
-    with full_fp32_matmul():
-        return _optimize(feats, shard, n_total, budget, cfg, seed=seed, dist=dist, progress=progress,
-                         snap_result=snap_result)
-
-
-def _optimize(feats: torch.Tensor, shard: slice, n_total: int, budget: int, cfg: Config, *, seed: int, dist,
-              progress=None, snap_result: bool = True) -> dict:
     """Run ActiveFT on this rank's rows ``feats`` (= global rows ``shard``) and snap to ``budget`` rows.
 
     Returns a dict with ``rows`` (global row indices, parameter order), ``losses`` (one per iteration, the
     loss before that iteration's step), ``final_loss`` (at the final parameters) and diagnostics.
     ``progress`` is called as ``progress(iteration, loss)`` after each step (rank 0 decides to show it).
     ``snap_result=False`` skips the snapping pass (benchmarks of the loop alone); ``rows`` is then None.
+    Float32 matmuls run at full precision throughout (the certified margins assume it).
     """
-    t_start = time.perf_counter()
-    dev = feats.device
-    b, d = int(budget), int(feats.shape[1])
-    tau = cfg.temperature
-    fnorm = torch.tensor([float(feats.norm(dim=1).max()) if feats.shape[0] else 0.0], dtype=torch.float64,
-                         device=dev)
-    fnorm = float(dist.all_reduce(fnorm, "max")[0])
-    eps = decision_eps(d, fnorm)
-    block = auto_block(b, cfg.block_size)
-    bb_dtype = torch.float64 if (cfg.bb_dtype == "float64" or (cfg.bb_dtype == "auto" and b <= 512)) else torch.float32
-    official_param = cfg.objective == "official"
+    with full_fp32_matmul():
+        run = _Run(feats, shard, n_total, budget, cfg, seed=seed, dist=dist)
+        run.loop(progress)
+        return run.finish(snap_result)
 
-    # ---- initialisation
-    if cfg.init == "random":
-        init_rows = random_init(n_total, b, seed)
-    else:
-        init_rows = fps_init(feats, shard, n_total, b, seed, dist, eps)
-    theta = torch.nn.Parameter(gather_rows(feats, shard, init_rows, dist))
-    if not official_param:
-        with torch.no_grad():
-            theta.data = tnf.normalize(theta.data, dim=1)
-    opt = torch.optim.Adam([theta], lr=cfg.lr, foreach=False)
-    sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(cfg.iters, 1), eta_min=1e-6)
-             if cfg.scheduler == "cosine" else None)
-    t_init = time.perf_counter() - t_start
 
-    assigner = Assigner(feats, b, candidates=cfg.candidates, block=block, prune=cfg.prune,
-                        max_steps=cfg.iters + 1, fnorm_max=fnorm, verify=cfg.verify)
-    ws = assigner.ws
-    sub_gen = None
-    if cfg.subset and cfg.subset < n_total:
-        sub_gen = torch.Generator().manual_seed(int(np.random.SeedSequence([int(seed), 1]).generate_state(1)[0]))
-    n_act = min(cfg.subset, n_total) if sub_gen is not None else n_total
-    log_bal = math.log(cfg.balance)
-    losses: list[float] = []
-    timing = {"accumulate": 0.0, "repulsion": 0.0, "reduce": 0.0, "step": 0.0}
-    final_loss = float("nan")
-    iter_seconds: list[float] = []
-    for t in range(cfg.iters + 1):
-        t_it = time.perf_counter()
-        with torch.no_grad():
-            th = theta.detach()
-            th_norm = th.norm(dim=1)
-            c64 = th / th_norm.clamp_min(1e-12)[:, None] if official_param else th
-        assigner.set_params(c64)
-        if t == 0 and not cfg.update_assign:
-            assigner.assign_all()
-        rows = None
-        if sub_gen is not None:
-            glob = torch.randperm(n_total, generator=sub_gen)[:n_act]
-            glob = glob[(glob >= shard.start) & (glob < shard.stop)].sort().values - shard.start
-            rows = glob.to(dev)
-        use_official = official_param and cfg.regularizer == "ours"
-        if use_official:
-            t_rep = time.perf_counter()
-            log_r, qc = obj.official_repulsion(c64, tau, dtype=bb_dtype)
-            shift = log_r + log_bal
-            timing["repulsion"] += time.perf_counter() - t_rep
-        buf = torch.zeros(b * d + b + 1, dtype=torch.float64, device=dev)
+def subset_generator(subset: int, n_total: int, seed: int) -> tuple[torch.Generator | None, int]:
+    """The random stream of the per-iteration subsets (None: every iteration passes the whole pool), and M."""
+    if not subset or subset >= n_total:
+        return None, n_total
+    seed_sub = int(np.random.SeedSequence([int(seed), 1]).generate_state(1)[0])
+    return torch.Generator().manual_seed(seed_sub), subset
+
+
+class _Run:
+    """One run of Algorithm 1 on this rank's rows: the fixed setup, the parameters, the optimiser state."""
+
+    def __init__(self, feats: torch.Tensor, shard: slice, n_total: int, budget: int, cfg: Options, *, seed: int,
+                 dist):
+        self.t_start = time.perf_counter()
+        self.feats, self.shard, self.n_total, self.cfg, self.dist = feats, shard, n_total, cfg, dist
+        self.dev = feats.device
+        self.b, self.d = int(budget), int(feats.shape[1])
+        self.tau = cfg.temperature
+        # official: c = theta/|theta| inside the loss; paper: c = theta, renormalised after every step
+        self.official = cfg.objective == "official"
+        self.fused = self.official and cfg.regularizer == "ours"  # sigmoid-weighted sums, repulsion before the pass
+        local_max = float(feats.norm(dim=1).max()) if feats.shape[0] else 0.0
+        fnorm = float(dist.all_reduce(torch.tensor([local_max], dtype=torch.float64, device=self.dev), "max")[0])
+        self.eps = decision_eps(self.d, fnorm)
+        self.block = auto_block(self.b, cfg.block_size)
+        self.bb_dtype = (torch.float64 if cfg.bb_dtype == "float64" or (cfg.bb_dtype == "auto" and self.b <= 512)
+                         else torch.float32)
+        self._initialise(seed)
+        self.t_init = time.perf_counter() - self.t_start
+        self.assigner = Assigner(feats, self.b, candidates=cfg.candidates, block=self.block, prune=cfg.prune,
+                                 max_steps=cfg.iters + 1, fnorm_max=fnorm, verify=cfg.verify)
+        self.sub_gen, self.n_act = subset_generator(cfg.subset, n_total, seed)
+        self.losses: list[float] = []
+        self.final_loss = float("nan")
+        self.iter_seconds: list[float] = []
+        self.timing = {"accumulate": 0.0, "repulsion": 0.0, "reduce": 0.0, "step": 0.0}
+
+    def _initialise(self, seed: int) -> None:
+        """theta (float64, on every rank) at the initial rows; Adam; the optional cosine schedule."""
+        cfg = self.cfg
+        self.init_rows = initial_rows(cfg.init, self.feats, self.shard, self.n_total, self.b, seed, self.dist,
+                                      self.eps)
+        self.theta = torch.nn.Parameter(gather_rows(self.feats, self.shard, self.init_rows, self.dist))
+        if not self.official:
+            with torch.no_grad():
+                self.theta.data = tnf.normalize(self.theta.data, dim=1)
+        self.opt = torch.optim.Adam([self.theta], lr=cfg.lr, foreach=False)
+        self.sched = (torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, max(cfg.iters, 1), eta_min=1e-6)
+                      if cfg.scheduler == "cosine" else None)
+
+    # ------------------------------------------------------------------ the loop
+    def loop(self, progress=None) -> None:
+        """Iterations 0..T-1: loss, gradient, step. Iteration T only evaluates the final loss."""
+        cfg = self.cfg
+        for t in range(cfg.iters + 1):
+            t_it = time.perf_counter()
+            with torch.no_grad():
+                th = self.theta.detach()
+                th_norm = th.norm(dim=1)
+                c64 = th / th_norm.clamp_min(1e-12)[:, None] if self.official else th
+            self.assigner.set_params(c64)
+            if t == 0 and not cfg.update_assign:
+                self.assigner.assign_all()
+            rows = self._subset_rows()
+            shift, qc = self._official_repulsion(c64) if self.fused else (None, None)
+            sums = self._pass(rows, shift)
+            t_step, rep_before = time.perf_counter(), self.timing["repulsion"]
+            loss, grad_c = self._gradient(*sums, c64, qc)
+            if t == cfg.iters:
+                self.final_loss = loss
+                break
+            self.losses.append(loss)
+            self._step(grad_c, c64, th_norm)
+            # the paper's repulsion, computed inside _gradient, is counted under "repulsion", not "step"
+            self.timing["step"] += time.perf_counter() - t_step - (self.timing["repulsion"] - rep_before)
+            self.iter_seconds.append(time.perf_counter() - t_it)
+            if progress is not None:
+                progress(t + 1, loss)
+        self.t_opt = time.perf_counter() - self.t_start - self.t_init
+
+    def _subset_rows(self) -> torch.Tensor | None:
+        """This rank's (local, sorted) rows of this iteration's random subset of M (Sec. 3.5); None: all rows."""
+        if self.sub_gen is None:
+            return None
+        glob = torch.randperm(self.n_total, generator=self.sub_gen)[:self.n_act]
+        glob = glob[(glob >= self.shard.start) & (glob < self.shard.stop)].sort().values - self.shard.start
+        return glob.to(self.dev)
+
+    def _official_repulsion(self, c64: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``log(lambda R_j)`` and ``(Q c)_j`` of the official loss (B x B, the same on every rank)."""
+        t_rep = time.perf_counter()
+        log_r, qc = obj.official_repulsion(c64, self.tau, dtype=self.bb_dtype)
+        shift = log_r + math.log(self.cfg.balance)
+        self.timing["repulsion"] += time.perf_counter() - t_rep
+        return shift, qc
+
+    def _pass(self, rows: torch.Tensor | None, shift: torch.Tensor | None):
+        """The per-sample terms over this rank's ``rows``, summed over every rank in ONE all_reduce.
+
+        Returns ``S`` (B x d: sum of the (weighted) features assigned to each parameter), ``g`` (B: their
+        weights), the summed per-sample loss, and the InfoNCE accumulator (S2 only, else None).
+        """
+        b, d, tau, ws = self.b, self.d, self.tau, self.assigner.ws
+        buf = torch.zeros(b * d + b + 1, dtype=torch.float64, device=self.dev)
         s_sum, g_sum = buf[: b * d].view(b, d), buf[b * d: b * d + b]
-        loss_acc = torch.zeros((), dtype=torch.float64, device=dev)
-        nce = _InfoNCE(b, d, dev) if cfg.regularizer == "infonce" else None
-        for fr, p_r, a_r in assigner.iterate(rows, update=cfg.update_assign):
+        loss_acc = torch.zeros((), dtype=torch.float64, device=self.dev)
+        nce = _InfoNCE(b, d, self.dev) if self.cfg.regularizer == "infonce" else None
+        for fr, p_r, a_r in self.assigner.iterate(rows, update=self.cfg.update_assign):
             t_acc = time.perf_counter()
             a64 = a_r.double() / tau
-            if use_official:
+            if self.fused:
                 z = shift[p_r] - a64
                 loss_acc += tnf.softplus(z).sum()
                 w = torch.sigmoid(z)
@@ -276,82 +217,86 @@ def _optimize(feats: torch.Tensor, shard: slice, n_total: int, budget: int, cfg:
                 s_sum.index_add_(0, p_r, ws.get("acc", tuple(fr.shape), torch.float64).copy_(fr))
                 g_sum += torch.bincount(p_r, minlength=b).double()
             if nce is not None:
-                nce.add(fr, assigner, tau)
-            timing["accumulate"] += time.perf_counter() - t_acc
+                nce.add(fr, self.assigner, tau)
+            self.timing["accumulate"] += time.perf_counter() - t_acc
         buf[-1] = loss_acc
         t_red = time.perf_counter()
-        dist.all_reduce(buf)  # the one O(B d) reduction of the iteration
-        timing["reduce"] += time.perf_counter() - t_red
-        t_step = time.perf_counter()
-        loss = float(buf[-1]) / n_act
-        if use_official:
+        self.dist.all_reduce(buf)  # the one O(B d) reduction of the iteration
+        self.timing["reduce"] += time.perf_counter() - t_red
+        return s_sum, g_sum, float(buf[-1]), nce
+
+    def _gradient(self, s_sum, g_sum, loss_sum: float, nce, c64, qc) -> tuple[float, torch.Tensor]:
+        """The loss of the pass and its gradient with respect to c (equations: ``objectives``)."""
+        cfg, tau, n_act = self.cfg, self.tau, self.n_act
+        loss = loss_sum / n_act
+        if self.fused:
             grad_c = (-s_sum / tau + (g_sum / tau)[:, None] * qc) / n_act
         elif cfg.regularizer == "ours":  # paper, Eq. 11
             t_rep = time.perf_counter()
-            rep, rep_grad = obj.paper_repulsion(c64, tau, dtype=bb_dtype)
-            timing["repulsion"] += time.perf_counter() - t_rep
-            t_step += time.perf_counter() - t_rep  # counted under "repulsion", not "step"
+            rep, rep_grad = obj.paper_repulsion(c64, tau, dtype=self.bb_dtype)
+            self.timing["repulsion"] += time.perf_counter() - t_rep
             loss += cfg.balance * rep
             grad_c = -s_sum / (n_act * tau) + cfg.balance * rep_grad
         elif cfg.regularizer == "none":
             grad_c = -s_sum / (n_act * tau)
         else:  # infonce
-            z_j, soft = nce.finish(dist)
+            z_j, soft = nce.finish(self.dist)
             loss += float((g_sum * z_j).sum()) / n_act
             grad_c = (-s_sum / tau + (g_sum / tau)[:, None] * soft) / n_act
-        if t == cfg.iters:
-            final_loss = loss
-            break
-        losses.append(loss)
-        grad = obj.project_normalize_grad(grad_c, c64, th_norm) if official_param else grad_c
-        theta.grad = grad.to(theta.dtype)
-        opt.step()
-        if sched is not None:
-            sched.step()
-        if not official_param:
-            with torch.no_grad():
-                theta.data = tnf.normalize(theta.data, dim=1)
-        timing["step"] += time.perf_counter() - t_step
-        iter_seconds.append(time.perf_counter() - t_it)
-        if progress is not None:
-            progress(t + 1, loss)
-    t_opt = time.perf_counter() - t_start - t_init
+        return loss, grad_c
 
-    t_snap0 = time.perf_counter()
-    with torch.no_grad():
-        c_final = tnf.normalize(theta.detach(), dim=1)
-    if snap_result:
-        rows_out, snap_info = snap(feats, shard, n_total, c_final, dist, eps=eps, k=cfg.snap_candidates,
-                                   block=block)
-    else:
-        rows_out, snap_info = None, {"snap_fallbacks": 0, "snap_collisions": 0}
-    t_snap = time.perf_counter() - t_snap0
-    counts = torch.bincount(assigner.p[assigner.p >= 0], minlength=b).double()
-    dist.all_reduce(counts)
-    tot = torch.tensor([assigner.totals[k] for k in ("certified", "refined", "refreshed", "pairs")],
-                       dtype=torch.float64, device=dev)
-    dist.all_reduce(tot)
-    per_iter = torch.tensor([it["refreshed"] for it in assigner.per_iter], dtype=torch.float64, device=dev)
-    dist.all_reduce(per_iter)
-    return {
-        "rows": rows_out,
-        "theta": c_final,
-        "init_rows": init_rows,
-        "losses": losses,
-        "final_loss": final_loss,
-        "empty_params": int((counts == 0).sum()),
-        "assign_stats": {k: int(v) for k, v in zip(("certified", "refined", "refreshed", "pairs"), tot.tolist())},
-        "refreshed_per_iter": [int(v) for v in per_iter.tolist()],
-        "seconds_init": t_init,
-        "seconds_optimize": t_opt,
-        "seconds_snap": t_snap,
-        "seconds_per_iter_mean": float(np.mean(iter_seconds)) if iter_seconds else 0.0,
-        "seconds_per_iter": [round(v, 4) for v in iter_seconds],
-        "seconds_breakdown": {**{k: round(v, 3) for k, v in timing.items()},
-                              **{k: round(v, 3) for k, v in assigner.timing.items()}},
-        "n_active": n_act,
-        "block_size": block,
-        "bb_dtype": str(bb_dtype).replace("torch.", ""),
-        "eps": eps,
-        **snap_info,
-    }
+    def _step(self, grad_c: torch.Tensor, c64: torch.Tensor, th_norm: torch.Tensor) -> None:
+        """Chain rule to theta (official), Adam, the schedule, the renormalisation (paper)."""
+        grad = obj.project_normalize_grad(grad_c, c64, th_norm) if self.official else grad_c
+        self.theta.grad = grad.to(self.theta.dtype)
+        self.opt.step()
+        if self.sched is not None:
+            self.sched.step()
+        if not self.official:
+            with torch.no_grad():
+                self.theta.data = tnf.normalize(self.theta.data, dim=1)
+
+    # ------------------------------------------------------------------ the end
+    def finish(self, snap_result: bool) -> dict:
+        """Snap the final parameters to unique rows (unless told not to); the result dict of ``optimize``."""
+        t_snap0 = time.perf_counter()
+        with torch.no_grad():
+            c_final = tnf.normalize(self.theta.detach(), dim=1)
+        if snap_result:
+            rows_out, snap_info = snap(self.feats, self.shard, self.n_total, c_final, self.dist, eps=self.eps,
+                                       k=self.cfg.snap_candidates, block=self.block)
+        else:
+            rows_out, snap_info = None, {"snap_fallbacks": 0, "snap_collisions": 0}
+        t_snap = time.perf_counter() - t_snap0
+        return {
+            "rows": rows_out,
+            "theta": c_final,
+            "init_rows": self.init_rows,
+            "losses": self.losses,
+            "final_loss": self.final_loss,
+            **self._assign_stats(),
+            "seconds_init": self.t_init,
+            "seconds_optimize": self.t_opt,
+            "seconds_snap": t_snap,
+            "seconds_per_iter_mean": float(np.mean(self.iter_seconds)) if self.iter_seconds else 0.0,
+            "seconds_per_iter": [round(v, 4) for v in self.iter_seconds],
+            "seconds_breakdown": {**{k: round(v, 3) for k, v in self.timing.items()},
+                                  **{k: round(v, 3) for k, v in self.assigner.timing.items()}},
+            "n_active": self.n_act,
+            "block_size": self.block,
+            "bb_dtype": str(self.bb_dtype).replace("torch.", ""),
+            "eps": self.eps,
+            **snap_info,
+        }
+
+    def _assign_stats(self) -> dict:
+        """Parameters that won no sample, and the pruning's counts, summed over the ranks."""
+        asg, dev = self.assigner, self.dev
+        counts = self.dist.all_reduce(torch.bincount(asg.p[asg.p >= 0], minlength=self.b).double())
+        tot = self.dist.all_reduce(torch.tensor([asg.totals[k] for k in ASSIGN_STATS], dtype=torch.float64,
+                                                device=dev))
+        per_iter = self.dist.all_reduce(torch.tensor([it["refreshed"] for it in asg.per_iter], dtype=torch.float64,
+                                                     device=dev))
+        return {"empty_params": int((counts == 0).sum()),
+                "assign_stats": {k: int(v) for k, v in zip(ASSIGN_STATS, tot.tolist())},
+                "refreshed_per_iter": [int(v) for v in per_iter.tolist()]}

@@ -15,8 +15,10 @@ import numpy as np
 import torch
 import torch.nn.functional as tnf
 
-from bench_suite import runtime as bdist
-from bench_suite.activeft.snap import decision_eps, fps_init, random_init
+from bench_suite.activeft.assign import decision_eps
+from bench_suite.activeft.init import initial_rows
+from bench_suite.activeft.optimize import subset_generator
+from bench_suite.runtime import Runtime
 
 
 def reference_select(features, budget: int, *, seed: int = 0, objective: str = "official",
@@ -29,11 +31,8 @@ def reference_select(features, budget: int, *, seed: int = 0, objective: str = "
     f = torch.as_tensor(np.asarray(features), dtype=torch.float32).to(dtype)
     n, d = f.shape
     tau = float(temperature)
-    if init == "random":
-        init_rows = random_init(n, budget, seed)
-    else:
-        f32 = f.float()
-        init_rows = fps_init(f32, slice(0, n), n, budget, seed, bdist.Runtime(),
+    f32 = f.float()
+    init_rows = initial_rows(init, f32, slice(0, n), n, budget, seed, Runtime(),
                              decision_eps(d, float(f32.norm(dim=1).max())))
     theta = torch.nn.Parameter(f[torch.as_tensor(init_rows)].clone())
     if objective == "paper":
@@ -42,9 +41,7 @@ def reference_select(features, budget: int, *, seed: int = 0, objective: str = "
     opt = torch.optim.Adam([theta], lr=lr, foreach=False)
     sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(iters, 1), eta_min=1e-6)
              if scheduler == "cosine" else None)
-    sub_gen = None
-    if subset and subset < n:
-        sub_gen = torch.Generator().manual_seed(int(np.random.SeedSequence([int(seed), 1]).generate_state(1)[0]))
+    sub_gen, _ = subset_generator(subset, n, seed)  # the fast path's random stream
     frozen = None
     losses, assigns = [], []
     final = float("nan")

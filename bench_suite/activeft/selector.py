@@ -1,57 +1,48 @@
-"""The ``activeft`` selector of the registry: validation, sharding, progress bar, Selection."""
+"""The ``activeft`` selector of the registry: a distributed ``Selector`` over ``optimize``.
+
+The base class checks the options, the pool, the budget and the seed and resolves the device; here every
+rank reads and checks its own rows of the pool (``store.check_rows``), runs the loop with a rich progress
+bar on rank 0, and returns the same global rows as every other rank.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
-import time
 
 import numpy as np
 import torch
 
-from bench_suite.methods.registry import register
-from bench_suite import runtime as bdist
-from bench_suite.activeft.optimize import Config, optimize, resolve_device
+from bench_suite.activeft.optimize import optimize
+from bench_suite.activeft.options import ALIASES, Options, fold_no_update
 from bench_suite.errors import BadInputError
-from bench_suite.methods.selection import Selection, check_budget
-from bench_suite.store import NORM_TOL, FeatureStore
+from bench_suite.methods.base import Pool, Selector
+from bench_suite.methods.registry import register
+from bench_suite.store import FeatureStore, check_rows
 
 log = logging.getLogger(__name__)
 
 
-def as_store(data) -> FeatureStore:
-    """A FeatureStore as given, or an N x d array / tensor wrapped as one (rows normalised with a warning)."""
-    if isinstance(data, FeatureStore):
-        return data
-    if isinstance(data, torch.Tensor):
-        data = data.detach().cpu().numpy()
-    if isinstance(data, np.ndarray):
-        if data.ndim == 2 and data.shape[0] == 0:
-            raise BadInputError("feature store is empty (N = 0)")
-        return FeatureStore.from_array(data, normalize=True)
-    raise BadInputError(f"ActiveFT needs a FeatureStore or an N x d array, got {type(data).__name__}")
+def load_shard(store: FeatureStore, shard: slice, dist) -> tuple[np.ndarray, int]:
+    """This rank's rows as float32 (read from the memmap), checked and renormalised where needed.
 
-
-def load_local(store: FeatureStore, shard: slice) -> tuple[np.ndarray | None, str | None, int]:
-    """This rank's rows as float32 (read from the memmap), checked; (array, error message, rows renormalised)."""
+    Returns (rows, number of rows renormalised on all ranks). A bad row on any rank is the same
+    BadInputError on every rank (the lowest rank's message), so no rank waits for the others.
+    """
     raw = store.features[shard]
-    arr = np.array(raw, dtype=np.float32, copy=True) if (isinstance(raw, np.memmap) or not raw.flags.writeable
-                                                          or raw.dtype != np.float32) else raw
-    arr = np.ascontiguousarray(arr)
-    if arr.shape[0] == 0:
-        return arr, None, 0
-    finite = np.isfinite(arr).all(axis=1)
-    if not finite.all():
-        return None, f"features contain NaN/Inf (first at row {shard.start + int(np.flatnonzero(~finite)[0])})", 0
-    norms = np.linalg.norm(arr.astype(np.float64), axis=1)
-    zero = norms < 1e-12
-    if zero.any():
-        return None, (f"features contain {int(zero.sum())} zero-norm rows "
-                      f"(first at row {shard.start + int(np.flatnonzero(zero)[0])})"), 0
-    off = np.abs(norms - 1.0) > NORM_TOL
-    if off.any():
-        arr = (arr / norms[:, None]).astype(np.float32)
-    return arr, None, int(off.sum())
+    copy = isinstance(raw, np.memmap) or not raw.flags.writeable or raw.dtype != np.float32
+    arr = np.ascontiguousarray(np.array(raw, dtype=np.float32, copy=True) if copy else raw)
+    err, n_fixed = None, 0
+    try:
+        arr, n_fixed = check_rows(arr, normalize=True, first_row=shard.start)
+    except BadInputError as exc:
+        err = str(exc)
+    parts = dist.all_gather_object((err, n_fixed))
+    errors = [e for e, _ in parts if e]
+    if errors:
+        raise BadInputError(errors[0])
+    return arr, sum(n for _, n in parts)
 
 
 class _Bar:
@@ -75,65 +66,54 @@ class _Bar:
         self.progress.stop()
 
 
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """``torch.set_num_threads(n)`` for the duration (0: leave torch's setting)."""
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if n:
+            torch.set_num_threads(before)
+
+
 @register
-class ActiveFT:
-    """ActiveFT selector; options as keyword arguments (see ``Config``), e.g. ``ActiveFT(objective="paper")``."""
+class ActiveFT(Selector):
+    """ActiveFT; options as keyword arguments (``Options``), e.g. ``ActiveFT(objective="paper")``."""
 
     name = "activeft"
-
     label = "ActiveFT"
     description = "ActiveFT (CVPR'23): optimise B parameters to match the pool, snap to B unique samples (label-free)"
     label_free = True
+    distributed = True
+    Options = Options
+    aliases = ALIASES
+    quick_options = {"iters": 20}  # for the registry's contract tests
 
-    def __init__(self, **config):
-        self.cfg = Config.from_kwargs(**config)
+    def __init__(self, **options):
+        super().__init__(**fold_no_update(options, self.name))
 
-    def select(self, store, budget, *, seed: int = 0, oracle=None, dist=None) -> Selection:
-        t0 = time.perf_counter()
-        d = dist if dist is not None else bdist.current()
-        store = as_store(store)
-        feats = store.features
-        if getattr(feats, "ndim", 0) != 2:
-            raise BadInputError(f"features must be a 2-D array (N x d), got shape {getattr(feats, 'shape', None)}")
-        n = int(feats.shape[0])
-        if n == 0:
-            raise BadInputError("feature store is empty (N = 0)")
-        if np.shape(store.ids) != (n,):
-            raise BadInputError(f"store ids have shape {np.shape(store.ids)} but features have {n} rows")
-        budget = check_budget(budget, n)
-        cfg = self.cfg
-        device = resolve_device(cfg.device)
-        shard = d.shard(n)
-        arr, err, n_fixed = load_local(store, shard)
-        errors = [e for e in d.all_gather_object(err) if e]
-        if errors:
-            raise BadInputError(errors[0])
-        n_fixed = sum(d.all_gather_object(n_fixed))
+    def choose(self, pool: Pool) -> tuple[np.ndarray, dict]:
+        cfg, d = self.options, pool.dist
+        shard = d.shard(pool.n)
+        arr, n_fixed = load_shard(pool.store, shard, d)
         if n_fixed and d.is_main:
             log.warning("activeft: %d feature rows were not L2-normalised; normalised them", n_fixed)
-        local = torch.from_numpy(arr).to(device)
-        show = d.is_main and (cfg.progress if cfg.progress is not None else sys.stderr.isatty())
-        bar = _Bar(cfg.iters, f"activeft[{cfg.objective}]") if show and cfg.iters else None
-        threads_before = torch.get_num_threads()
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
-        try:
-            res = optimize(local, shard, n, budget, cfg, seed=int(seed), dist=d, progress=bar)
-        finally:
-            if bar is not None:
-                bar.close()
-            if cfg.threads:
-                torch.set_num_threads(threads_before)
-        ids = np.asarray(store.ids)[res["rows"]]
+        local = torch.from_numpy(arr).to(pool.device)
+        with torch_threads(cfg.threads), self._progress_bar(d) as bar:
+            res = optimize(local, shard, pool.n, pool.budget, cfg, seed=pool.seed, dist=d, progress=bar)
+        ids = np.asarray(pool.store.ids)
         info = {
             "loss_curve": res["losses"],
             "final_loss": res["final_loss"],
             "iterations": cfg.iters,
             "world": d.world,
-            "n": n,
-            "dim": int(feats.shape[1]),
-            "device": str(device),
-            "init_ids": np.asarray(store.ids)[res["init_rows"]].tolist(),
+            "n": pool.n,
+            "dim": int(arr.shape[1]),
+            "device": str(pool.device),
+            "init_ids": ids[res["init_rows"]].tolist(),
             "empty_params": res["empty_params"],
             "assign_stats": res["assign_stats"],
             "refreshed_per_iter": res["refreshed_per_iter"],
@@ -145,6 +125,19 @@ class ActiveFT:
             "snap_fallbacks": res["snap_fallbacks"],
             "snap_collisions": res["snap_collisions"],
             "renormalised_rows": n_fixed,
+            "block_size": res["block_size"],  # as resolved (the option's 0 = auto)
+            "bb_dtype": res["bb_dtype"],
         }
-        config = dict(cfg.as_dict(), block_size=res["block_size"], bb_dtype=res["bb_dtype"])
-        return Selection(ids, self.name, budget, int(seed), time.perf_counter() - t0, config, info)
+        return res["rows"], info
+
+    @contextlib.contextmanager
+    def _progress_bar(self, dist):
+        """The bar on rank 0 when ``progress`` says so (None: when stderr is a terminal), else None."""
+        cfg = self.options
+        show = dist.is_main and (cfg.progress if cfg.progress is not None else sys.stderr.isatty())
+        bar = _Bar(cfg.iters, f"activeft[{cfg.objective}]") if show and cfg.iters else None
+        try:
+            yield bar
+        finally:
+            if bar is not None:
+                bar.close()

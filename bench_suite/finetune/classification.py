@@ -1,4 +1,9 @@
-"""Classification finetuning: the encoder's backbone + a fresh linear head, cross-entropy (label smoothing)."""
+"""Classification finetuning: the encoder's backbone + a fresh linear head, cross-entropy (label smoothing).
+
+``ClsTask`` feeds the training loop the encoder's own preprocessing of each image (cached as tensors when
+the subset is small), or - when the first blocks are frozen and nothing is augmented - their cached
+output tokens; it evaluates top-1 and per-class accuracy on the test split, summed over processes.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +12,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bench_suite.finetune.engine import TENSOR_BUDGET, FrozenPrefix, RunContext, Samples, Task, apply_crop_flip, autocast, \
-    enable_prefix, set_drop_path, set_trainable
+from bench_suite.finetune.augment import apply_crop_flip
+from bench_suite.finetune.backbone import FrozenPrefix, enable_prefix, set_drop_path, set_trainable
+from bench_suite.finetune.optim import autocast
+from bench_suite.finetune.samples import TENSOR_BUDGET, Samples
+from bench_suite.finetune.task import Task
+from bench_suite.runtime import Runtime
 
 
 class Classifier(nn.Module):
@@ -127,7 +136,7 @@ class ClsTask(Task):
         return float((out.argmax(1) == target).sum())
 
     @torch.no_grad()
-    def evaluate(self, model, test: Samples, ctx: RunContext, amp: str, batch: int) -> dict:
+    def evaluate(self, model, test: Samples, ctx: Runtime, amp: str, batch: int) -> dict:
         counts = torch.zeros(2, self.num_classes, dtype=torch.float64)  # correct, total per class
         for s in range(0, len(test), batch):
             idx = np.arange(s, min(s + batch, len(test)))

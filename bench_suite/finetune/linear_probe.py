@@ -10,6 +10,8 @@ import time
 import warnings
 
 import numpy as np
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.linear_model import LogisticRegression
 
 from bench_suite.errors import BadInputError
 
@@ -17,9 +19,6 @@ from bench_suite.errors import BadInputError
 def linear_probe(train_store, selected_ids, test_store, *, seed: int, C: float = 1.0, max_iter: int = 1000,
                  labels=None, **_unused) -> dict:
     """Fit on the selected samples' features and labels; evaluate on the whole test store."""
-    from sklearn.exceptions import ConvergenceWarning
-    from sklearn.linear_model import LogisticRegression
-
     selected_ids = np.asarray(selected_ids, dtype=np.int64)
     if len(selected_ids) == 0:
         raise BadInputError("empty selection: nothing to train the probe on")

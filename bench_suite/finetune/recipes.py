@@ -1,9 +1,16 @@
-"""Finetuning recipes as data: the schema (defaults + checks) and where named recipes come from.
+"""Finetuning recipes as data: the schema (defaults + checks), the catalogue, and the one resolver of a name.
 
-A recipe is a flat mapping. Named recipes live in ``launchers/recipes.yaml`` (the catalogue: the paper's
-appendix-B.2 recipes, the released code's variant, and the cpu-scale ones) and in a profile's
-``recipes:`` mapping, which overrides the catalogue entry of the same name. Every field a recipe leaves
-out takes its default below, so a recipe only spells out what it means.
+A recipe is a flat mapping. Named recipes live in ``recipes.yaml`` next to this file (the catalogue: the
+paper's appendix-B.2 recipes, the released code's variant, and the cpu-scale ones). A profile's
+``recipes:`` mapping adds to it: an entry of a catalogue name overrides that entry field by field (so a
+profile spells out only where it differs), an entry of a new name (the cpu profile's ``linear_probe``)
+defines a recipe of its own. ``resolve_named`` is the one way from a name to a recipe, for the tables
+(the profile's ``recipes:``) and for the finetuning CLI (``--recipes-file``, ``--set``) alike: catalogue
+entry, then the profile's fields, then the overrides; every field left out takes its default below, and
+every field is checked before any training starts.
+
+Also here: how a recipe maps onto a run - epochs for a selection ratio, the global / micro batch plan and
+the optimiser steps of an epoch.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ from pathlib import Path
 import yaml
 
 from bench_suite.errors import BadInputError, MissingDataError, unknown
+from bench_suite.profiles import load_profile
 
 CATALOGUE = Path(__file__).with_name("recipes.yaml")
 
@@ -78,36 +86,62 @@ def _read_yaml(path: Path) -> dict:
     return data or {}
 
 
-def available(recipes_file: str | Path | None = None) -> dict[str, dict]:
-    """All named recipes: the catalogue, overridden by ``recipes_file`` (a profile name or a YAML file whose
-    ``recipes:`` mapping - or, without that key, whose top level - maps names to recipes)."""
-    recipes = dict(_read_yaml(CATALOGUE))
-    if recipes_file is not None:
-        path = Path(recipes_file)
-        if path.suffix in (".yaml", ".yml"):
-            if not path.exists():
-                raise MissingDataError(f"recipes file not found: {path}")
-            data = _read_yaml(path)
-        else:
-            from bench_suite.profiles import load_profile
-
-            data = load_profile(str(recipes_file))
-        extra = data.get("recipes", data) if isinstance(data, dict) else None
-        if not isinstance(extra, dict):
-            raise BadInputError(f"{recipes_file}: expected a mapping of recipe names to recipes")
-        recipes.update(extra)
-    return recipes
+def catalogue() -> dict[str, dict]:
+    """The catalogue's named recipes, as written (defaults not filled in)."""
+    return dict(_read_yaml(CATALOGUE))
 
 
-def get_recipe(name: str, recipes_file: str | Path | None = None, overrides: dict | None = None) -> dict:
-    """The named recipe with defaults filled in and checked (raises before any training starts)."""
-    recipes = available(recipes_file)
+def recipes_of(recipes_file: str | Path | None) -> dict[str, dict]:
+    """The ``recipes:`` mapping of a profile (a name, or a YAML file), or - without that key - a YAML file's top
+    level; {} for None."""
+    if recipes_file is None:
+        return {}
+    path = Path(recipes_file)
+    if path.suffix not in (".yaml", ".yml"):
+        return dict(load_profile(str(recipes_file)).recipes)
+    if not path.exists():
+        raise MissingDataError(f"recipes file not found: {path}")
+    data = _read_yaml(path)
+    extra = data.get("recipes", data) if isinstance(data, dict) else None
+    if not isinstance(extra, dict):
+        raise BadInputError(f"{recipes_file}: expected a mapping of recipe names to recipes")
+    return extra
+
+
+def _merge(base: dict | None, entry: dict | None, name: str) -> dict:
+    """A profile's ``entry`` over the catalogue's ``base``, field by field; an entry of another kind replaces it."""
+    for what, rec in (("catalogue", base), ("profile", entry)):
+        if rec is not None and not isinstance(rec, dict):
+            raise BadInputError(f"recipe {name!r} ({what}): expected a mapping, got {type(rec).__name__}")
+    if base is None or entry is None:
+        return dict(base if entry is None else entry)
+    if entry.get("kind", base.get("kind", "finetune")) != base.get("kind", "finetune"):
+        return dict(entry)
+    return {**base, **entry}
+
+
+def available(profile_recipes: dict | None = None) -> dict[str, dict]:
+    """Every named recipe, as written: the catalogue with a profile's ``recipes:`` laid over it field by field."""
+    base, extra = catalogue(), profile_recipes or {}
+    return {name: _merge(base.get(name), extra.get(name), name) for name in {**base, **extra}}
+
+
+def resolve_named(name: str, profile_recipes: dict | None = None, overrides: dict | None = None) -> dict:
+    """THE recipe resolver: the catalogue entry ``name``, overridden field by field by the profile's entry of
+    that name (a profile may also define new names), then by ``overrides`` (``--set``); defaults filled in,
+    every field checked."""
+    recipes = available(profile_recipes)
     if name not in recipes:
-        raise unknown("recipe", name, recipes)
+        raise unknown("recipe", name, sorted(recipes))
     recipe = resolve(recipes[name], where=f"recipe {name!r}")
     if overrides:
         recipe = resolve({**recipe, **overrides}, where=f"recipe {name!r} with overrides")
     return recipe
+
+
+def get_recipe(name: str, recipes_file: str | Path | None = None, overrides: dict | None = None) -> dict:
+    """``resolve_named`` with the profile's recipes read from ``recipes_file`` (a profile name or a YAML file)."""
+    return resolve_named(name, recipes_of(recipes_file), overrides)
 
 
 def resolve(recipe: dict, where: str = "recipe") -> dict:

@@ -12,15 +12,18 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
-from bench_suite.finetune.engine import TENSOR_BUDGET, RunContext, Samples, Task, apply_crop_flip, autocast, enable_prefix, \
-    set_drop_path, set_trainable
+from bench_suite.finetune.augment import apply_crop_flip
+from bench_suite.finetune.backbone import enable_prefix, set_drop_path, set_trainable
+from bench_suite.finetune.optim import autocast
+from bench_suite.finetune.samples import TENSOR_BUDGET, Samples
 from bench_suite.finetune.segmenter import Segmenter, confusion_matrix, iou_from_confusion
+from bench_suite.finetune.task import Task
+from bench_suite.runtime import Runtime
 
 
 def _resize(img: np.ndarray, size: int, nearest: bool) -> np.ndarray:
-    from PIL import Image
-
     if img.shape[:2] == (size, size):
         return img
     return np.asarray(Image.fromarray(img).resize((size, size), Image.NEAREST if nearest else Image.BILINEAR))
@@ -142,7 +145,7 @@ class SegTask(Task):
         return float(acc.sum())
 
     @torch.no_grad()
-    def evaluate(self, model, test: Samples, ctx: RunContext, amp: str, batch: int) -> dict:
+    def evaluate(self, model, test: Samples, ctx: Runtime, amp: str, batch: int) -> dict:
         conf = np.zeros((self.num_classes, self.num_classes), np.int64)
         for s in range(0, len(test), batch):
             idx = np.arange(s, min(s + batch, len(test)))

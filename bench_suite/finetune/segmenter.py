@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.models.vision_transformer import Block
 
 
 # --------------------------------------------------------------------------- metric
@@ -72,8 +73,6 @@ class MaskTransformer(nn.Module):
     def __init__(self, d_encoder: int, num_classes: int, n_layers: int = 2, n_heads: int | None = None,
                  d_model: int | None = None, mlp_ratio: float = 4.0, dropout: float = 0.1, drop_path: float = 0.0):
         super().__init__()
-        from timm.models.vision_transformer import Block
-
         d_model = d_model or d_encoder
         n_heads = n_heads or max(1, d_model // 64)
         self.num_classes = num_classes
@@ -139,7 +138,7 @@ class Segmenter(nn.Module):
         else:
             raise ValueError(f"unknown decoder {decoder!r}")
 
-        self.prefix = None  # a bench_suite.finetune.engine.FrozenPrefix: forward then also takes its cached tokens
+        self.prefix = None  # a bench_suite.finetune.backbone.FrozenPrefix: forward then also takes its cached tokens
 
     def forward(self, x):
         if x.ndim == 3:  # tokens after the frozen prefix (square patch grid)

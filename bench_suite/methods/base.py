@@ -85,6 +85,8 @@ class Selector:
     distributed: ClassVar[bool] = False  # True: every rank runs choose() on its shard (and collects itself)
     Options: ClassVar[type] = NoOptions
     aliases: ClassVar[dict] = {}  # old option name -> new
+    # small settings for the registry's contract tests (tests/test_registries.py), e.g. a few VAE epochs
+    quick_options: ClassVar[dict] = {}
 
     def __init__(self, **options):
         self.options = coerce(self.Options, options, where=self.name, aliases=self.aliases)

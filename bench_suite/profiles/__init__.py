@@ -1,21 +1,155 @@
-"""Profiles: the settings of a whole run as data. ``cpu`` is the embedded default; ``paper`` the paper's."""
+"""Profiles: the settings of a whole run as typed data. ``cpu`` is the embedded default; ``paper`` the paper's.
+
+A profile is YAML, checked against the dataclasses below when it is loaded: a missing or misspelt key or a
+value of the wrong type is a one-line error naming the key's path (``profile cpu: tables.1.cells.mnist[0]
+must be a number, got 'x'``). What the names refer to (methods, datasets, encoders, recipes) is checked by
+``bench_suite/run.py`` against the registries before any work starts.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
 import yaml
 
 from bench_suite.errors import BadInputError, MissingDataError, unknown
+from bench_suite.options import coerce, opt
+
+
+@dataclass
+class EncoderRef:
+    """An encoder of the registry, with its image size, pooling and (optionally) a local weights file."""
+
+    name: str
+    image_size: int | None = opt(None, minimum=1)
+    pooling: str | None = opt(None, choices=("cls", "cls+mean", "gap", None))
+    weights: str | None = None
+
+
+@dataclass
+class SplitSettings:
+    """Which split of a dataset makes a pool or a test set, and how it is subsampled and sharded."""
+
+    split: str = "train"
+    limit: int | None = opt(None, minimum=1)  # a seeded random subset of this many samples
+    subset_seed: int = 0
+    shard_size: int = opt(1000, minimum=1)
+
+
+@dataclass
+class DatasetSettings:
+    pool: SplitSettings
+    test: SplitSettings
+    label: str = ""  # overrides the dataset's own label in reports
+    role: str = ""  # which of the paper's datasets it stands in for
+    why: str = ""
+    al: dict = field(default_factory=dict)  # the active-learning protocol on this pool (init_ratio, ...)
+
+
+@dataclass
+class MethodRow:
+    """A row of a table: a registry method, or a variant of one (``config`` over the profile's options)."""
+
+    method: str
+    label: str = ""
+    config: dict = field(default_factory=dict)
+
+
+@dataclass
+class EncoderVariant:
+    label: str
+    encoder: EncoderRef
+
+
+@dataclass
+class TableSettings:
+    """A table's grid: rows (methods), columns (dataset -> ratios), seeds, the evaluation recipe."""
+
+    methods: list[MethodRow]
+    cells: dict[str, list[float]]
+    recipe: str | None = None
+    recipe_by_dataset: dict[str, str] = field(default_factory=dict)
+    seeds: list[int] | None = None  # default: the profile's
+    encoder: EncoderRef | None = None  # default: the profile's
+    encoders: list[EncoderVariant] = field(default_factory=list)  # Table 4: one sub-table per encoder
+    note: str = ""
+
+    def validate(self) -> str | None:
+        for dataset, ratios in self.cells.items():
+            for r in ratios:
+                if not 0 < r <= 1:
+                    return f"ratio {r} for {dataset} is not in (0, 1] (budget > pool)"
+        return None
+
+
+@dataclass
+class Extraction:
+    batch_size: int = opt(64, minimum=1)
+
+
+@dataclass
+class Profile:
+    name: str
+    encoder: EncoderRef
+    seeds: list[int]
+    datasets: dict[str, DatasetSettings]
+    tables: dict[str, TableSettings]
+    description: str = ""
+    scaled_down: bool = True  # reports say "not the paper's setting" unless this is false
+    extraction: Extraction = field(default_factory=Extraction)
+    recipes: dict[str, dict] = field(default_factory=dict)  # overrides of the recipe catalogue, and new ones
+    methods: dict[str, dict] = field(default_factory=dict)  # each method's options in this profile
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def table(self, name: str) -> TableSettings:
+        if name not in self.tables:
+            raise BadInputError(f"profile {self.name} has no settings for table {name}")
+        return self.tables[name]
+
+    def dataset(self, name: str) -> DatasetSettings:
+        if name not in self.datasets:
+            raise unknown(f"dataset of profile {self.name}", name, self.datasets)
+        return self.datasets[name]
+
+    def encoder_of(self, table: str) -> EncoderRef:
+        return self.table(table).encoder or self.encoder
+
+    def seeds_of(self, table: str) -> list[int]:
+        seeds = self.table(table).seeds
+        return list(self.seeds if seeds is None else seeds)
+
+    def method_options(self, method: str, variant: dict | None = None) -> dict:
+        """The profile's options of ``method`` with a table row's ``variant`` on top."""
+        return {**(self.methods.get(method) or {}), **(variant or {})}
 
 
 def profile_names() -> list[str]:
     return sorted(p.name[:-5] for p in resources.files(__package__).iterdir() if p.name.endswith(".yaml"))
 
 
-def load_profile(name_or_path: str) -> dict:
-    """A built-in profile by name, or a YAML file by path."""
+def _normalise(data: dict) -> dict:
+    """YAML shorthands: a table row may be just a method name; table names may be unquoted numbers."""
+    tables = data.get("tables")
+    if isinstance(tables, dict):
+        data["tables"] = {str(k): ({**v, "methods": [{"method": m} if isinstance(m, str) else m
+                                                      for m in v.get("methods") or []]}
+                                   if isinstance(v, dict) else v) for k, v in tables.items()}
+    return data
+
+
+def parse_profile(data, where: str) -> Profile:
+    if not isinstance(data, dict):
+        raise BadInputError(f"{where}: expected a mapping at the top level, got {type(data).__name__}")
+    return coerce(Profile, _normalise(dict(data)), where, noun="")
+
+
+def load_profile(name_or_path: str) -> Profile:
+    """A built-in profile by name, or a YAML file by path, checked."""
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml"):
         if not path.exists():
@@ -26,10 +160,7 @@ def load_profile(name_or_path: str) -> dict:
             raise unknown("profile", name_or_path, profile_names())
         text = resources.files(__package__).joinpath(f"{name_or_path}.yaml").read_text()
     try:
-        prof = yaml.safe_load(text)
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise BadInputError(f"profile {name_or_path} is not valid YAML: {exc}") from exc
-    for key in ("name", "encoder", "datasets", "tables", "recipes", "seeds"):
-        if key not in prof:
-            raise BadInputError(f"profile {name_or_path} lacks the key {key!r}")
-    return prof
+    return parse_profile(data, f"profile {name_or_path}")

@@ -7,6 +7,7 @@ where it stopped and an unchanged cell is never recomputed.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from dataclasses import dataclass, field
@@ -15,10 +16,13 @@ from pathlib import Path
 from bench_suite import atomic
 from bench_suite.data.shards import ensure_shards
 from bench_suite.digest import ids_digest, json_digest
-from bench_suite.errors import BadInputError, unknown
+from bench_suite.errors import BadInputError
 from bench_suite.extract import extract_features
+from bench_suite.finetune.launch import recipe_fn
+from bench_suite.finetune.recipes import resolve_named
 from bench_suite.methods import budget_from_ratio, registry, run_selection
 from bench_suite.metrics import selection_emd
+from bench_suite.profiles import EncoderRef, Profile
 from bench_suite.runtime import Runtime
 from bench_suite.store import FeatureStore
 
@@ -27,7 +31,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Context:
-    profile: dict
+    profile: Profile
     work: Path  # shards, features, cell cache
     out: Path  # reports
     accelerator: object
@@ -45,42 +49,34 @@ class Context:
         return self.accelerator.num_processes
 
 
-def prepare_split(ctx: Context, dataset: str, part: str, encoder: dict | None = None) -> FeatureStore:
+def prepare_split(ctx: Context, dataset: str, part: str, encoder: EncoderRef | None = None) -> FeatureStore:
     """Shards (rank 0 writes them once) then features (all ranks extract) of ``part`` = pool | test.
 
-    ``encoder`` (a profile encoder entry) defaults to the profile's; Table 4 passes its own.
+    ``encoder`` defaults to the profile's; Table 4 passes its own.
     """
-    if dataset not in ctx.profile["datasets"]:
-        raise unknown(f"dataset of profile {ctx.profile['name']}", dataset, ctx.profile["datasets"])
-    shard_dir = ensure_shards(dataset, part, ctx.profile["datasets"][dataset][part], ctx.work,
-                              ctx.sources.get(dataset), write=ctx.rank == 0)
+    split = getattr(ctx.profile.dataset(dataset), part)
+    shard_dir = ensure_shards(dataset, part, dataclasses.asdict(split), ctx.work, ctx.sources.get(dataset),
+                              write=ctx.rank == 0)
     ctx.accelerator.wait_for_everyone()
-    enc = encoder or ctx.profile["encoder"]
-    feat_dir = ctx.work / "features" / f"{shard_dir.name}-{enc['name']}-{enc.get('image_size')}-{enc.get('pooling')}"
-    return extract_features(shard_dir, feat_dir, encoder=enc["name"], pooling=enc.get("pooling"),
-                            image_size=enc.get("image_size"), batch_size=ctx.profile.get("extraction", {}).get("batch_size", 64),
-                            accelerator=ctx.accelerator, weights=enc.get("weights"), progress=not ctx.quiet)
+    enc = encoder or ctx.profile.encoder
+    feat_dir = ctx.work / "features" / f"{shard_dir.name}-{enc.name}-{enc.image_size}-{enc.pooling}"
+    return extract_features(shard_dir, feat_dir, encoder=enc.name, pooling=enc.pooling, image_size=enc.image_size,
+                            batch_size=ctx.profile.extraction.batch_size, accelerator=ctx.accelerator,
+                            weights=enc.weights, progress=not ctx.quiet)
 
 
-def get_recipe(ctx: Context, name: str, encoder: dict | None = None):
-    """A recipe as ``fn(train_store, ids, test_store, seed) -> metrics``; finetuning starts from ``encoder``
-    (the table's, else the profile's)."""
-    recipes = ctx.profile["recipes"]
-    if name not in recipes:
-        raise unknown("recipe", name, recipes)
-    cfg = dict(recipes[name])
-    kind = cfg.pop("kind", name)
-    if kind == "linear_probe":
-        from bench_suite.finetune.linear_probe import linear_probe
+def recipe_settings(profile: Profile, name: str) -> dict:
+    """The fully resolved recipe ``name`` of a profile (an unknown name is an error listing the known ones)."""
+    return resolve_named(name, profile.recipes)
 
-        return lambda train, ids, test, seed: linear_probe(train, ids, test, seed=seed, **cfg), cfg
-    if kind in ("finetune", "seg_finetune"):
-        from launchers.finetune import recipe_fn
 
-        return recipe_fn(name, {**cfg, "kind": kind}, encoder=encoder or ctx.profile["encoder"],
-                         work_dir=ctx.work / "finetune",
-                         task="seg" if kind == "seg_finetune" else "cls", progress=not ctx.quiet), cfg
-    raise unknown(f"recipe kind (recipe {name})", kind, ["linear_probe", "finetune", "seg_finetune"])
+def get_recipe(ctx: Context, name: str, encoder: EncoderRef | None = None):
+    """A recipe as ``fn(train_store, ids, test_store, seed) -> metrics``, and the resolved recipe: the catalogue's
+    entry overridden by the profile's (``resolve_named``); finetuning starts from ``encoder`` (the table's,
+    else the profile's)."""
+    recipe = recipe_settings(ctx.profile, name)
+    return recipe_fn(name, recipe, encoder=encoder or ctx.profile.encoder, work_dir=ctx.work / "finetune",
+                     progress=not ctx.quiet), recipe
 
 
 def initial_set_size(method: str, config: dict, n: int) -> int:

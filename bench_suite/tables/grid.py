@@ -20,47 +20,33 @@ from __future__ import annotations
 from bench_suite import report
 from bench_suite.data.registry import get_dataset
 from bench_suite.methods import registry
-from bench_suite.tables.common import Context, prepare_split, run_cells
+from bench_suite.profiles import Profile
+from bench_suite.tables.common import Context, prepare_split, recipe_settings, run_cells
 
 
 def fmt_ratio(r: float) -> str:
     return f"{r * 100:g}%"
 
 
-def rows_of(profile: dict, table: str) -> list[dict]:
+def rows_of(profile: Profile, table: str) -> list[dict]:
     """The table's rows as ``{label, method, config}`` (a variant's config goes over the profile's method config)."""
-    out = []
-    for item in profile["tables"][table]["methods"]:
-        if isinstance(item, str):
-            item = {"method": item}
-        method = item["method"]
-        config = {**(profile.get("methods", {}).get(method) or {}), **(item.get("config") or {})}
-        out.append({"label": item.get("label") or registry.label(method),
-                    "method": method, "config": config})
-    return out
+    return [{"label": row.label or registry.label(row.method), "method": row.method,
+             "config": profile.method_options(row.method, row.config)} for row in profile.table(table).methods]
 
 
-def seeds_of(profile: dict, table: str) -> list[int]:
-    return [int(s) for s in profile["tables"][table].get("seeds", profile["seeds"])]
-
-
-def encoder_of(profile: dict, table: str) -> dict:
-    return profile["tables"][table].get("encoder") or profile["encoder"]
-
-
-def build_cells(profile: dict, table: str) -> list[dict]:
+def build_cells(profile: Profile, table: str) -> list[dict]:
     """Every (dataset, ratio, row, seed); active-learning rows get the dataset's ``al`` protocol (init/batch ratio)."""
-    t = profile["tables"][table]
+    t = profile.table(table)
     cells = []
-    for dataset, ratios in t["cells"].items():
-        al = profile["datasets"][dataset].get("al") or {}
-        recipe = (t.get("recipe_by_dataset") or {}).get(dataset, t["recipe"])
+    for dataset, ratios in t.cells.items():
+        al = profile.dataset(dataset).al
+        recipe = t.recipe_by_dataset.get(dataset, t.recipe)
         for ratio in ratios:
             for row in rows_of(profile, table):
                 config = row["config"]
                 if al and not registry.selector_class(row["method"]).label_free:
                     config = {**al, **config}
-                for seed in seeds_of(profile, table):
+                for seed in profile.seeds_of(table):
                     cells.append({"dataset": dataset, "ratio": float(ratio), "method": row["method"],
                                   "variant": row["label"], "seed": seed, "method_config": config,
                                   "recipe": recipe})
@@ -69,10 +55,9 @@ def build_cells(profile: dict, table: str) -> list[dict]:
 
 def run(ctx: Context, table: str, progress_factory=None) -> dict:
     """Prepare every dataset's pool and test features, then run (or load from cache) every cell."""
-    t = ctx.profile["tables"][table]
-    enc = encoder_of(ctx.profile, table)
+    enc = ctx.profile.encoder_of(table)
     stores = {d: (prepare_split(ctx, d, "pool", encoder=enc), prepare_split(ctx, d, "test", encoder=enc))
-              for d in t["cells"]}
+              for d in ctx.profile.table(table).cells}
     cells = build_cells(ctx.profile, table)
     progress = progress_factory(len(cells)) if progress_factory else None
     results = run_cells(ctx, cells, stores, progress, encoder=enc)
@@ -87,8 +72,8 @@ def runner(table: str):
     return run_table
 
 
-def columns(profile: dict, table: str) -> list[tuple[str, float]]:
-    return [(d, float(r)) for d, ratios in profile["tables"][table]["cells"].items() for r in ratios]
+def columns(profile: Profile, table: str) -> list[tuple[str, float]]:
+    return [(d, float(r)) for d, ratios in profile.table(table).cells.items() for r in ratios]
 
 
 def pick(cells: list[dict], dataset: str, ratio: float, label: str) -> list[dict]:
@@ -96,17 +81,17 @@ def pick(cells: list[dict], dataset: str, ratio: float, label: str) -> list[dict
             and c.get("variant", registry.label(c["method"])) == label]
 
 
-def header(profile: dict, table: str, cells: list[dict], first: str = "Methods") -> list[str]:
+def header(profile: Profile, table: str, cells: list[dict], first: str = "Methods") -> list[str]:
     labels = [r["label"] for r in rows_of(profile, table)]
     out = [first]
     for d, r in columns(profile, table):
-        name = profile["datasets"][d].get("label") or get_dataset(d).label or d
+        name = profile.dataset(d).label or get_dataset(d).label or d
         got = pick(cells, d, r, labels[0])
         out.append(f"{name} {fmt_ratio(r)}" + (f" (B={got[0]['budget']})" if got else ""))
     return out
 
 
-def metric_rows(profile: dict, table: str, cells: list[dict], fmt) -> list[list[str]]:
+def metric_rows(profile: Profile, table: str, cells: list[dict], fmt) -> list[list[str]]:
     """One row per method/variant; ``fmt(cells of one column)`` -> the column's text ("-" when empty)."""
     rows = []
     for row in rows_of(profile, table):
@@ -140,24 +125,24 @@ def seconds(got: list[dict]) -> str:
     return report.duration(sum(c["selection_seconds"] for c in got) / len(got))
 
 
-def setting_lines(profile: dict, table: str, out: dict, what: str) -> list[str]:
+def setting_lines(profile: Profile, table: str, out: dict, what: str) -> list[str]:
     """The "Setting" section: encoder, recipe, datasets and their roles, seeds."""
-    t = profile["tables"][table]
-    enc = out["stores"][next(iter(t["cells"]))]["pool_meta"].get("encoder", {})
-    pooling = encoder_of(profile, table).get("pooling") or enc.get("pooling")
-    recipe = profile["recipes"][t["recipe"]]
+    t = profile.table(table)
+    enc = out["stores"][next(iter(t.cells))]["pool_meta"].get("encoder", {})
+    pooling = profile.encoder_of(table).pooling or enc.get("pooling")
+    recipe = recipe_settings(profile, t.recipe)
     lines = ["## Setting\n",
              f"- Encoder: `{enc.get('name')}` ({enc.get('arch')}, {enc.get('image_size')} px, pooling `{pooling}`). "
              f"{enc.get('note', '')}",
-             f"- Evaluation recipe: `{t['recipe']}` ({recipe}) - {what}"]
-    for d in t["cells"]:
-        dc = profile["datasets"][d]
+             f"- Evaluation recipe: `{t.recipe}` ({recipe}) - {what}"]
+    for d in t.cells:
+        dc = profile.dataset(d)
         st = out["stores"][d]
-        lines.append(f"- `{d}` plays the role of {dc.get('role', '-')}: pool = {st['pool']} images of the "
-                     f"`{dc['pool'].get('split', 'train')}` split, test = {st['test']} images. {dc.get('why', '')}")
-    if t.get("note"):
-        lines.append(f"- Note: {t['note']}")
-    lines.append(f"- Seeds: {seeds_of(profile, table)} (the seed drives the selection and the evaluation); "
+        lines.append(f"- `{d}` plays the role of {dc.role or '-'}: pool = {st['pool']} images of the "
+                     f"`{dc.pool.split}` split, test = {st['test']} images. {dc.why}")
+    if t.note:
+        lines.append(f"- Note: {t.note}")
+    lines.append(f"- Seeds: {profile.seeds_of(table)} (the seed drives the selection and the evaluation); "
                  "mean±std over seeds.\n")
     return lines
 

@@ -7,6 +7,7 @@ selection beside the accuracy (it shows whether a variant changed the selection 
 from __future__ import annotations
 
 from bench_suite import report
+from bench_suite.profiles import Profile
 from bench_suite.tables import grid
 
 
@@ -14,15 +15,15 @@ from bench_suite.tables import grid
 def markdown_for(table: str, title: str, about: str, paper_title: str, paper_columns: list, paper_rows: dict):
     """The markdown function of a ratio table (rows: sampling ratios; columns: ActiveFT variants)."""
 
-    def markdown(profile: dict, prov: dict, out: dict) -> str:
+    def markdown(profile: Profile, prov: dict, out: dict) -> str:
         cells = out["cells"]
         head = grid.header(profile, table, cells)
         acc = grid.metric_rows(profile, table, cells, grid.top1)
         acc = report.bold_best(acc, list(range(1, len(head))))
         emd = grid.metric_rows(profile, table, cells, grid.emd)
         return "\n".join([
-            f"# {title} ({profile['name']} profile)\n",
-            report.provenance_markdown(prov, scaled_down=profile.get("scaled_down", True)),
+            f"# {title} ({profile.name} profile)\n",
+            report.provenance_markdown(prov, scaled_down=profile.scaled_down),
             *grid.setting_lines(profile, table, out, "each cell is top-1 (%) of this recipe trained on the "
                                 "selected samples only, on the held-out test split."),
             about + "\n",

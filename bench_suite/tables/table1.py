@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from bench_suite import report
+from bench_suite.profiles import Profile
 from bench_suite.tables import grid
 from bench_suite.tables.registry import TableSpec, register
 
@@ -25,12 +26,12 @@ PAPER_ROWS = {
 }
 
 
-def markdown(profile: dict, prov: dict, out: dict) -> str:
+def markdown(profile: Profile, prov: dict, out: dict) -> str:
     cells = out["cells"]
     head = grid.header(profile, TABLE, cells)
     acc = grid.metric_rows(profile, TABLE, cells, grid.top1)
-    parts = [f"# Table 1 - image classification ({profile['name']} profile)\n",
-             report.provenance_markdown(prov, scaled_down=profile.get("scaled_down", True)),
+    parts = [f"# Table 1 - image classification ({profile.name} profile)\n",
+             report.provenance_markdown(prov, scaled_down=profile.scaled_down),
              *grid.setting_lines(profile, TABLE, out, "the number in each cell is top-1 (%) of this recipe trained "
                                  "on the selected samples only, on the held-out test split."),
              "## Top-1 accuracy (%)\n",

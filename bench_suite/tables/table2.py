@@ -4,6 +4,7 @@ sampling ratio. Selection runs on image-level features (the paper: CLS concatena
 from __future__ import annotations
 
 from bench_suite import report
+from bench_suite.profiles import Profile
 from bench_suite.tables import grid
 from bench_suite.tables.registry import TableSpec, register
 
@@ -15,14 +16,14 @@ PAPER_ROWS = {"5%": ["14.54", "6.74", "13.62", "15.37±0.11"],
               "10%": ["20.27", "12.65", "19.12", "21.60±0.40"]}
 
 
-def markdown(profile: dict, prov: dict, out: dict) -> str:
+def markdown(profile: Profile, prov: dict, out: dict) -> str:
     cells = out["cells"]
     head = grid.header(profile, TABLE, cells)
     miou = report.bold_best(grid.metric_rows(profile, TABLE, cells, grid.miou), list(range(1, len(head))))
     emd = grid.metric_rows(profile, TABLE, cells, grid.emd)
     return "\n".join([
-        f"# Table 2 - semantic segmentation ({profile['name']} profile)\n",
-        report.provenance_markdown(prov, scaled_down=profile.get("scaled_down", True)),
+        f"# Table 2 - semantic segmentation ({profile.name} profile)\n",
+        report.provenance_markdown(prov, scaled_down=profile.scaled_down),
         *grid.setting_lines(profile, TABLE, out, "a segmenter (the encoder's backbone + a fresh decoder) finetuned "
                             "on the selected images only; each cell is mIoU (%) over the held-out split's pixels "
                             "(per-class IoU from one confusion matrix, ignore index skipped)."),

@@ -4,6 +4,7 @@ rounds of retraining), one line per sampling ratio; top-1 of the same selections
 from __future__ import annotations
 
 from bench_suite import report
+from bench_suite.profiles import Profile
 from bench_suite.tables import grid
 from bench_suite.tables.registry import TableSpec, register
 
@@ -16,14 +17,14 @@ PAPER_ROWS = {"2%": ["16.6s", "1h57m", "7h52m", "20m", "12.6s"],
               "10%": ["70.2s", "20h38m", "36h24m", "9h09m", "37.3s"]}
 
 
-def markdown(profile: dict, prov: dict, out: dict) -> str:
+def markdown(profile: Profile, prov: dict, out: dict) -> str:
     cells = out["cells"]
     head = grid.header(profile, TABLE, cells)
     secs = grid.metric_rows(profile, TABLE, cells, grid.seconds)
     acc = report.bold_best(grid.metric_rows(profile, TABLE, cells, grid.top1), list(range(1, len(head))))
     return "\n".join([
-        f"# Table 3 - data selection efficiency ({profile['name']} profile)\n",
-        report.provenance_markdown(prov, scaled_down=profile.get("scaled_down", True)),
+        f"# Table 3 - data selection efficiency ({profile.name} profile)\n",
+        report.provenance_markdown(prov, scaled_down=profile.scaled_down),
         *grid.setting_lines(profile, TABLE, out, "used for the accuracy table and for the active-learning "
                             "methods' retraining rounds."),
         "Times are the selection's wall time on the hardware above, mean over seeds: for the active-learning "

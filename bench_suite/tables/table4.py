@@ -4,8 +4,10 @@ iBOT, ResNet-50 from DINO), one sub-table per encoder, the CIFAR-10 role dataset
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 from bench_suite import report
+from bench_suite.profiles import EncoderRef, Profile
 from bench_suite.tables import grid
 from bench_suite.tables.registry import TableSpec, register
 
@@ -20,28 +22,28 @@ PAPER = {  # Table 4 (a) and (b), CIFAR-10; "-" as printed
 }
 
 
-def _with_encoder(profile: dict, encoder: dict) -> dict:
-    prof = copy.deepcopy(profile)
-    prof["tables"][TABLE]["encoder"] = encoder
-    return prof
+def _with_encoder(profile: Profile, encoder: EncoderRef) -> Profile:
+    """The profile with this table's encoder set to ``encoder`` (one sub-table)."""
+    table = dataclasses.replace(profile.table(TABLE), encoder=encoder)
+    return dataclasses.replace(profile, tables={**profile.tables, TABLE: table})
 
 
 def run(ctx, progress_factory=None) -> dict:
     parts = []
-    for entry in ctx.profile["tables"][TABLE]["encoders"]:
+    for entry in ctx.profile.table(TABLE).encoders:
         sub = copy.copy(ctx)
-        sub.profile = _with_encoder(ctx.profile, entry["encoder"])
-        parts.append({"label": entry["label"], "encoder": entry["encoder"],
+        sub.profile = _with_encoder(ctx.profile, entry.encoder)
+        parts.append({"label": entry.label, "encoder": dataclasses.asdict(entry.encoder),
                       **grid.run(sub, TABLE, progress_factory)})
         ctx.cells_computed, ctx.cells_total = sub.cells_computed, sub.cells_total
     return {"parts": parts}
 
 
-def markdown(profile: dict, prov: dict, out: dict) -> str:
-    lines = [f"# Table 4 - other pretrained encoders ({profile['name']} profile)\n",
-             report.provenance_markdown(prov, scaled_down=profile.get("scaled_down", True))]
+def markdown(profile: Profile, prov: dict, out: dict) -> str:
+    lines = [f"# Table 4 - other pretrained encoders ({profile.name} profile)\n",
+             report.provenance_markdown(prov, scaled_down=profile.scaled_down)]
     for i, part in enumerate(out["parts"]):
-        prof = _with_encoder(profile, part["encoder"])
+        prof = _with_encoder(profile, EncoderRef(**part["encoder"]))
         head = grid.header(prof, TABLE, part["cells"])
         acc = grid.metric_rows(prof, TABLE, part["cells"], grid.top1)
         lines += [f"## ({chr(97 + i)}) {part['label']}\n",

@@ -6,7 +6,7 @@
 
 Optional extra: needs ``pip install .[mmseg]`` (mmsegmentation 1.2.2, mmengine, mmcv 2.1.0 compiled from
 source, ~33 min on 2 cores). Without it this launcher stops with that instruction; the cpu profile uses the
-plain-torch Segmenter (``python -m launchers.finetune --task seg``).
+plain-torch Segmenter (``python -m launchers.finetune --task seg``, library ``bench_suite.finetune``).
 
 Sample ids: id ``i`` is the i-th image of ``images/training`` sorted by file name (ADE_train_00000001 ...),
 the order a dataset registry entry for ADE20K must use so that selections made on its features name the
@@ -16,6 +16,7 @@ unless ``--iters`` says otherwise.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import math
 import time
@@ -23,9 +24,12 @@ from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from bench_suite import atomic
+from bench_suite.cli import main_guard, setup_logging
 from bench_suite.errors import BadInputError, MissingDataError
+from bench_suite.methods.selection import Selection
 
 log = logging.getLogger(__name__)
 CONFIG = Path(__file__).with_name("segmenter_vit-s_mask_8xb1-16k_ade20k-512x512_dino.py")
@@ -144,10 +148,6 @@ def _register_per_class_metric():
 
 
 def main(argv=None) -> int:
-    import argparse
-
-    from bench_suite.cli import main_guard, setup_logging
-
     p = argparse.ArgumentParser(prog="python -m launchers.mmseg.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ade20k", required=True, help="ADEChallengeData2016 folder")
@@ -163,8 +163,6 @@ def main(argv=None) -> int:
     def run():
         args = p.parse_args(argv)
         setup_logging()
-        from bench_suite.methods.selection import Selection
-
         t0 = time.perf_counter()
         sel = Selection.load(args.selection)
         if not Path(args.dino_checkpoint).exists():
@@ -177,8 +175,6 @@ def main(argv=None) -> int:
             from mmengine.runner import Runner
         except ImportError as exc:
             raise MissingDataError(f"{INSTALL_HINT} ({exc})") from exc
-        import torch
-
         ckpt = work / "dino_vits16_mmseg.pth"
         if not ckpt.exists():
             state = torch.load(args.dino_checkpoint, map_location="cpu", weights_only=True)

@@ -1,0 +1,63 @@
+"""The options of ActiveFT: one typed dataclass (checked by ``bench_suite.options.coerce``) and the old names.
+
+``ActiveFT(**options)`` coerces and checks them (``ActiveFT(...).options`` is an ``Options``); the loop
+(``optimize``) reads them. The defaults are the paper's (Sec. 4.1) and the released code's.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from bench_suite.activeft.init import INITS
+from bench_suite.activeft.objectives import OBJECTIVES, REGULARIZERS
+from bench_suite.options import coerce, opt
+
+
+def _positive(v: float) -> str | None:
+    return None if math.isfinite(v) and v > 0 else "a positive number"
+
+
+@dataclass
+class Options:
+    objective: str = opt("official", choices=OBJECTIVES,
+                         doc="official: the released code's loss (the paper's numbers) | paper: Eq. 11")
+    regularizer: str = opt("ours", choices=REGULARIZERS, doc="ours | none (S1) | infonce (S2), Table 5b")
+    temperature: float = opt(0.07, check=_positive, doc="tau")
+    iters: int = opt(300, minimum=0, doc="T, optimisation steps (0: the initial rows are the selection)")
+    lr: float = opt(1e-3, check=_positive, doc="Adam learning rate")
+    init: str = opt("random", choices=INITS, doc="initial parameters: random rows | farthest-point")
+    update_assign: bool = opt(True, doc="False: nearest parameters frozen at init (Table 5a No-Update)")
+    balance: float = opt(1.0, check=_positive,
+                         doc="lambda: weight of the repulsion (paper) / of R in the log-ratio (official)")
+    scheduler: str = opt("none", choices=("none", "cosine"), doc="learning-rate schedule (the released --scheduler)")
+    subset: int = opt(0, minimum=0, doc="M random samples per iteration, Sec. 3.5 (0: the whole pool)")
+    prune: bool = opt(True, doc="certified candidate pruning of the nearest-parameter search")
+    candidates: int = opt(16, minimum=1, doc="K: candidates kept per sample by the pruning")
+    block_size: int = opt(0, minimum=0, doc="rows per block (0: auto, block x B float32 near 256 MiB)")
+    snap_candidates: int = opt(8, minimum=1, doc="per-parameter candidates kept by the distributed snapping")
+    bb_dtype: str = opt("auto", choices=("auto", "float32", "float64"),
+                        doc="dtype of the B x B repulsion (auto: float64 if B <= 512)")
+    device: str = opt("auto", doc="auto (the rank's local GPU, else cpu) | cpu | cuda | cuda:N")
+    threads: int = opt(0, minimum=0, doc="torch CPU threads during the selection (0: leave torch's setting)")
+    progress: bool | None = opt(None, doc="rich progress bar on rank 0 (None: when stderr is a terminal)")
+    verify: bool = opt(False, doc="debug: check every pruned assignment against the full computation")
+
+
+# old option names -> new (the released code's and the paper's symbols)
+ALIASES = {"tau": "temperature", "T": "iters", "max_iter": "iters", "M": "subset", "K": "candidates",
+           "lambda_": "balance"}
+
+
+@dataclass
+class _NoUpdate:
+    no_update: bool = False
+
+
+def fold_no_update(given: dict, where: str) -> dict:
+    """``no_update=true`` (Table 5a's name) is ``update_assign=false``; as for every alias, the new name wins."""
+    given = dict(given)
+    if "no_update" in given:
+        flag = coerce(_NoUpdate, {"no_update": given.pop("no_update")}, where).no_update
+        given.setdefault("update_assign", not flag)
+    return given

@@ -1,0 +1,55 @@
+"""Profiles are typed: the built-in ones load, and every mistake is one line naming the key's path."""
+
+from importlib import resources
+
+import pytest
+import yaml
+
+from bench_suite.errors import BadInputError, UnknownNameError
+from bench_suite.options import parse_set
+from bench_suite.profiles import load_profile, parse_profile, profile_names
+
+
+@pytest.mark.parametrize("name", profile_names())
+def test_builtin_profiles_load(name):
+    p = load_profile(name)
+    assert p.name == name and p.seeds and p.tables and p.datasets
+    for t in p.tables:
+        for d in p.table(t).cells:
+            assert d in p.datasets
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda d: d["tables"]["1"]["cells"]["mnist"].append("x"), "tables.1.cells.mnist[3] must be a number, got 'x'"),
+    (lambda d: d.pop("seeds"), "seeds is required"),
+    (lambda d: d["datasets"]["mnist"]["pool"].update(limt=3), "unknown key(s) datasets.mnist.pool.limt"),
+    (lambda d: d["tables"]["6"]["cells"]["mnist"].append(2.0), "tables.6: ratio 2.0 for mnist is not in (0, 1]"),
+    (lambda d: d["encoder"].update(pooling="max"), "encoder.pooling must be one of"),
+    (lambda d: d["tables"]["5"]["methods"][0].update(confg={}), "unknown key(s) tables.5.methods[0].confg"),
+    (lambda d: d.update(seeds="0,1"), "seeds must be a list"),
+])
+def test_mistakes_name_the_key(change, message):
+    data = yaml.safe_load(resources.files("bench_suite.profiles").joinpath("cpu.yaml").read_text())
+    change(data)
+    with pytest.raises(BadInputError) as err:
+        parse_profile(data, "profile cpu")
+    assert str(err.value).startswith("profile cpu: ") and message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_unknown_profile_and_lookups():
+    with pytest.raises(UnknownNameError, match="unknown profile 'nope'; known: cpu, paper"):
+        load_profile("nope")
+    p = load_profile("cpu")
+    with pytest.raises(UnknownNameError, match="unknown dataset of profile cpu 'cifar10'"):
+        p.dataset("cifar10")
+    with pytest.raises(BadInputError, match="no settings for table 9"):
+        p.table("9")
+
+
+def test_one_set_parser():
+    assert parse_set(["iters=300", "lr=1e-3", "progress=false", "crop_scale=[0.08, 1.0]", "init=fps",
+                      "max-points=null"]) == {"iters": 300, "lr": 0.001, "progress": False, "crop_scale": [0.08, 1.0],
+                                              "init": "fps", "max_points": None}
+    with pytest.raises(BadInputError, match="--set expects key=value, got 'iters'"):
+        parse_set(["iters"])
