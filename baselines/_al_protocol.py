@@ -213,6 +213,9 @@ class ActiveLearner(Selector):
         raise NotImplementedError
 
     # ----------------------------------------------------------------- sizes
+    def initial_set(self, n: int) -> int:
+        return self.sizes(n)[0]
+
     def sizes(self, n: int) -> tuple[int, int]:
         """(initial set, batch per round) for a pool of ``n``."""
         o = self.options

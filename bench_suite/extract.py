@@ -12,7 +12,6 @@ CPU multi-process: ``ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_pr
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -26,6 +25,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from bench_suite import atomic
 from bench_suite.data import shards as wshards
+from bench_suite.digest import json_digest
 from bench_suite.encoders import get_encoder
 from bench_suite.errors import CorruptDataError
 from bench_suite.store import FeatureStore
@@ -33,9 +33,16 @@ from bench_suite.store import FeatureStore
 log = logging.getLogger(__name__)
 
 
+# Bumped whenever a change to extraction (decoding, preprocessing, pooling) can change the features: part of
+# the feature fingerprint, so cached stores are re-extracted (tests/test_code_versions.py holds it to its source).
+EXTRACT_VERSION = 1
+
+
 def _fingerprint(manifest: dict, enc_meta: dict, pooling: str) -> str:
-    blob = json.dumps({"shards": manifest["checksum"], "encoder": enc_meta, "pooling": pooling}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    """What decides a feature store: the shards' content, the encoder (weights hash, image size), the pooling
+    and the extraction code's version."""
+    return json_digest({"shards": manifest["checksum"], "encoder": enc_meta, "pooling": pooling,
+                        "extract_version": EXTRACT_VERSION}, length=16)
 
 
 def _make_accelerator():

@@ -26,6 +26,7 @@ from bench_suite.encoders.registry import spec as get_encoder_spec
 from bench_suite.errors import BadInputError
 from bench_suite.methods import registry
 from bench_suite.profiles import Profile, load_profile
+from bench_suite.tables.cells import revisions
 from bench_suite.tables.common import Context, recipe_settings
 from bench_suite.tables.grid import rows_of
 from bench_suite.tables.registry import get_table, table_names
@@ -46,6 +47,8 @@ def parse_args(argv=None):
                    help="local copy of a paper dataset (cifar10, cifar100, imagenet)")
     p.add_argument("--seeds", help="override the profile's seeds, e.g. 0,1,2")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--fresh", action="store_true",
+                   help="recompute every cell of the table, ignoring the cached ones (shards and features stay cached)")
     p.add_argument("-v", "--verbose", action="store_true")
     return p.parse_args(argv)
 
@@ -96,7 +99,8 @@ def main(argv=None) -> int:
     check_names(profile, table.name)
 
     acc = Accelerator(cpu=not torch.cuda.is_available())
-    ctx = Context(profile, Path(args.work), Path(args.out), acc, sources, quiet=args.quiet)
+    ctx = Context(profile, Path(args.work), Path(args.out), acc, sources, quiet=args.quiet, fresh=args.fresh,
+                  revision=report.git_revision())
     factory, stop = make_progress(args.quiet, acc.process_index)
     t0 = time.perf_counter()
     try:
@@ -108,12 +112,19 @@ def main(argv=None) -> int:
         prov = report.provenance(profile, profile.seeds, acc.num_processes,
                                  {"wall_time": f"{elapsed:.0f} s for this run, which computed {ctx.cells_computed} of "
                                   f"{ctx.cells_total} cells (the others, and any cached shards and features, "
-                                  "came from --work)"})
+                                  "came from --work)",
+                                  "cell_revisions": ", ".join(revisions(cells_of(out))) + " (each cell records "
+                                  "the revision it was computed at; --fresh recomputes them all)"})
         md = table.markdown(profile, prov, out)
         md_path, js_path = report.write_report(args.out, f"table{args.table}", md,
                                                {"provenance": prov, "profile": profile.to_dict(), **out})
         log.info("wrote %s and %s in %.0f s", md_path, js_path, elapsed)
     return bdist.exit_process(0)  # ends a distributed run without the gloo-at-exit abort
+
+
+def cells_of(out: dict) -> list[dict]:
+    """Every cell of a table's output (Table 4 has one grid per encoder)."""
+    return list(out.get("cells", [])) + [c for part in out.get("parts", []) for c in part["cells"]]
 
 
 def check_names(profile: Profile, table: str) -> None:

@@ -88,3 +88,54 @@ def test_unknown_method_in_profile(tmp_path):
     res = run_table(tmp_path, profile=prof)
     assert res.returncode == 2 and "unknown selection method 'magic'" in res.stderr
     assert not (tmp_path / "results").exists() and not (tmp_path / "work").exists()
+
+
+def _computed(results: Path) -> tuple[int, int]:
+    """(cells this run computed, cells in the table) from the report's provenance."""
+    wall = json.loads((results / "table1.json").read_text())["provenance"]["wall_time"]
+    words = wall.split("computed ")[1].split(" ")
+    return int(words[0]), int(words[2])
+
+
+def _numbers(results: Path) -> list[dict]:
+    keep = ("dataset", "ratio", "method", "seed", "budget", "top1", "emd", "ids_sha")
+    return [{k: c[k] for k in keep} for c in json.loads((results / "table1.json").read_text())["cells"]]
+
+
+@pytest.mark.slow
+def test_fresh_recomputes_and_a_changed_recipe_is_not_served_stale(tmp_path):
+    assert run_table(tmp_path).returncode == 0
+    first = _numbers(tmp_path / "results")
+    prov = json.loads((tmp_path / "results" / "table1.json").read_text())["provenance"]
+    assert _computed(tmp_path / "results") == (16, 16) and "cell_revisions" in prov
+    assert "cell revisions" in (tmp_path / "results" / "table1.md").read_text()
+    res = run_table(tmp_path, "--fresh")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert _computed(tmp_path / "results") == (16, 16)
+    assert _numbers(tmp_path / "results") == first  # same commit, same machine: identical numbers
+    prof = json.loads(json.dumps(PROFILE))
+    prof["recipes"]["linear_probe"]["C"] = 0.01  # only the probe's regularisation changes
+    assert run_table(tmp_path, profile=prof).returncode == 0
+    assert _computed(tmp_path / "results") == (16, 16)  # nothing served from the cache
+    changed = _numbers(tmp_path / "results")
+    assert [c["ids_sha"] for c in changed] == [c["ids_sha"] for c in first]  # same selections...
+    assert [c["top1"] for c in changed] != [c["top1"] for c in first]  # ...other accuracies
+
+
+@pytest.mark.slow
+def test_two_runs_sharing_a_work_folder_compute_each_cell_once(tmp_path):
+    prof = tmp_path / "profile.yaml"
+    prof.write_text(yaml.safe_dump(PROFILE))
+    procs = []
+    for name in ("a", "b"):
+        cmd = [sys.executable, "bench_suite/run.py", "--table", "1", "--profile", str(prof), "--out",
+               str(tmp_path / name), "--work", str(tmp_path / "work"), "--quiet"]
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                      env={**os.environ, "PYTHONPATH": str(ROOT)}))
+    for p in procs:
+        _, err = p.communicate(timeout=900)
+        assert p.returncode == 0, err[-2000:]
+    a, b = _computed(tmp_path / "a"), _computed(tmp_path / "b")
+    assert a[1] == b[1] == 16 and a[0] + b[0] == 16  # every cell computed exactly once between the two
+    assert _numbers(tmp_path / "a") == _numbers(tmp_path / "b")
+    assert not list((tmp_path / "work" / "cells").rglob("*.lock"))

@@ -73,7 +73,8 @@ def write_shards(dataset: str, split: str, out_dir, *, source=None, limit: int |
         for s in range(n_shards):
             part = idx[s * shard_size:(s + 1) * shard_size]
             name = f"shard-{s:06d}.tar"
-            with wds.TarWriter(str(tmp / name), encoder=False) as sink:
+            # a fixed mtime: the same samples give byte-identical shards (and checksums) on every run and machine
+            with wds.TarWriter(str(tmp / name), encoder=False, mtime=0.0) as sink:
                 for gid in part.tolist():
                     item = raw.images[gid]
                     if isinstance(item, Path):  # ImageFolder: keep the original bytes

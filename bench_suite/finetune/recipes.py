@@ -76,6 +76,9 @@ LINEAR_PROBE_DEFAULTS = {"kind": "linear_probe", "C": 1.0, "max_iter": 1000}
 
 KINDS = {"finetune": FINETUNE_DEFAULTS, "seg_finetune": SEG_DEFAULTS, "linear_probe": LINEAR_PROBE_DEFAULTS}
 TASK_OF_KIND = {"finetune": "cls", "seg_finetune": "seg", "linear_probe": "cls"}
+# Bumped whenever a change to the code that trains / evaluates a kind can change its numbers: part of every
+# cached table cell's key (tests/test_code_versions.py holds each to its source files).
+KIND_VERSIONS = {"finetune": 1, "seg_finetune": 1, "linear_probe": 1}
 
 
 def _read_yaml(path: Path) -> dict:

@@ -87,6 +87,9 @@ class Selector:
     aliases: ClassVar[dict] = {}  # old option name -> new
     # small settings for the registry's contract tests (tests/test_registries.py), e.g. a few VAE epochs
     quick_options: ClassVar[dict] = {}
+    # bumped whenever a change to the method can change what it selects: part of every cached table cell's
+    # key, so such a change recomputes the cells (tests/test_code_versions.py holds it to its source)
+    version: ClassVar[int] = 1
 
     def __init__(self, **options):
         self.options = coerce(self.Options, options, where=self.name, aliases=self.aliases)
@@ -100,6 +103,10 @@ class Selector:
     def config(self) -> dict:
         """The fully resolved options (defaults included), as recorded in the Selection."""
         return as_dict(self.options)
+
+    def initial_set(self, n: int) -> int:
+        """How many random labels the method buys before it selects anything (active learning), for a pool of n."""
+        return 0
 
     def device(self) -> torch.device:
         return runtime.resolve_device(getattr(self.options, "device", "auto"), what=f"{self.name}: option device")

@@ -21,7 +21,8 @@ from bench_suite import report
 from bench_suite.data.registry import get_dataset
 from bench_suite.methods import registry
 from bench_suite.profiles import Profile
-from bench_suite.tables.common import Context, prepare_split, recipe_settings, run_cells
+from bench_suite.tables.cells import run_cells
+from bench_suite.tables.common import Context, prepare_split, recipe_settings
 
 
 def fmt_ratio(r: float) -> str:

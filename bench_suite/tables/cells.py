@@ -1,0 +1,154 @@
+"""Table cells: one (dataset, ratio, method, seed, recipe) each, computed once and cached by what decides it.
+
+The key of a cell (``cell_key``) covers everything that decides its numbers, so changing any one of them
+recomputes the cell and nothing stale is ever reported:
+
+- the pool and the test set: their feature fingerprints (the shards' content checksum, which covers the
+  dataset subset; the encoder with the sha256 of its weights, the image size; the pooling; the extraction
+  code's version);
+- the method's fully resolved options (defaults included) and the method's ``version``;
+- the recipe's fully resolved settings and its kind's version (``finetune.recipes.KIND_VERSIONS``);
+- the seed, the ratio, and ``CELL_VERSION`` (this module's bookkeeping: budget rule, EMD, skipped cells).
+
+Why version constants and not a hash of the source files: a cell of the paper profile is a 1000-epoch
+finetune, and a hash would throw them all away on any edit (a comment, a refactor). A constant is bumped when
+behaviour changes; ``tests/test_code_versions.py`` keeps each constant honest by failing when the source it
+stands for changes while the constant does not.
+
+Each result records the git revision it was computed at, and its key. Two ``run.py`` processes sharing a
+work folder never compute the same cell at once: a cell is claimed with a lock file (``bench_suite.locks``:
+a lock whose process is gone is taken over), and the result is checked again once the lock is held.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+from bench_suite import atomic
+from bench_suite.digest import ids_digest, json_digest
+from bench_suite.errors import BadInputError
+from bench_suite.finetune.recipes import KIND_VERSIONS
+from bench_suite.locks import release, try_lock
+from bench_suite.methods import budget_from_ratio, registry, run_selection
+from bench_suite.metrics import selection_emd
+from bench_suite.runtime import Runtime
+from bench_suite.tables.common import Context, get_recipe, recipe_settings
+
+log = logging.getLogger(__name__)
+
+CELL_VERSION = 3
+POLL_S = 2.0
+
+
+def cell_key(ctx: Context, cell: dict, train, test) -> dict:
+    """Everything that decides a cell's numbers (see the module docstring); its digest names the cache file."""
+    selector = registry.get(cell["method"], **(cell.get("method_config") or {}))
+    recipe = recipe_settings(ctx.profile, cell["recipe"])
+    return {"dataset": cell["dataset"], "ratio": cell["ratio"], "seed": cell["seed"],
+            "pool_features": train.meta.get("fingerprint") or train.checksum(),
+            "test_features": test.meta.get("fingerprint") or test.checksum(),
+            "method": cell["method"], "method_options": selector.config(), "method_version": selector.version,
+            "recipe": recipe, "recipe_version": KIND_VERSIONS[recipe["kind"]], "cell_version": CELL_VERSION}
+
+
+def compute_cell(ctx: Context, cell: dict, train, test, encoder) -> dict:
+    """Select, evaluate and measure one cell (one process's work)."""
+    budget = budget_from_ratio(cell["ratio"], len(train))
+    selector = registry.get(cell["method"], **(cell.get("method_config") or {}))
+    init = selector.initial_set(len(train))
+    if budget <= init:
+        return {**cell, "budget": budget, "skipped": f"budget {budget} <= the initial random set ({init})"}
+    sel = run_selection(train, cell["method"], budget, cell["seed"], cell.get("method_config"), labels=train.labels,
+                        dist=Runtime())  # a cell is one process's work; ranks share the grid, not a cell
+    recipe, _ = get_recipe(ctx, cell["recipe"], encoder)
+    metrics = recipe(train, sel.ids, test, cell["seed"])
+    rows = train.rows_of_ids(sel.ids)
+    return {**cell, "budget": budget, "selection_seconds": sel.seconds,
+            "emd": selection_emd(train.features, rows), **{k: v for k, v in metrics.items() if k != "seed"},
+            "selection_info": {k: v for k, v in sel.info.items() if k != "loss_curve"},
+            "ids_sha": ids_digest(sel.ids)}
+
+
+# --------------------------------------------------------------------------- the grid
+def run_cells(ctx: Context, cells: list[dict], stores: dict, progress=None, encoder=None) -> list[dict]:
+    """Run every cell (cached); cells are dealt round robin to ranks; all ranks return all results.
+
+    The cache is shared by all tables and keyed by what decides a cell's numbers (not its row label), so a
+    cell that two tables share (ActiveFT at tau = 0.07 in Tables 1 and 6) runs once. A cell whose budget does
+    not exceed an active-learning method's initial random set is recorded as skipped (the paper's "-").
+    With ``ctx.fresh`` every cell is recomputed. A cell locked by another run sharing the work folder is
+    waited for, not computed twice.
+    """
+    cache = ctx.work / "cells" / f"v{CELL_VERSION}"
+    keyed = []
+    for cell in cells:
+        train, test = stores[cell["dataset"]]
+        key = cell_key(ctx, cell, train, test)
+        keyed.append(({**cell, "key": key}, cache / f"{json_digest(key)}.json"))
+    rt = Runtime.of_accelerator(ctx.accelerator)
+    mine = [(cell, path) for i, (cell, path) in enumerate(keyed) if i % ctx.world == ctx.rank]
+    computed = 0
+    while mine:  # a cell locked by another run is retried until its result appears (or its lock goes stale)
+        waiting = []
+        for cell, path in mine:
+            done = _claim_and_compute(ctx, cell, path, stores, encoder, progress)
+            if done is None:
+                waiting.append((cell, path))
+            else:
+                computed += done
+        if waiting:
+            time.sleep(POLL_S)
+        mine = waiting
+    ctx.accelerator.wait_for_everyone()
+    ctx.cells_computed += sum(rt.all_gather_object(computed))
+    ctx.cells_total += len(keyed)
+    return [_load(path, cell) for cell, path in keyed]
+
+
+def _cached(ctx, path: Path) -> bool:
+    return path.exists() and not (ctx.fresh and path not in ctx.fresh_done)
+
+
+def _claim_and_compute(ctx, cell, path, stores, encoder, progress) -> int | None:
+    """1 if this run computed the cell, 0 if it was cached or skipped, None if another run holds its lock."""
+    if _cached(ctx, path):
+        _tick(progress, ctx, cell, None)
+        return 0
+    lock = path.with_suffix(".lock")
+    if not try_lock(lock):
+        return None
+    try:
+        if _cached(ctx, path):  # finished by another run between the check above and the lock
+            _tick(progress, ctx, cell, None)
+            return 0
+        train, test = stores[cell["dataset"]]
+        result = {**compute_cell(ctx, cell, train, test, encoder), "revision": ctx.revision}
+        atomic.write_json(path, result)
+        ctx.fresh_done.add(path)
+    finally:
+        release(lock)
+    _tick(progress, ctx, cell, None if result.get("skipped") else result)
+    return 0 if result.get("skipped") else 1
+
+
+def _tick(progress, ctx, cell, result) -> None:
+    if progress and ctx.rank == 0:
+        progress(cell, result)
+
+
+def _load(path: Path, cell: dict) -> dict:
+    if not path.exists():
+        raise BadInputError(f"cell result {path} is missing after the run (a rank failed?)")
+    try:
+        data = json.loads(path.read_text())
+    except ValueError as exc:
+        raise BadInputError(f"cell result {path} is damaged ({exc}); delete it and rerun") from exc
+    return {**data, "variant": cell.get("variant")}  # the row label is not part of the key
+
+
+def revisions(cells: list[dict]) -> list[str]:
+    """The git revisions the cells were computed at (a report lists them all)."""
+    return sorted({c.get("revision") or "unknown (computed before revisions were recorded)" for c in cells})
