@@ -50,6 +50,7 @@ def load_pool_images(store, size: int = 32, method: str = "vaal") -> np.ndarray:
     """
     shard_dir = _shard_dir(store, method)
     manifest = wshards.load_manifest(shard_dir)
+    wshards.verify_shards(shard_dir)  # a truncated or damaged shard is an error, never missing images
     ids = np.asarray(store.ids, dtype=np.int64)
     out = np.zeros((len(ids), 3, size, size), dtype=np.uint8)
     seen = np.zeros(len(ids), dtype=bool)

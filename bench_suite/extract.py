@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from accelerate import Accelerator
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from bench_suite import atomic
@@ -28,6 +27,7 @@ from bench_suite.data import shards as wshards
 from bench_suite.digest import json_digest
 from bench_suite.encoders import get_encoder
 from bench_suite.errors import CorruptDataError
+from bench_suite.runtime import make_accelerator
 from bench_suite.store import FeatureStore
 
 log = logging.getLogger(__name__)
@@ -45,17 +45,13 @@ def _fingerprint(manifest: dict, enc_meta: dict, pooling: str) -> str:
                         "extract_version": EXTRACT_VERSION}, length=16)
 
 
-def _make_accelerator():
-    return Accelerator(cpu=not torch.cuda.is_available())
-
-
 def extract_features(shard_dir, out_dir, *, encoder: str, pooling: str | None = None, image_size: int | None = None,
                      batch_size: int = 64, accelerator=None, weights=None, cache_dir=None, progress: bool = True,
                      force: bool = False) -> FeatureStore:
     """Extract (or reuse cached) features of every sample in ``shard_dir`` into the store ``out_dir``."""
     shard_dir, out_dir = Path(shard_dir), Path(out_dir)
     manifest = wshards.load_manifest(shard_dir)
-    acc = accelerator or _make_accelerator()
+    acc = accelerator or make_accelerator()
     rank, world = acc.process_index, acc.num_processes
     device = acc.device
     if device.type == "cpu":

@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
 
 from bench_suite import report
 from bench_suite import runtime as bdist
@@ -98,7 +97,7 @@ def main(argv=None) -> int:
         sources[name] = Path(path).expanduser()
     check_names(profile, table.name)
 
-    acc = Accelerator(cpu=not torch.cuda.is_available())
+    acc = bdist.make_accelerator()
     ctx = Context(profile, Path(args.work), Path(args.out), acc, sources, quiet=args.quiet, fresh=args.fresh,
                   revision=report.git_revision())
     factory, stop = make_progress(args.quiet, acc.process_index)

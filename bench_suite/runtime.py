@@ -17,11 +17,25 @@ import os
 import socket
 import sys
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 import torch
 import torch.distributed as tdist
 
 from bench_suite.errors import BadInputError, BenchError
+
+
+class RankFailedError(BenchError):
+    """Another rank of the launch failed; this one stops too (the message names the rank and the error)."""
+
+
+def collective_timeout() -> timedelta:
+    """How long a collective waits for a lost rank before failing: $BENCH_SUITE_COLLECTIVE_TIMEOUT seconds,
+    default 120 (a rank killed mid-run makes the others exit with an error instead of hanging)."""
+    try:
+        return timedelta(seconds=float(os.environ.get("BENCH_SUITE_COLLECTIVE_TIMEOUT", "120")))
+    except ValueError as exc:
+        raise BadInputError("BENCH_SUITE_COLLECTIVE_TIMEOUT must be a number of seconds") from exc
 
 
 def local_rank() -> int:
@@ -117,18 +131,24 @@ class Runtime:
     def on_main(self, fn):
         """Run ``fn()`` on rank 0 only and give every rank its result.
 
-        For the methods that need the whole pool in one process. A ``BenchError`` raised on rank 0 is
-        raised on every rank (with the same message), so no rank waits forever for a broadcast.
+        For the methods that need the whole pool in one process. Whatever rank 0 raises, every rank raises
+        too (a ``BenchError`` as it is; anything else as a ``RankFailedError`` naming it on the other ranks,
+        while rank 0 raises the original), so no rank waits forever for a broadcast that never comes.
         """
         if not self.active:
             return fn()
-        payload = None
+        payload, failure = None, None
         if self.is_main:
             try:
                 payload = ("ok", fn())
             except BenchError as exc:
                 payload = ("error", exc)
+            except Exception as exc:  # noqa: BLE001 - re-raised below, after the other ranks were told
+                failure = exc
+                payload = ("error", RankFailedError(f"rank 0 failed: {type(exc).__name__}: {exc}"))
         kind, value = self.broadcast_object(payload)
+        if failure is not None:
+            raise failure
         if kind == "error":
             raise value
         return value
@@ -158,6 +178,15 @@ def _map_slurm_env() -> None:
             os.environ["MASTER_ADDR"] = nodes.split(",")[0].split("[")[0]
 
 
+def make_accelerator():
+    """The ``accelerate`` Accelerator of a launch (CPU when torch sees no GPU), with the collective timeout."""
+    from accelerate import Accelerator  # noqa: PLC0415 - accelerate is heavy; only the launches need it
+    from accelerate.utils import InitProcessGroupKwargs  # noqa: PLC0415
+
+    return Accelerator(cpu=not torch.cuda.is_available(),
+                       kwargs_handlers=[InitProcessGroupKwargs(timeout=collective_timeout())])
+
+
 def init_from_env(backend: str | None = None) -> Runtime:
     """Join the process group that the launcher described in the environment (no-op for one process)."""
     _map_slurm_env()
@@ -166,7 +195,7 @@ def init_from_env(backend: str | None = None) -> Runtime:
         backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
         if backend == "nccl":  # NCCL needs each rank on its own GPU before the first collective
             torch.cuda.set_device(local_rank() % torch.cuda.device_count())
-        tdist.init_process_group(backend=backend)
+        tdist.init_process_group(backend=backend, timeout=collective_timeout())
         # A gloo group still alive at interpreter exit aborts the process ("terminate called without an
         # active exception"), so whoever joins through here also leaves cleanly, even on an early return.
         # No barrier there: after an error on one rank, the others may never reach it.

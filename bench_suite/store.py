@@ -67,9 +67,15 @@ class FeatureStore:
         if path.is_file():
             if path.suffix != ".npy":
                 raise BadInputError(f"features file must be a .npy or a store folder: {path}")
-            feats = np.load(path, mmap_mode="r" if mmap else None)
+            try:
+                feats = np.load(path, mmap_mode="r" if mmap else None)
+            except (ValueError, OSError) as exc:
+                raise BadInputError(f"{path} is not a numeric .npy array ({exc}); --features takes an N x d float "
+                                    "array or a feature store folder") from exc
             if feats.ndim != 2:
                 raise BadInputError(f"{path}: features must be 2-D (N x d), got shape {feats.shape}")
+            if not np.issubdtype(feats.dtype, np.floating):
+                raise BadInputError(f"{path}: features must be floating point (N x d float32), got {feats.dtype}")
             n = feats.shape[0]
             sl = rows or slice(0, n)
             store = cls(np.asarray(feats[sl], dtype=np.float32), np.arange(n)[sl], None, {"source": str(path)},
@@ -87,8 +93,9 @@ class FeatureStore:
             labels = np.load(path / "labels.npy", mmap_mode="r") if (path / "labels.npy").exists() else None
         except (ValueError, OSError, json.JSONDecodeError) as exc:
             raise CorruptDataError(f"feature store {path} is damaged: {exc}") from exc
-        if feats.ndim != 2 or ids.shape != (feats.shape[0],):
-            raise CorruptDataError(f"feature store {path}: features {feats.shape} and ids {ids.shape} disagree")
+        if feats.ndim != 2 or ids.shape != (feats.shape[0],) or feats.dtype != np.float32:
+            raise CorruptDataError(f"feature store {path}: features {feats.shape} {feats.dtype} and ids {ids.shape} "
+                                   "do not make an N x d float32 store (re-run feature extraction)")
         n = feats.shape[0]
         sl = rows or slice(0, n)
         store = cls(
@@ -102,6 +109,9 @@ class FeatureStore:
         )
         if validate:
             store.validate(normalize=False)
+            if rows is None and meta.get("checksum") and store.checksum() != meta["checksum"]:
+                raise CorruptDataError(f"feature store {path}: its content does not match the checksum in meta.json "
+                                       "(damaged or edited); re-run feature extraction with --force")
         return store
 
     def save(self, path) -> Path:

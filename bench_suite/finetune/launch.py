@@ -20,7 +20,6 @@ from pathlib import Path
 import numpy as np
 import timm
 import torch
-from accelerate import Accelerator
 
 from bench_suite import atomic
 from bench_suite.digest import ids_digest, json_digest
@@ -35,7 +34,7 @@ from bench_suite.finetune.recipes import TASK_OF_KIND, plan_batches, resolve
 from bench_suite.finetune.samples import load_samples
 from bench_suite.finetune.segmentation import SegTask, build_segmenter
 from bench_suite.profiles import EncoderRef
-from bench_suite.runtime import Runtime
+from bench_suite.runtime import Runtime, make_accelerator
 
 log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint.pt"
@@ -47,7 +46,7 @@ def _runtime(accelerator, distributed: bool) -> Runtime:
     """Rank/world/device of this run. ``distributed=False``: a one-process run even inside a process group
     (the tables give each process its own cells)."""
     if accelerator is None and distributed:
-        accelerator = Accelerator(cpu=not torch.cuda.is_available())
+        accelerator = make_accelerator()
     return Runtime() if accelerator is None else Runtime.of_accelerator(accelerator, distributed=distributed)
 
 

@@ -135,4 +135,5 @@ def load_samples(shard_dir, ctx: Runtime, *, ids: np.ndarray | None, share: bool
     manifest = wshards.load_manifest(shard_dir)
     names = wshards.rank_shards(manifest, ctx.rank, ctx.world) if (share or ids is not None) else \
         [s["name"] for s in manifest["shards"]]
+    wshards.verify_shards(shard_dir, names)  # a truncated or damaged shard is an error, never fewer samples
     return _to_samples(_read_selected(shard_dir, names, ctx, ids), shard_dir, need_masks)
