@@ -15,19 +15,15 @@ import os
 import time
 from pathlib import Path
 
-import torch
 
 from bench_suite import report
 from bench_suite import runtime as bdist
 from bench_suite.cli import main_guard, setup_logging
-from bench_suite.data.registry import get_dataset
-from bench_suite.encoders.registry import spec as get_encoder_spec
 from bench_suite.errors import BadInputError
-from bench_suite.methods import registry
-from bench_suite.profiles import Profile, load_profile
+from bench_suite.profiles import load_profile
 from bench_suite.tables.cells import revisions
-from bench_suite.tables.common import Context, recipe_settings
-from bench_suite.tables.grid import rows_of
+from bench_suite.tables.common import Context
+from bench_suite.tables.preflight import check, check_names
 from bench_suite.tables.registry import get_table, table_names
 
 log = logging.getLogger("bench_suite.run")
@@ -46,6 +42,8 @@ def parse_args(argv=None):
                    help="local copy of a paper dataset (cifar10, cifar100, imagenet)")
     p.add_argument("--seeds", help="override the profile's seeds, e.g. 0,1,2")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--check", action="store_true",
+                   help="validate the profile, the data sources and the caches, count cached cells; run nothing")
     p.add_argument("--fresh", action="store_true",
                    help="recompute every cell of the table, ignoring the cached ones (shards and features stay cached)")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -96,6 +94,10 @@ def main(argv=None) -> int:
         name, path = spec.split("=", 1)
         sources[name] = Path(path).expanduser()
     check_names(profile, table.name)
+    if args.check:
+        for line in check(profile, table.name, Path(args.work), sources):
+            print(line)
+        return 0
 
     acc = bdist.make_accelerator()
     ctx = Context(profile, Path(args.work), Path(args.out), acc, sources, quiet=args.quiet, fresh=args.fresh,
@@ -124,22 +126,6 @@ def main(argv=None) -> int:
 def cells_of(out: dict) -> list[dict]:
     """Every cell of a table's output (Table 4 has one grid per encoder)."""
     return list(out.get("cells", [])) + [c for part in out.get("parts", []) for c in part["cells"]]
-
-
-def check_names(profile: Profile, table: str) -> None:
-    """Every name the table's settings use (datasets, recipes, methods and their options, encoders) exists:
-    checked against the registries here, before any shard or feature is made."""
-    t = profile.table(table)
-    for d in t.cells:
-        profile.dataset(d)
-        get_dataset(d)
-    for recipe in [t.recipe, *t.recipe_by_dataset.values()]:
-        recipe_settings(profile, recipe)
-    for row in rows_of(profile, table):
-        registry.get(row["method"], **row["config"])
-    for enc in [profile.encoder, t.encoder, *[e.encoder for e in t.encoders]]:
-        if enc is not None:
-            get_encoder_spec(enc.name)
 
 
 if __name__ == "__main__":

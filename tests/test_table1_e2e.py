@@ -104,7 +104,12 @@ def _numbers(results: Path) -> list[dict]:
 
 @pytest.mark.slow
 def test_fresh_recomputes_and_a_changed_recipe_is_not_served_stale(tmp_path):
+    check = run_table(tmp_path, "--check")  # before anything exists: nothing cached, nothing written
+    assert check.returncode == 0 and "cells: 16 in the table; 0 cached, 16 to compute" in check.stdout
+    assert "shards not written yet" in check.stdout and not (tmp_path / "work").exists()
     assert run_table(tmp_path).returncode == 0
+    check = run_table(tmp_path, "--check")
+    assert "cells: 16 in the table; 16 cached, 0 to compute" in check.stdout and "intact" in check.stdout
     first = _numbers(tmp_path / "results")
     prov = json.loads((tmp_path / "results" / "table1.json").read_text())["provenance"]
     assert _computed(tmp_path / "results") == (16, 16) and "cell_revisions" in prov
