@@ -228,7 +228,7 @@ def test_bad_features():
     assert "NaN/Inf" in _one_line(exc) and "row 3" in str(exc.value)
     bad = good.copy()
     bad[2] = np.inf
-    with pytest.raises(BadInputError):
+    with pytest.raises(BadInputError, match=r"NaN/Inf \(first at row 2\)"):
         sel.select(FeatureStore(bad, np.arange(6)), 2, seed=0)
     bad = good.copy()
     bad[4] = 0

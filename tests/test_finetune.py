@@ -94,7 +94,7 @@ def test_miou_accumulates_over_the_split_and_skips_absent_classes():
     assert np.isnan(res["iou"][3])  # class 3 neither labelled nor predicted: left out of the mean
     assert res["miou"] == pytest.approx(np.nanmean(res["iou"]))
     # mean of per-image mIoUs is NOT the standard metric; the split-level matrix is
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="label outside 0..3"):
         confusion_matrix(torch.tensor([0]), torch.tensor([7]), 4)
 
 
@@ -133,7 +133,7 @@ def test_recipe_errors(tmp_path):
     f = tmp_path / "r.yaml"
     f.write_text("recipes:\n  mine: {kind: finetune, lr: 0.5, epochs: 3}\n")
     assert get_recipe("mine", f)["lr"] == 0.5
-    with pytest.raises(MissingDataError):
+    with pytest.raises(MissingDataError, match="recipes file not found"):
         get_recipe("mine", tmp_path / "absent.yaml")
 
 
