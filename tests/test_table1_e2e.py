@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from bench_suite.runtime import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 
 PROFILE = {
@@ -144,3 +146,24 @@ def test_two_runs_sharing_a_work_folder_compute_each_cell_once(tmp_path):
     assert a[1] == b[1] == 16 and a[0] + b[0] == 16  # every cell computed exactly once between the two
     assert _numbers(tmp_path / "a") == _numbers(tmp_path / "b")
     assert not list((tmp_path / "work" / "cells").rglob("*.lock"))
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_one_process_report(tmp_path):
+    """``accelerate launch --multi_gpu --num_processes 2 bench_suite/run.py``: cells dealt round robin, rank 0
+    writes the shards behind a barrier, counts gathered; the numbers equal the one-process run's."""
+    one = tmp_path / "one"
+    one.mkdir()
+    assert run_table(one).returncode == 0
+    prof = tmp_path / "profile.yaml"
+    prof.write_text(yaml.safe_dump(PROFILE))
+    accelerate = Path(sys.executable).with_name("accelerate")
+    cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port",
+           str(free_port()), "bench_suite/run.py", "--table", "1", "--profile", str(prof), "--out",
+           str(tmp_path / "two" / "results"), "--work", str(tmp_path / "two" / "work"), "--quiet"]
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900,
+                         env={**os.environ, "PYTHONPATH": str(ROOT), "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert _computed(tmp_path / "two" / "results") == (16, 16)  # every cell once, counted over both ranks
+    assert json.loads((tmp_path / "two" / "results" / "table1.json").read_text())["provenance"]["processes"] == 2
+    assert _numbers(tmp_path / "two" / "results") == _numbers(one / "results")
