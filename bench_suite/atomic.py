@@ -1,10 +1,16 @@
-"""Atomic writes: write to a temporary sibling, then rename, so no reader ever sees half a file."""
+"""Atomic writes: write to a temporary sibling, then rename, so no reader ever sees half a file.
+
+A temporary sibling is named ``.<name>.tmp.<pid>.<host>.<random>``: a process killed mid-write (SIGKILL, a
+node failure) leaves it behind, and the next write of the same path removes it once its process is gone
+(``sweep_stale``), so interrupted runs do not pile up half-written shard folders and checkpoints.
+"""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import socket
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -12,12 +18,49 @@ from pathlib import Path
 import numpy as np
 
 
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this host (a process we may not signal counts as alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _tmp_prefix(path: Path) -> str:
+    return f".{path.name}.tmp.{os.getpid()}.{socket.gethostname()}."
+
+
+def sweep_stale(path: Path) -> list[Path]:
+    """Remove the temporary siblings of ``path`` that a process of this host, now gone, left behind."""
+    stem = f".{path.name}.tmp."
+    removed = []
+    try:
+        siblings = [p for p in path.parent.iterdir() if p.name.startswith(stem)]
+    except FileNotFoundError:
+        return removed
+    for p in siblings:
+        pid, _, rest = p.name[len(stem):].partition(".")
+        host = rest.removesuffix(".tmp").rpartition(".")[0]
+        if not pid.isdigit() or host != socket.gethostname() or process_alive(int(pid)):
+            continue
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        removed.append(p)
+    return removed
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike):
     """Yield a temporary path next to `path`; rename it onto `path` only if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    sweep_stale(path)
+    fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(path), suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         yield Path(tmp)
@@ -48,7 +91,8 @@ def atomic_dir(path: str | os.PathLike):
     """Build a whole directory under a temporary name; swap it into place at the end."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    sweep_stale(path)
+    tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(path), dir=path.parent))
     try:
         yield tmp
         os.chmod(tmp, 0o755)  # mkdtemp makes 0700

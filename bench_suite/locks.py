@@ -15,6 +15,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from bench_suite.atomic import process_alive
+
 log = logging.getLogger(__name__)
 
 STALE_S = 6 * 3600
@@ -40,10 +42,8 @@ def is_stale(lock: Path) -> bool:
         return age > 60  # a lock left half-written by a killed process
     if who.get("host") == socket.gethostname():
         try:
-            os.kill(int(who["pid"]), 0)
-        except ProcessLookupError:
-            return True
-        except (PermissionError, ValueError, KeyError):
+            return not process_alive(int(who["pid"]))
+        except (ValueError, KeyError, TypeError):
             return False
     return False
 

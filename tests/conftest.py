@@ -43,3 +43,24 @@ def digits_pixel_store(digits_shards):
     feats = images.reshape(len(images), -1).astype(np.float32)
     return FeatureStore.from_array(feats, ids=ids, labels=labels, normalize=True,
                                    meta={"shards": str(digits_shards), "num_classes": 10})
+
+
+@pytest.fixture
+def cli_error(capsys, monkeypatch):
+    """Call a command line's ``main`` in this process (the same ``main_guard`` that ``python -m`` runs; one
+    subprocess case per command line covers the real entry point) and expect exit status 2 with one
+    ``error: ...`` line on stderr, which it returns. In-process because each subprocess costs ~4-9 s of imports."""
+
+    def call(main, argv, cwd=None):
+        if cwd is not None:
+            monkeypatch.chdir(cwd)
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exc:
+            main([str(a) for a in argv])
+        err = capsys.readouterr().err
+        assert exc.value.code == 2, err[-2000:]
+        lines = [ln for ln in err.splitlines() if ln.strip()]
+        assert len(lines) == 1 and lines[0].startswith("error: "), err
+        return lines[0]
+
+    return call

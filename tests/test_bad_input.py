@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from bench_suite.cli import select as select_cli
 from bench_suite.data.shards import write_shards
 from bench_suite.errors import CorruptDataError
 from bench_suite.finetune.samples import load_samples
@@ -65,7 +66,14 @@ CASES = [
 
 
 @pytest.mark.parametrize("args,message", CASES, ids=[c[1][:40] for c in CASES])
-def test_select_cli_rejects(inputs, args, message):
+def test_select_cli_rejects(inputs, args, message, cli_error):
+    assert message in cli_error(select_cli.main, [*args, "--out", "out.json"], cwd=inputs)
+    assert not (inputs / "out.json").exists()
+
+
+def test_select_cli_entry_point_exits_2_with_one_line(inputs):
+    """The real ``python -m`` entry point of one case above (the others run its main in-process)."""
+    args, message = CASES[0]
     res = subprocess.run([sys.executable, "-m", "bench_suite.cli.select", *args, "--out", "out.json"], cwd=inputs,
                          capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert res.returncode == 2, res.stderr[-2000:]

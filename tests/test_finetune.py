@@ -20,6 +20,7 @@ from bench_suite.finetune.launch import finetune
 from bench_suite.finetune.recipes import available, get_recipe, plan_batches, resolve, resolve_named, step_bounds
 from bench_suite.finetune.segmenter import Segmenter, confusion_matrix, iou_from_confusion
 from bench_suite.profiles import load_profile
+from launchers import finetune as finetune_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -280,15 +281,10 @@ def test_ids_missing_from_a_subset_pool_fail_before_training(tmp_path, digits_te
                  distributed=False, progress=False, overrides=FAST)
 
 
-def test_cli_one_line_errors(tmp_path, digits_shards, digits_test_shards):
+def test_cli_one_line_errors(tmp_path, digits_shards, digits_test_shards, cli_error):
     def cli(*args):
-        res = subprocess.run([sys.executable, "-m", "launchers.finetune", "--dataset-shards", str(digits_shards),
-                              "--test-shards", str(digits_test_shards), "--encoder", "tiny", "--out",
-                              str(tmp_path / "o"), *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
-        assert res.returncode == 2, res.stderr[-2000:]
-        lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
-        assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
-        return lines[0]
+        return cli_error(finetune_cli.main, ["--dataset-shards", digits_shards, "--test-shards", digits_test_shards,
+                                             "--encoder", "tiny", "--out", tmp_path / "o", *args], cwd=ROOT)
 
     assert "unknown recipe 'nope'" in cli("--selection", str(_sel(tmp_path, [1])), "--recipe", "nope")
     assert "empty selection" in cli("--selection", str(_sel(tmp_path, [], "e.json")), "--recipe", "cpu_finetune")

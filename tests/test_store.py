@@ -1,5 +1,8 @@
 """FeatureStore: validation of bad input, atomic save, memmap slices."""
 
+import json
+import os
+
 import numpy as np
 import pytest
 
@@ -61,3 +64,29 @@ def test_npy_input_is_normalised_with_warning(tmp_path):
     np.save(tmp_path / "f.npy", unit(10, 3) * 2)
     store = FeatureStore.open(tmp_path / "f.npy")
     assert np.allclose(np.linalg.norm(store.features, axis=1), 1, atol=1e-6)
+
+
+def test_a_dead_writers_temporaries_are_swept_by_the_next_write(tmp_path):
+    """A writer killed mid-write leaves ``.<name>.tmp.<pid>.<host>.*``; the next write of that path removes it
+    when its process is gone, and never touches a live writer's."""
+    import socket
+    import subprocess
+
+    from bench_suite import atomic
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    host = socket.gethostname()
+    target = tmp_path / "report.json"
+    dead_file = tmp_path / f".report.json.tmp.{dead.pid}.{host}.abc123.tmp"
+    dead_dir = tmp_path / f".report.json.tmp.{dead.pid}.{host}.def456"
+    live_file = tmp_path / f".report.json.tmp.{os.getpid()}.{host}.ghi789.tmp"
+    other_host = tmp_path / f".report.json.tmp.{dead.pid}.elsewhere.jkl012.tmp"
+    dead_file.write_text("half")
+    dead_dir.mkdir()
+    live_file.write_text("in progress")
+    other_host.write_text("another node's")
+    atomic.write_json(target, {"ok": 1})
+    assert json.loads(target.read_text()) == {"ok": 1}
+    assert not dead_file.exists() and not dead_dir.exists()
+    assert live_file.exists() and other_host.exists()

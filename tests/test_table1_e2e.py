@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from bench_suite import run as run_py
 from bench_suite.runtime import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,20 +76,18 @@ def test_table1_end_to_end(tmp_path):
     (["--table", "9"], "unknown table '9'"),
     (["--profile", "nope"], "unknown profile 'nope'"),
 ])
-def test_bad_arguments(tmp_path, args, message):
-    cmd = [sys.executable, "bench_suite/run.py", *args, "--out", str(tmp_path / "r"), "--work", str(tmp_path / "w")]
-    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120,
-                         env={**os.environ, "PYTHONPATH": str(ROOT)})
-    assert res.returncode == 2 and message in res.stderr
-    assert res.stderr.strip().count("\n") == 0  # one line
+def test_bad_arguments(tmp_path, args, message, cli_error):
+    line = cli_error(run_py.main, [*args, "--out", tmp_path / "r", "--work", tmp_path / "w"])
+    assert message in line
     assert not (tmp_path / "r").exists()
 
 
-def test_unknown_method_in_profile(tmp_path):
+def test_unknown_method_in_profile(tmp_path):  # through the real entry point (bench_suite/run.py as a script)
     prof = json.loads(json.dumps(PROFILE))
     prof["tables"]["1"]["methods"] = ["random", "magic"]
     res = run_table(tmp_path, profile=prof)
     assert res.returncode == 2 and "unknown selection method 'magic'" in res.stderr
+    assert res.stderr.startswith("error: ") and res.stderr.count("\n") == 1
     assert not (tmp_path / "results").exists() and not (tmp_path / "work").exists()
 
 

@@ -13,7 +13,6 @@ import logging
 
 import torch
 import torch.nn as nn
-from timm.layers import DropPath
 
 from bench_suite.errors import BadInputError
 
@@ -57,6 +56,8 @@ def set_drop_path(backbone: nn.Module, rate: float) -> None:
     """Stochastic depth increasing linearly over the blocks (0 .. rate), as timm's drop_path_rate does."""
     if rate <= 0:
         return
+    from timm.layers import DropPath  # timm costs ~3 s to import: only where it is used (CLI start-up)
+
     _, blocks = find_blocks(backbone)
     n = len(blocks)
     for i, block in enumerate(blocks):

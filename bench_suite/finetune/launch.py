@@ -12,13 +12,13 @@ The CLI (``python -m launchers.finetune``) and the tables (through ``recipe_fn``
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import logging
 import os
 import time
 from pathlib import Path
 
 import numpy as np
-import timm
 import torch
 
 from bench_suite import atomic
@@ -131,7 +131,7 @@ def _metrics(job: Job, res: TrainResult, metric: str, *, n_train: int, seed: int
         "train_shards": {"path": str(job.train_shards), "dataset": job.train_manifest.get("dataset"),
                          "checksum": job.train_manifest["checksum"]},
         "test_shards": {"path": str(job.test_shards), "checksum": job.test_manifest["checksum"]},
-        "fingerprint": fp, "versions": {"torch": torch.__version__, "timm": timm.__version__},
+        "fingerprint": fp, "versions": {"torch": torch.__version__, "timm": importlib.metadata.version("timm")},
     }
 
 

@@ -10,8 +10,6 @@ import time
 import warnings
 
 import numpy as np
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.linear_model import LogisticRegression
 
 from bench_suite.errors import BadInputError
 
@@ -34,6 +32,9 @@ def linear_probe(train_store, selected_ids, test_store, *, seed: int, C: float =
     if len(classes) == 1:  # a one-class selection can only predict that class
         pred = np.full_like(y_test, classes[0])
     else:
+        from sklearn.exceptions import ConvergenceWarning  # ~1.5 s to import: only where it is used
+        from sklearn.linear_model import LogisticRegression
+
         clf = LogisticRegression(C=C, max_iter=max_iter, random_state=seed)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)

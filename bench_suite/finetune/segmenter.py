@@ -23,7 +23,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.models.vision_transformer import Block
 
 
 # --------------------------------------------------------------------------- metric
@@ -73,6 +72,8 @@ class MaskTransformer(nn.Module):
     def __init__(self, d_encoder: int, num_classes: int, n_layers: int = 2, n_heads: int | None = None,
                  d_model: int | None = None, mlp_ratio: float = 4.0, dropout: float = 0.1, drop_path: float = 0.0):
         super().__init__()
+        from timm.models.vision_transformer import Block  # timm costs ~3 s to import: only where it is used
+
         d_model = d_model or d_encoder
         n_heads = n_heads or max(1, d_model // 64)
         self.num_classes = num_classes
