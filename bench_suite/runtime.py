@@ -22,6 +22,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as tdist
 
+from bench_suite import heartbeat
 from bench_suite.errors import BadInputError, BenchError
 
 
@@ -183,8 +184,10 @@ def make_accelerator():
     from accelerate import Accelerator  # noqa: PLC0415 - accelerate is heavy; only the launches need it
     from accelerate.utils import InitProcessGroupKwargs  # noqa: PLC0415
 
-    return Accelerator(cpu=not torch.cuda.is_available(),
-                       kwargs_handlers=[InitProcessGroupKwargs(timeout=collective_timeout())])
+    acc = Accelerator(cpu=not torch.cuda.is_available(),
+                      kwargs_handlers=[InitProcessGroupKwargs(timeout=collective_timeout())])
+    heartbeat.start()
+    return acc
 
 
 def init_from_env(backend: str | None = None) -> Runtime:
@@ -200,6 +203,7 @@ def init_from_env(backend: str | None = None) -> Runtime:
         # active exception"), so whoever joins through here also leaves cleanly, even on an early return.
         # No barrier there: after an error on one rank, the others may never reach it.
         atexit.register(shutdown, barrier=False)
+        heartbeat.start()
     return current()
 
 

@@ -1,4 +1,5 @@
-"""Feature extraction: 1 process and 2 real processes (accelerate launch, gloo) give identical stores."""
+"""Feature extraction: 1 process and 2 real processes (accelerate launch, gloo) give identical stores; the 3 shards
+of the digits pool fall 2 + 1 on the two ranks (uneven), and every sample is seen once."""
 
 import os
 import subprocess

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import sys
 
 from rich.logging import RichHandler
 
+from bench_suite import heartbeat
 from bench_suite.errors import BenchError
 
 
@@ -18,7 +20,8 @@ def setup_logging(verbose: bool = False) -> None:
 
 
 def main_guard(fn):
-    """Run a CLI main; a BenchError becomes ``error: <message>`` on stderr and exit status 2."""
+    """Run a CLI main; a BenchError becomes ``error: <message>`` on stderr and exit status 2. A collective that
+    failed because another rank died becomes one line naming that rank, and exit status 1."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -27,6 +30,12 @@ def main_guard(fn):
         except BenchError as exc:
             print(f"error: {exc}", file=sys.stderr)
             sys.exit(2)
+        except RuntimeError as exc:  # gloo / NCCL report a dead peer as a RuntimeError naming an address
+            diagnosis = heartbeat.describe_loss(exc)
+            if diagnosis is None:
+                raise
+            print(f"error: {diagnosis}", file=sys.stderr, flush=True)
+            os._exit(1)  # not sys.exit: tearing down a process group with a dead peer can hang
 
     return wrapper
 
