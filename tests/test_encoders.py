@@ -181,18 +181,29 @@ def test_image_size_checks(cache):
 
 
 def test_efficientnet_matches_reference_and_classifies_photos(cache, photos):
-    """Bit-level agreement with the wheel's own implementation (efficientnet_lite_pytorch, when installed) at
-    112 and 224 px, and sensible ImageNet predictions for real photos at 224 px."""
+    """Bit-identical pooled features and logits vs the wheel's own implementation (efficientnet_lite_pytorch,
+    installed by the test extra: a missing reference fails here, it is not skipped) at 112 and 224 px, and
+    sensible ImageNet predictions for real photos at 224 px."""
     src, _ = efficientnet_lite.source()
     lukemelas = dict(torch.load(src, map_location="cpu", weights_only=True))
     state, _, _ = efficientnet_lite.ensure_cached(cache_dir=cache)
     res = efficientnet_lite.verify(lukemelas, state, sizes=(112, 224), photos=photos[[0, 2]])
-    if importlib.util.find_spec("efficientnet_lite_pytorch") is not None:
-        assert max(res["reference_max_abs"].values()) < 1e-5, res
+    assert res["reference_max_abs"] == {"112": 0.0, "224": 0.0}, res
+    assert res["reference_features_max_abs"] == {"112": 0.0, "224": 0.0}, res
     top = res["top5_224"]
     buildings = {"palace", "bell cote", "monastery", "church", "castle", "stupa", "mosque", "dome", "boathouse"}
     assert buildings & set(top[0]), top  # china.jpg: a temple by a lake
     assert top[1][0] == "daisy", top  # flower.jpg
+
+
+def test_efficientnet_conversion_check_needs_the_reference(tmp_path, monkeypatch):
+    """Without efficientnet_lite_pytorch the setup-time check fails (and caches nothing) instead of skipping."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "efficientnet_lite_pytorch", None)  # import now raises ImportError
+    with pytest.raises(MissingDataError, match=r"needs the reference .*pip install efficientnet-lite-pytorch==0\.1\.0"):
+        efficientnet_lite.ensure_cached(cache_dir=tmp_path)
+    assert not list(tmp_path.rglob("*.safetensors"))
 
 
 def test_efficientnet_features(effnet, photos):
