@@ -1,6 +1,7 @@
 """Feature extraction: 1 process and 2 real processes (accelerate launch, gloo) give identical stores; the 3 shards
 of the digits pool fall 2 + 1 on the two ranks (uneven), and every sample is seen once."""
 
+import json
 import os
 import subprocess
 import sys
@@ -43,3 +44,26 @@ def test_two_processes_equal_one(digits_shards, tmp_path):
     np.testing.assert_array_equal(np.asarray(one.features), np.asarray(two.features))
     assert np.allclose(np.linalg.norm(one.features, axis=1), 1.0, atol=1e-5)
     assert not list(tmp_path.glob(".*parts*")), "rank parts must be cleaned up"
+
+
+def test_feature_cache_is_reused_invalidated_and_forced(digits_test_shards, tmp_path):
+    """The same shards + encoder + pooling + size reuse the store; another image size or pooling re-extracts
+    (the fingerprint differs); ``--force`` re-extracts an up-to-date store (to the same bytes)."""
+    from bench_suite.cli import features as features_cli
+
+    out = tmp_path / "f"
+
+    def run(*extra):
+        args = ["--shards", str(digits_test_shards), "--encoder", "efficientnet_lite0", "--image-size", "32",
+                "--out", str(out), *extra]
+        assert features_cli.main(args) == 0
+        meta = json.loads((out / "meta.json").read_text())
+        return meta["fingerprint"], (out / "meta.json").stat().st_mtime_ns, (out / "features.npy").read_bytes()
+
+    fp, t0, data = run()
+    assert run() == (fp, t0, data)  # cached: not rewritten
+    fp2, t2, data2 = run("--force")
+    assert fp2 == fp and t2 > t0 and data2 == data  # re-extracted, to the same bytes
+    fp3, _, data3 = run("--pooling", "gap", "--image-size", "48")
+    assert fp3 != fp and data3 != data
+    assert FeatureStore.open(out).meta["encoder"]["image_size"] == 48

@@ -39,9 +39,10 @@ def _describe(r: dict) -> str:
         lines += [f"    vs onnxruntime at {s} px: max |diff| {d['max_abs']:.2e}, min cosine {d['min_cos']:.7f}"
                   for s, d in v.items()]
     elif "reference_max_abs" in v:  # checked against the reference package
+        feats = v.get("reference_features_max_abs", {})
         for s, d in v.get("reference_max_abs", {}).items():
-            lines.append(f"    vs efficientnet_lite_pytorch at {s} px: " +
-                         ("not installed, skipped" if d is None else f"max |logit diff| {d:.2e}"))
+            lines.append(f"    vs efficientnet_lite_pytorch at {s} px: max |logit diff| {d:.2e}, "
+                         f"max |feature diff| {feats.get(s, float('nan')):.2e}")
         if v.get("top5_224"):
             lines.append("    ImageNet top-1 of the test photos at 224 px: " + "; ".join(t[0] for t in v["top5_224"]))
     return "\n".join(lines)
