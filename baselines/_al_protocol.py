@@ -29,6 +29,11 @@ A method is an ``ActiveLearner`` (a ``Selector`` with ``label_free = False``) th
 ``Selector`` base checks the options, the pool, the budget, the seed and the oracle, resolves the device,
 and runs the whole protocol on rank 0 under a distributed launch (the AL methods need the whole pool in one
 process; the other ranks receive the selection and never query the oracle).
+
+After ``select``, ``learner.last_round_models`` holds the models the last round trained and selected with
+(``head`` and ``ranker`` when trained through ``RoundState.train_head``; VAAL / TA-VAAL add ``vae`` and
+``disc``), so a selection can be checked against its models; only the last round's are kept (empty on the
+ranks that did not run the protocol).
 """
 
 from __future__ import annotations
@@ -124,6 +129,7 @@ class RoundState:
         mask[self.labelled_rows] = False
         self.unlabelled_rows = np.flatnonzero(mask)
         self.info: dict = {}
+        self.models: dict = {}  # the round's trained models (kept as the learner's last_round_models)
 
     def train_head(self, **kw):
         """Retrain the task model (fresh head) on every label bought so far, with the method's recipe."""
@@ -132,6 +138,9 @@ class RoundState:
                                       self.selector.head, seed=self.seed, device=self.device, **kw)
         self.info["train_seconds"] = round(time.perf_counter() - t0, 4)
         self.info.update(stats)
+        self.models["head"] = head
+        if net is not None:
+            self.models["ranker"] = net
         return head, net
 
     def train_head_and_ranker(self, ranker: RankerOptions, ranking: str):
@@ -199,6 +208,7 @@ class ActiveLearner(Selector):
     def __init__(self, **options):
         super().__init__(**options)
         self.head = HeadRecipe.from_options(self.options) if isinstance(self.options, HeadOptions) else None
+        self.last_round_models: dict = {}  # the last round's trained models (see the module docstring)
 
     @property
     def uses_head(self) -> bool:
@@ -241,6 +251,7 @@ class ActiveLearner(Selector):
         round_seeds = np.random.SeedSequence(seed).generate_state(1 + (budget - init + batch - 1) // batch)
         labelled = rng.choice(n, size=init, replace=False).astype(np.int64)
         labels = ask_oracle(self.name, pool.oracle, store, labelled)
+        self.last_round_models = {}
         t_prep = time.perf_counter()
         ctx = self.prepare(store, seed)
         prepare_seconds = time.perf_counter() - t_prep
@@ -267,6 +278,7 @@ class ActiveLearner(Selector):
         t0 = time.perf_counter()
         picks = np.asarray(self.query(state, k, ctx), dtype=np.int64)
         check_picks(self.name, picks, k, state)
+        self.last_round_models = state.models
         state.info["select_seconds"] = round(time.perf_counter() - t0 - state.info.get("train_seconds", 0), 4)
         new_labels = ask_oracle(self.name, pool.oracle, pool.store, picks)
         record = {"round": r, "labelled_before": int(len(labelled)), "picked": int(k),

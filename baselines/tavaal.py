@@ -111,6 +111,7 @@ class TAVAAL(ActiveLearner):
             draw = rank_conditioned_draws(images, lab, unl, r_of, gen, dev)
             state.info.update(adversarial_training(vae, disc, draw, iters, o, kl=o.kl, disc_full_forward=False))
         state.info["train_seconds"] = round(t_train + time.perf_counter() - t0, 4)
+        state.models.update(vae=vae, disc=disc)
         r_sub_t = torch.as_tensor(r_sub, dtype=torch.float32, device=dev).view(-1, 1)
         scores_u = score(vae, disc, images, subset, dev, int(o.score_batch), r=r_sub_t)
         order = np.argsort(scores_u, kind="stable")[:k]

@@ -73,6 +73,7 @@ class VAAL(ActiveLearner):
 
             state.info.update(adversarial_training(vae, disc, draw, iters, o, kl="sum", disc_full_forward=True))
         state.info["train_seconds"] = round(time.perf_counter() - t0, 4)
+        state.models.update(vae=vae, disc=disc)
         scores_u = score(vae, disc, images, state.unlabelled_rows, dev, int(o.score_batch))
         scores_l = score(vae, disc, images, state.labelled_rows, dev, int(o.score_batch))
         order = np.argsort(scores_u, kind="stable")[:k]

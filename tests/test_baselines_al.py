@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from baselines._al_head import HeadRecipe, head_outputs, train_head
 from baselines.alfamix import ALFAMix, candidates_closed_form
@@ -76,21 +77,117 @@ def oracle_for(store):
 
 @pytest.fixture(scope="module")
 def runs(digits_store):
-    """Each method run with seed 0 (twice) and seed 1; the selections and their oracles."""
+    """Each method run with seed 0 (twice) and seed 1; the selections, their oracles and the selectors (which
+    keep the last round's trained models: ``last_round_models``)."""
     out = {}
     for name in METHODS:
         res = []
         for seed in (0, 0, 1):
             oracle = oracle_for(digits_store)
-            sel = make(name).select(digits_store, BUDGET, seed=seed, oracle=oracle)
-            res.append((sel, oracle))
+            method = make(name)
+            sel = method.select(digits_store, BUDGET, seed=seed, oracle=oracle)
+            res.append((sel, oracle, method))
         out[name] = res
     return out
 
 
+# ------------------------------------------------------------------ independent recomputation of a round's picks
+@pytest.fixture(scope="module")
+def images32(digits_shards, digits_store):
+    """The pool's images as the VAE methods see them, read here from the shards: grey -> RGB, PIL bilinear to
+    32 x 32, row-aligned with digits_store (N x 3 x 32 x 32 uint8)."""
+    ids, images, _ = read_all(digits_shards)
+    np.testing.assert_array_equal(ids, digits_store.ids)
+    return np.stack([np.asarray(Image.fromarray(im).convert("RGB").resize((32, 32), Image.BILINEAR)).transpose(2, 0, 1)
+                     for im in images])
+
+
+def last_round(sel, store, labelled_before):
+    """From the selection's ids alone: (rows labelled before the last round, the last round's picks in pick
+    order, the rows unlabelled in that round)."""
+    row_of = {int(i): r for r, i in enumerate(np.asarray(store.ids).tolist())}
+    rows = np.array([row_of[int(i)] for i in sel.ids])
+    labelled, picked = rows[:labelled_before], rows[labelled_before:]
+    unlabelled = np.setdiff1d(np.arange(len(store)), labelled)
+    return labelled, picked, unlabelled
+
+
+def assert_k_lowest(picked, rows, scores, tol=1e-6):
+    """``picked`` (in pick order) are the len(picked) rows of ``rows`` with the lowest ``scores``, lowest first
+    (up to ``tol`` at the boundary, so a float near-tie cannot fail it)."""
+    pos = {r: i for i, r in enumerate(rows.tolist())}
+    assert len(set(picked.tolist())) == len(picked) and all(r in pos for r in picked.tolist())
+    s_picked = scores[[pos[r] for r in picked.tolist()]]
+    s_rest = scores[[pos[r] for r in np.setdiff1d(rows, picked).tolist()]]
+    assert s_picked.max() <= s_rest.min() + tol, (s_picked.max(), s_rest.min())
+    assert np.all(np.diff(s_picked) >= -tol), s_picked  # most extreme first
+    assert s_picked.max() < np.median(scores)  # a real ranking, not a degenerate one
+
+
+@torch.no_grad()
+def disc_scores(vae, disc, images_u8, rank=None):
+    """The discriminator's P(labelled) of each image, recomputed with plain torch: [-1, 1] pixels, the encoder's
+    mean (no sampling; BatchNorm with its running statistics), [mu, r] into the discriminator's MLP for TA-VAAL."""
+    vae.eval()
+    disc.eval()
+    x = torch.as_tensor(images_u8).float() / 127.5 - 1.0
+    mu = vae.fc_mu(vae.encoder(x))
+    inp = mu if rank is None else torch.cat([mu, rank.view(-1, 1)], 1)
+    return disc.net(inp).view(-1).numpy()
+
+
+@torch.no_grad()
+def predicted_loss(head, ranker, feats):
+    """The loss prediction module's output, recomputed: the taps (the head's input and each hidden layer) into
+    the module."""
+    h = torch.as_tensor(np.asarray(feats, dtype=np.float32))
+    taps = [h]
+    for block in head.blocks:
+        h = block(h)
+        taps.append(h)
+    return ranker(taps).view(-1)
+
+
+def original_label_changes(z, fc, anchors, cap):
+    """ALFA-Mix as the authors' code computes it (calculate_optimum_alpha with the closed form, then the mixing):
+    for each row of ``z``, does mixing toward some anchor change the classifier's prediction?"""
+    n, d = z.shape
+    with torch.no_grad():
+        pred = fc(z).argmax(1)
+    v = z.clone().requires_grad_(True)
+    g = torch.autograd.grad(F.cross_entropy(fc(v), pred), v)[0]
+    eps = cap / math.sqrt(d)
+    changed = torch.zeros(n, dtype=torch.bool)
+    with torch.no_grad():
+        for anchor in anchors:
+            a = anchor.view(1, -1).repeat(n, 1)
+            diff = a - z
+            alpha = (eps * diff.norm(dim=1) / g.norm(dim=1)).unsqueeze(1).repeat(1, d) * g / (diff + 1e-8)
+            changed |= fc((1 - alpha) * z + alpha * a).argmax(1) != pred
+    return changed.numpy()
+
+
+def alfamix_candidates(head, store, labelled, unlabelled, k, num_classes=10):
+    """The round's candidate set, recomputed: anchors = the mean embedding of each labelled class (all labelled
+    when a class has none), the original mixing with caps 0.2, 0.4, ... up to 1 until more than k change."""
+    feats = np.asarray(store.features, dtype=np.float32)
+    y_l = np.asarray(store.labels)[labelled]  # what the oracle answered for them
+    with torch.no_grad():
+        z_l = head.embed(torch.as_tensor(feats[labelled]))
+        z_u = head.embed(torch.as_tensor(feats[unlabelled]))
+    anchors = torch.stack([z_l[torch.as_tensor(y_l == c)].mean(0) if (y_l == c).any() else z_l.mean(0)
+                           for c in range(num_classes)])
+    cand = np.zeros(len(unlabelled), dtype=bool)
+    for cap in (0.2, 0.4, 0.6, 0.8, 1.0):
+        cand |= original_label_changes(z_u, head.fc, anchors, cap)
+        if cand.sum() > k:
+            break
+    return unlabelled[cand]
+
+
 @pytest.mark.parametrize("name", list(METHODS))
 def test_budget_unique_valid_deterministic_and_oracle_honest(runs, digits_store, name):
-    (a, oa), (b, _), (c, _) = runs[name]
+    (a, oa, _), (b, _, _), (c, _, _) = runs[name]
     pool = set(digits_store.ids.tolist())
     assert len(a.ids) == BUDGET and len(set(a.ids.tolist())) == BUDGET and set(a.ids.tolist()) <= pool
     assert a.method == name and a.budget == BUDGET and a.seconds > 0
@@ -191,10 +288,14 @@ def test_learnloss_predicted_loss_ranks_true_loss(digits_store):
     assert spearmanr(out["pred_loss"], true)[0] > 0.2
 
 
-def test_learnloss_picks_highest_predicted_loss(runs):
-    for r in runs["learnloss"][0][0].info["rounds"]:
-        assert r["pred_loss_picked_mean"] > r["pred_loss_subset_mean"]
-        assert r["subset_size"] <= 1297 - r["labelled_before"]
+def test_learnloss_picks_the_highest_predicted_loss(runs, digits_store):
+    # the last round's picks, recomputed from its trained head + loss prediction module: the 30 unlabelled
+    # samples with the highest predicted loss, highest first (the subset is the whole unlabelled pool: 10000 > N)
+    sel, _, method = runs["learnloss"][0]
+    _, picked, unlabelled = last_round(sel, digits_store, 80)
+    m = method.last_round_models
+    pred = predicted_loss(m["head"], m["ranker"], digits_store.features[unlabelled]).numpy()
+    assert_k_lowest(picked, unlabelled, -pred)
 
 
 def test_alfamix_closed_form_matches_the_original_formula():
@@ -205,28 +306,35 @@ def test_alfamix_closed_form_matches_the_original_formula():
     anchors = torch.randn(c, d).relu()
     with torch.no_grad():
         logits = fc(z)
-    pred = logits.argmax(1)
-    v = z.clone().requires_grad_(True)
-    g = torch.autograd.grad(F.cross_entropy(fc(v), pred), v)[0]
     for cap in (0.2, 0.6):
         mine = candidates_closed_form(z.numpy(), logits.numpy(), anchors.numpy(), fc.weight.detach().numpy(), cap,
                                       device="cpu", block=128)
-        eps = cap / math.sqrt(d)
-        orig = torch.zeros(n, dtype=torch.bool)
-        with torch.no_grad():
-            for i in range(c):  # calculate_optimum_alpha + the mixing of the authors' code
-                a = anchors[i].view(1, -1).repeat(n, 1)
-                diff = a - z
-                alpha = (eps * diff.norm(dim=1) / g.norm(dim=1)).unsqueeze(1).repeat(1, d) * g / (diff + 1e-8)
-                orig |= fc((1 - alpha) * z + alpha * a).argmax(1) != pred
         assert 0 < mine.sum() < n
-        np.testing.assert_array_equal(mine, orig.numpy())
+        np.testing.assert_array_equal(mine, original_label_changes(z, fc, anchors, cap))
 
 
-def test_alfamix_picks_from_candidates(runs):
-    for r in runs["alfamix"][0][0].info["rounds"]:
-        assert r["candidates"] > 0 and r["alpha_caps"][0][0] == 0.2
-        assert r["random_fill"] == max(0, r["picked"] - r["candidates"])
+def test_alfamix_picks_from_the_candidates(runs, digits_store):
+    # the candidates recomputed with the authors' formula from the last round's trained head: more than the
+    # batch change their prediction, so every pick is one of them
+    sel, _, method = runs["alfamix"][0]
+    labelled, picked, unlabelled = last_round(sel, digits_store, 80)
+    cand = alfamix_candidates(method.last_round_models["head"], digits_store, labelled, unlabelled, len(picked))
+    assert len(picked) < len(cand) < len(unlabelled) // 2
+    assert set(picked.tolist()) <= set(cand.tolist())
+    assert sel.info["rounds"][-1]["candidates"] == len(cand)
+
+
+def test_alfamix_takes_every_candidate_then_fills_randomly(digits_store):
+    # a batch of 500: fewer samples than that change prediction even at cap 1, so all of them are taken (first,
+    # one per k-means cluster) and the rest of the batch is drawn from the other unlabelled samples
+    method = ALFAMix(init_size=40, batch_size=500)
+    sel = method.select(digits_store, 540, seed=0, oracle=oracle_for(digits_store))
+    labelled, picked, unlabelled = last_round(sel, digits_store, 40)
+    cand = alfamix_candidates(method.last_round_models["head"], digits_store, labelled, unlabelled, len(picked))
+    assert 0 < len(cand) < len(picked)
+    assert set(picked[:len(cand)].tolist()) == set(cand.tolist())
+    fill = picked[len(cand):]
+    assert len(set(fill.tolist())) == len(fill) and not set(fill.tolist()) & set(cand.tolist())
 
 
 def test_alfamix_learned_alpha_runs(digits_store):
@@ -234,11 +342,14 @@ def test_alfamix_learned_alpha_runs(digits_store):
     assert len(sel.ids) == 80 and sel.info["rounds"][0]["candidates"] > 0
 
 
-def test_vaal_picks_what_the_discriminator_calls_unlabelled(runs, digits_store):
-    sel = runs["vaal"][0][0]
-    for r in sel.info["rounds"]:
-        assert r["vae_iters"] == FAST_VAE["vae_iters"]
-        assert r["disc_mean_picked"] < r["disc_mean_unlabelled"]
+def test_vaal_picks_what_the_discriminator_calls_unlabelled(runs, digits_store, images32):
+    # the last round's picks, recomputed from its trained VAE + discriminator: the 30 unlabelled images the
+    # discriminator scores lowest (most surely unlabelled), lowest first
+    sel, _, method = runs["vaal"][0]
+    _, picked, unlabelled = last_round(sel, digits_store, 80)
+    m = method.last_round_models
+    assert_k_lowest(picked, unlabelled, disc_scores(m["vae"], m["disc"], images32[unlabelled]))
+    assert sel.info["rounds"][-1]["vae_iters"] == FAST_VAE["vae_iters"]
     # not a random draw: the batch differs from what a random sampler with the same seed would take
     rng = np.random.default_rng(0)
     init = rng.choice(len(digits_store), 40, replace=False)
@@ -248,10 +359,33 @@ def test_vaal_picks_what_the_discriminator_calls_unlabelled(runs, digits_store):
     assert len(random_batch & set(sel.ids[40:80].tolist())) < 20
 
 
-def test_tavaal_uses_the_ranker(runs):
-    for r in runs["tavaal"][0][0].info["rounds"]:
-        assert "final_module_loss" in r and "pred_loss_picked_mean" in r
-        assert r["disc_mean_picked"] < r["disc_mean_subset"]
+def test_tavaal_picks_what_the_discriminator_calls_unlabelled_given_the_rank(runs, digits_store, images32):
+    # recomputed from the last round's trained task head + ranker + VAE + discriminator: r = the ranker's
+    # predicted loss, the picks = the 30 unlabelled images (the subset is all of them: 10000 > N) with the
+    # lowest discriminator score of [mu, r]
+    sel, _, method = runs["tavaal"][0]
+    _, picked, unlabelled = last_round(sel, digits_store, 80)
+    m = method.last_round_models
+    r = predicted_loss(m["head"], m["ranker"], digits_store.features[unlabelled])
+    assert_k_lowest(picked, unlabelled, disc_scores(m["vae"], m["disc"], images32[unlabelled], r))
+
+
+def test_tavaal_ranker_changes_the_picks(runs, digits_store, images32):
+    sel, _, method = runs["tavaal"][0]
+    _, picked, unlabelled = last_round(sel, digits_store, 80)
+    k, m = len(picked), method.last_round_models
+    r = predicted_loss(m["head"], m["ranker"], digits_store.features[unlabelled])
+    # the same trained models, each image scored with another image's rank, or with the mean rank: the k
+    # lowest are another batch
+    shuffled = r[torch.randperm(len(r), generator=torch.Generator().manual_seed(0))]
+    for other in (shuffled, torch.full_like(r, float(r.mean()))):
+        alt = unlabelled[np.argsort(disc_scores(m["vae"], m["disc"], images32[unlabelled], other))[:k]]
+        assert len(set(alt.tolist()) - set(picked.tolist())) >= k // 4
+    # a whole run whose ranker is left untrained (loss_weight 0: no gradient reaches it): the same initial set,
+    # subset and VAE seed, and the head reaches TA-VAAL's picks only through r - another first batch
+    untrained = make("tavaal", loss_weight=0.0).select(digits_store, 80, seed=0, oracle=oracle_for(digits_store))
+    np.testing.assert_array_equal(untrained.ids[:40], sel.ids[:40])
+    assert len(set(untrained.ids[40:].tolist()) - set(sel.ids[40:80].tolist())) >= 40 // 4
 
 
 @dataclass
