@@ -20,13 +20,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from bench_suite import atomic
 from bench_suite.data import shards as wshards
 from bench_suite.digest import json_digest
 from bench_suite.encoders import get_encoder
 from bench_suite.errors import CorruptDataError
+from bench_suite.progress import Tracker
 from bench_suite.runtime import make_accelerator
 from bench_suite.store import FeatureStore
 
@@ -89,9 +89,9 @@ def extract_features(shard_dir, out_dir, *, encoder: str, pooling: str | None = 
 def _extract_rank(shard_dir, names, manifest, enc, pooling, batch_size, device, progress):
     counts = {s["name"]: s["count"] for s in manifest["shards"]}
     ids, feats, labels = [], [], []
-    cols = [TextColumn("features {task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
-    with Progress(*cols, disable=not progress, transient=True) as bar:
-        task = bar.add_task(f"{manifest['dataset']}/{manifest['split']}", total=sum(counts[n] for n in names))
+    bar = Tracker(f"features {manifest['dataset']}/{manifest['split']}", sum(counts[n] for n in names),
+                  enabled=progress, unit="images", transient=True)
+    try:
         for name in names:  # one shard at a time: batches never cross shards (1 vs N processes identical)
             seen = 0
             for b_ids, b_imgs, b_labels, *_ in wshards.iter_samples(shard_dir, [name], batch_size=batch_size):
@@ -100,9 +100,11 @@ def _extract_rank(shard_dir, names, manifest, enc, pooling, batch_size, device, 
                 f = torch.nn.functional.normalize(f, dim=1).cpu().numpy()
                 ids.append(b_ids); feats.append(f); labels.append(b_labels)
                 seen += len(b_ids)
-                bar.advance(task, len(b_ids))
+                bar.advance(len(b_ids))
             if seen != counts[name]:
                 raise CorruptDataError(f"shard {name}: read {seen} samples, manifest says {counts[name]}")
+    finally:
+        bar.close()
     if not ids:
         dim = enc.dim if pooling == enc.default_pooling else 0
         return np.zeros(0, np.int64), np.zeros((0, dim), np.float32), np.zeros(0, np.int64)

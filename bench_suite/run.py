@@ -21,6 +21,7 @@ from bench_suite import runtime as bdist
 from bench_suite.cli import main_guard, setup_logging
 from bench_suite.errors import BadInputError
 from bench_suite.profiles import load_profile
+from bench_suite.progress import Tracker
 from bench_suite.tables.cells import revisions
 from bench_suite.tables.common import Context
 from bench_suite.tables.preflight import check, check_names
@@ -51,28 +52,26 @@ def parse_args(argv=None):
 
 
 def make_progress(quiet: bool, rank: int):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    state = {}
+    """The grid's progress (``factory(total) -> advance(cell, result)``), a bar in a terminal and plain lines
+    in a log file (``bench_suite.progress``); and ``stop()``."""
+    trackers = []
 
     def factory(total):
         if quiet or rank != 0:
             return None
-        bar = Progress(TextColumn("cells {task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-        bar.start()
-        task = bar.add_task("", total=total)
-        state["bar"] = bar
+        tracker = Tracker("cells", total)
+        trackers.append(tracker)
 
         def advance(cell, result):
             desc = f"{cell['dataset']} {cell['ratio']:g} {cell.get('variant') or cell['method']} s{cell['seed']}"
             if result is not None:
                 desc += f" top1 {result['top1']:.1f}"
-            bar.update(task, advance=1, description=desc)
+            tracker.advance(1, desc)
         return advance
 
     def stop():
-        if "bar" in state:
-            state["bar"].stop()
+        for tracker in trackers:
+            tracker.close()
     return factory, stop
 
 
@@ -111,9 +110,9 @@ def main(argv=None) -> int:
     elapsed = time.perf_counter() - t0
     if acc.is_main_process:
         prov = report.provenance(profile, profile.seeds, acc.num_processes,
-                                 {"wall_time": f"{elapsed:.0f} s for this run, which computed {ctx.cells_computed} of "
-                                  f"{ctx.cells_total} cells (the others, and any cached shards and features, "
-                                  "came from --work)",
+                                 {"wall_time": f"{elapsed:.0f} s for this run: of {ctx.cells_total} cells, "
+                                  f"{ctx.cells_computed} computed, {ctx.cells_cached} from the cache (--work), "
+                                  f"{ctx.cells_skipped} skipped ('-')",
                                   "cell_revisions": ", ".join(revisions(cells_of(out))) + " (each cell records "
                                   "the revision it was computed at; --fresh recomputes them all)"})
         md = table.markdown(profile, prov, out)

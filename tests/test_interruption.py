@@ -205,7 +205,7 @@ def test_kill_during_a_selection_resumes_the_table_part_way(tmp_path, reference)
     res = finish(tmp_path)
     assert comparable(tmp_path / "results") == comparable(reference / "results")
     computed = json.loads((tmp_path / "results" / "table1.json").read_text())["provenance"]["wall_time"]
-    assert f"computed {2 - done_before} of 2 cells" in computed, (computed, res.stderr[-1000:])
+    assert f"of 2 cells, {2 - done_before} computed, {done_before} from the cache" in computed, (computed, res.stderr[-1000:])
 
 
 def test_kill_during_a_finetune_resumes_from_its_checkpoint(tmp_path, reference):

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -103,8 +104,10 @@ def test_unknown_method_in_profile(tmp_path):  # through the real entry point (b
 def _computed(results: Path) -> tuple[int, int]:
     """(cells this run computed, cells in the table) from the report's provenance."""
     wall = json.loads((results / "table1.json").read_text())["provenance"]["wall_time"]
-    words = wall.split("computed ")[1].split(" ")
-    return int(words[0]), int(words[2])
+    total, computed, cached, skipped = map(int, re.search(
+        r"of (\d+) cells, (\d+) computed, (\d+) from the cache \(--work\), (\d+) skipped", wall).groups())
+    assert computed + cached + skipped == total, wall
+    return computed, total
 
 
 def _numbers(results: Path) -> list[dict]:

@@ -14,9 +14,24 @@ from bench_suite import heartbeat
 from bench_suite.errors import BenchError
 
 
+PROJECT_LOGGERS = ("bench_suite", "baselines", "launchers")
+
+
 def setup_logging(verbose: bool = False) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
-                        handlers=[RichHandler(show_path=False, rich_tracebacks=False)], force=True)
+    """The project's messages at INFO (DEBUG with ``verbose``); other libraries' only from WARNING up (faiss
+    announces its AVX2 loader at INFO). In a terminal through rich; otherwise (a log file, a SLURM job) one
+    plain line per message with its time, never wrapped, so paths stay whole."""
+    if sys.stderr.isatty():
+        from rich.console import Console
+
+        handler = RichHandler(console=Console(stderr=True), show_path=False, rich_tracebacks=False)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, handlers=[handler], force=True)
+    for name in PROJECT_LOGGERS:
+        logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
 def main_guard(fn):

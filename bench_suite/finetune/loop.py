@@ -29,7 +29,6 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn as nn
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from bench_suite import atomic
 from bench_suite.finetune.augment import crop_flip_params
@@ -39,6 +38,7 @@ from bench_suite.finetune.optim import autocast, lr_at, make_optimizer, resolve_
 from bench_suite.finetune.recipes import plan_batches, step_bounds
 from bench_suite.finetune.samples import Samples
 from bench_suite.finetune.task import Task
+from bench_suite.progress import Tracker
 from bench_suite.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -239,14 +239,15 @@ def train(task: Task, model: nn.Module, pool: Samples, test: Samples, recipe: di
     run, resumed_from = _setup(task, model, pool, test, recipe, epochs=epochs, seed=seed, ctx=ctx,
                                ckpt_path=ckpt_path, fp=fp, resume_from=resume_from)
     start_epoch = resumed_from or 0
-    cols = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
-    with Progress(*cols, disable=not (progress and ctx.is_main), transient=False) as bar:
-        bar_id = bar.add_task(f"{task.name} finetune", total=epochs, completed=start_epoch)
+    bar = Tracker(f"{task.name} finetune", epochs - start_epoch, enabled=progress and ctx.is_main, unit="epochs")
+    try:
         for epoch in range(start_epoch, epochs):
             row = _train_epoch(run, epoch)
             if _due(epoch, epochs, recipe["eval_every"]):
                 _evaluate(run, epoch, on_eval)
             if ckpt_path is not None and _due(epoch, epochs, recipe["checkpoint_every"]):
                 _checkpoint(run, epoch)
-            bar.update(bar_id, completed=epoch + 1, description=_describe(run, row, epoch))
+            bar.advance(1, _describe(run, row, epoch))
+    finally:
+        bar.close()
     return TrainResult(run.history, run.evals, epochs, resumed_from, run.plan, run.amp, run.seconds_train, model)

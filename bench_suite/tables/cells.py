@@ -103,9 +103,14 @@ def run_cells(ctx: Context, cells: list[dict], stores: dict, progress=None, enco
             time.sleep(POLL_S)
         mine = waiting
     ctx.accelerator.wait_for_everyone()
-    ctx.cells_computed += sum(rt.all_gather_object(computed))
+    results = [_load(path, cell) for cell, path in keyed]
+    computed = sum(rt.all_gather_object(computed))
+    skipped = sum(1 for r in results if r.get("skipped"))
+    ctx.cells_computed += computed
+    ctx.cells_skipped += skipped
+    ctx.cells_cached += len(keyed) - computed - skipped
     ctx.cells_total += len(keyed)
-    return [_load(path, cell) for cell, path in keyed]
+    return results
 
 
 def _cached(ctx, path: Path) -> bool:
@@ -113,7 +118,7 @@ def _cached(ctx, path: Path) -> bool:
 
 
 def _claim_and_compute(ctx, cell, path, stores, encoder, progress) -> int | None:
-    """1 if this run computed the cell, 0 if it was cached or skipped, None if another run holds its lock."""
+    """1 if this run computed the cell, 0 if it was cached or is skipped ('-'), None if another run holds its lock."""
     if _cached(ctx, path):
         _tick(progress, ctx, cell, None)
         return 0

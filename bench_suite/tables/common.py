@@ -34,7 +34,9 @@ class Context:
     quiet: bool = False
     fresh: bool = False  # recompute every cell, ignoring the cache
     revision: str = "unknown"  # the git revision this run computes at (recorded in each cell)
-    cells_computed: int = 0  # by this run (the rest came from the cache)
+    cells_computed: int = 0  # by this run
+    cells_cached: int = 0  # found in --work
+    cells_skipped: int = 0  # the paper's "-": budget within an AL method's initial random set
     cells_total: int = 0
     fresh_done: set = field(default_factory=set)  # cells a --fresh run already recomputed (shared by two tables)
 

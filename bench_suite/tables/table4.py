@@ -35,7 +35,8 @@ def run(ctx, progress_factory=None) -> dict:
         sub.profile = _with_encoder(ctx.profile, entry.encoder)
         parts.append({"label": entry.label, "encoder": dataclasses.asdict(entry.encoder),
                       **grid.run(sub, TABLE, progress_factory)})
-        ctx.cells_computed, ctx.cells_total = sub.cells_computed, sub.cells_total
+        for counter in ("cells_computed", "cells_cached", "cells_skipped", "cells_total"):
+            setattr(ctx, counter, getattr(sub, counter))
     return {"parts": parts}
 
 

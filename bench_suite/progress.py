@@ -1,0 +1,79 @@
+"""Progress that works in a terminal and in a log file alike.
+
+In a terminal: a rich progress bar. When stderr is not a terminal (a SLURM log, ``> run.log 2>&1``), a bar
+is drawn once, at the end, which tells a reader nothing for an hour; there, a plain unwrapped line (done /
+total, rate, ETA) is logged every ``BENCH_SUITE_PROGRESS_S`` seconds (default 30) and at the end.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+
+log = logging.getLogger("bench_suite.progress")
+
+
+def interactive() -> bool:
+    return sys.stderr.isatty()
+
+
+def interval_s() -> float:
+    try:
+        return float(os.environ.get("BENCH_SUITE_PROGRESS_S", "30"))
+    except ValueError:
+        return 30.0
+
+
+def duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
+
+
+class Tracker:
+    """``advance(n, note)`` after each unit of work; ``close()`` at the end. ``enabled=False``: silent."""
+
+    def __init__(self, what: str, total: int, *, enabled: bool = True, unit: str = "", transient: bool = False):
+        self.what, self.total, self.unit = what, total, unit
+        self.done = 0
+        self.enabled = enabled
+        self.t0 = self.last = time.monotonic()
+        self.bar = None
+        if enabled and interactive():
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(TextColumn(f"{what} {{task.description}}"), BarColumn(), MofNCompleteColumn(),
+                                TimeRemainingColumn(), transient=transient)
+            self.bar.start()
+            self.task = self.bar.add_task("", total=total)
+
+    def advance(self, n: int = 1, note: str = "") -> None:
+        self.done += n
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.update(self.task, advance=n, description=note)
+            return
+        now = time.monotonic()
+        if now - self.last >= interval_s() and self.done < self.total:
+            self.last = now
+            log.info(self.line(note))
+
+    def line(self, note: str = "") -> str:
+        elapsed = time.monotonic() - self.t0
+        rate = self.done / elapsed if elapsed > 0 else 0.0
+        eta = f", ETA {duration((self.total - self.done) / rate)}" if rate > 0 and self.done < self.total else ""
+        unit = f" {self.unit}" if self.unit else ""
+        return (f"{self.what}: {self.done}/{self.total}{unit} in {duration(elapsed)} "
+                f"({rate:.2f}{unit}/s{eta}){f'; last: {note}' if note else ''}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None
+        elif self.enabled and self.done:
+            log.info(self.line())
+        self.enabled = False
