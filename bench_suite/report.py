@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from bench_suite import atomic
+from bench_suite.progress import duration  # noqa: F401 - the tables format times through report.duration
 
 PACKAGES = ("torch", "torchvision", "timm", "accelerate", "webdataset", "numpy", "scikit-learn", "faiss-cpu")
 
@@ -105,19 +106,6 @@ def mean_std(values) -> str:
     return f"{vals.mean():.1f}±{vals.std(ddof=0):.1f}"
 
 
-def duration(seconds: float) -> str:
-    """Seconds the way the paper's Table 3 writes them: 0.42s, 12.6s, 20m05s, 1h57m."""
-    if seconds < 10:
-        return f"{seconds:.2f}s"
-    if seconds < 60:
-        return f"{seconds:.1f}s"
-    minutes, sec = divmod(int(round(seconds)), 60)
-    if minutes < 60:
-        return f"{minutes}m{sec:02d}s"
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m"
-
-
 def markdown_table(header: list[str], rows: list[list[str]], bold_max_cols: list[int] | None = None) -> str:
     """Plain pipe table; in ``bold_max_cols`` the best mean (the number before '±') is bolded."""
     rows = bold_best(rows, bold_max_cols or [])
@@ -151,3 +139,54 @@ def write_report(out_dir, stem: str, markdown: str, data: dict) -> tuple[Path, P
     atomic.write_json(js, data)
     atomic.write_text(md, markdown)
     return md, js
+
+
+def headline(groups: list[tuple[str, list[dict]]], metric: str, higher_better: bool = True) -> str:
+    """One sentence from a table's numbers: which row is best in how many of its (dataset, ratio) columns, how
+    ActiveFT fares, and how many rows sit within one std (over seeds) of the best. ``groups``: (label, cells)
+    per sub-table (Table 4 has one per encoder)."""
+    wins: dict = {}
+    near: dict = {}
+    n_cols = 0
+    for _, cells in groups:
+        cols: dict = {}
+        for c in cells:
+            if c.get("skipped") or c.get(metric) is None:
+                continue
+            cols.setdefault((c["dataset"], c["ratio"]), {}).setdefault(c.get("variant") or c["method"], []).append(
+                float(c[metric]))
+        for rows in cols.values():
+            stats = {r: (float(np.mean(v)), float(np.std(v))) for r, v in rows.items()}
+            best = (max if higher_better else min)(stats, key=lambda r: stats[r][0])
+            n_cols += 1
+            wins[best] = wins.get(best, 0) + 1
+            for r, (m, s) in stats.items():
+                if r != best and abs(m - stats[best][0]) <= max(s, stats[best][1]):
+                    near[r] = near.get(r, 0) + 1
+    if not n_cols:
+        return "no numbers"
+    top = max(wins, key=wins.get)
+    what = "best" if higher_better else "fastest" if "seconds" in metric else "lowest"
+    parts = [f"{top} {what} in {wins[top]} of {n_cols} column{'s' if n_cols > 1 else ''} ({metric})"]
+    activeft = next((r for r in {*wins, *near} if r.startswith("ActiveFT")), None)
+    if activeft and activeft != top:
+        parts.append(f"{activeft} {what} in {wins.get(activeft, 0)}, within one std of the best in "
+                     f"{near.get(activeft, 0)}")
+    runner = max((r for r in near if r != top), key=near.get, default=None)
+    if runner and runner != activeft:
+        parts.append(f"{runner} within one std of the best in {near[runner]}")
+    return "; ".join(parts)
+
+
+def write_index(out_dir, entries: list[dict]) -> Path:
+    """``results/README.md``: one line per table (headline, report link, wall time, revision)."""
+    lines = ["# Results", "",
+             "Written by `bench_suite/run.py --table all`; each line links the table's report (its provenance "
+             "header says the profile, hardware, seeds and revisions).", "",
+             "| table | headline | wall time | revision | profile |", "|---|---|---|---|---|"]
+    for e in entries:
+        lines.append(f"| [{e['name']}. {e['title']}]({e['report']}) | {e['headline']} | {duration(e['seconds'])} | "
+                     f"{e['revision']} | {e['profile']} |")
+    path = Path(out_dir) / "README.md"
+    atomic.write_text(path, "\n".join(lines) + "\n")
+    return path

@@ -24,7 +24,7 @@ from bench_suite.profiles import load_profile
 from bench_suite.progress import Tracker
 from bench_suite.tables.cells import revisions
 from bench_suite.tables.common import Context
-from bench_suite.tables.preflight import check, check_names
+from bench_suite.tables.preflight import check, check_names, dry_run
 from bench_suite.tables.registry import get_table, table_names
 
 log = logging.getLogger("bench_suite.run")
@@ -34,7 +34,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="bench_suite/run.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--table", default="1", help="paper table number: " + ", ".join(
-        f"{n} {get_table(n).title}" for n in table_names()))
+        f"{n} {get_table(n).title}" for n in table_names()) + "; or all (every table the profile has, sharing "
+        "their common cells, and results/README.md, an index with each table's headline)")
     p.add_argument("--profile", default="cpu", help="built-in profile name (cpu, paper) or a YAML file")
     p.add_argument("--out", default="results", help="report folder")
     p.add_argument("--work", default=os.environ.get("BENCH_SUITE_WORK", "work_dirs"),
@@ -45,6 +46,9 @@ def parse_args(argv=None):
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--check", action="store_true",
                    help="validate the profile, the data sources and the caches, count cached cells; run nothing")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the grid: which cells are cached and which will be computed, with a time estimate "
+                        "from the per-cell times earlier runs recorded in --work; run nothing")
     p.add_argument("--fresh", action="store_true",
                    help="recompute every cell of the table, ignoring the cached ones (shards and features stay cached)")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -79,8 +83,14 @@ def make_progress(quiet: bool, rank: int):
 def main(argv=None) -> int:
     args = parse_args(argv)
     setup_logging(args.verbose)
-    table = get_table(args.table)
     profile = load_profile(args.profile)
+    if args.table == "all":
+        tables = [get_table(n) for n in table_names() if n in profile.tables]
+        skipped = [n for n in table_names() if n not in profile.tables]
+        if skipped:
+            log.info("profile %s has no settings for table(s) %s: not run", profile.name, ", ".join(skipped))
+    else:
+        tables = [get_table(args.table)]
     if args.seeds:
         try:
             profile = dataclasses.replace(profile, seeds=[int(s) for s in args.seeds.split(",")])
@@ -92,34 +102,52 @@ def main(argv=None) -> int:
             raise BadInputError(f"--source expects DATASET=PATH, got {spec!r}")
         name, path = spec.split("=", 1)
         sources[name] = Path(path).expanduser()
-    check_names(profile, table.name)
-    if args.check:
-        for line in check(profile, table.name, Path(args.work), sources):
-            print(line)
+    for table in tables:  # every name of every table first: a typo fails before any work
+        check_names(profile, table.name)
+    if args.check or args.dry_run:
+        for table in tables:
+            for line in (dry_run if args.dry_run else check)(profile, table.name, Path(args.work), sources):
+                print(line)
         return 0
 
     acc = bdist.make_accelerator()
-    ctx = Context(profile, Path(args.work), Path(args.out), acc, sources, quiet=args.quiet, fresh=args.fresh,
-                  revision=report.git_revision())
-    factory, stop = make_progress(args.quiet, acc.process_index)
+    revision = report.git_revision()
+    fresh_done: set = set()  # with --fresh, a cell that two tables share is recomputed once
+    index = []
+    for table in tables:
+        ctx = Context(profile, Path(args.work), Path(args.out), acc, sources, quiet=args.quiet, fresh=args.fresh,
+                      revision=revision, fresh_done=fresh_done)
+        index.append(run_table(table, ctx, args, profile))
+    if args.table == "all" and acc.is_main_process:
+        log.info("wrote %s", report.write_index(args.out, index))
+    return bdist.exit_process(0)  # ends a distributed run without the gloo-at-exit abort
+
+
+def run_table(table, ctx: Context, args, profile) -> dict:
+    """Run one table and (rank 0) write its report; returns its line of the results index."""
+    factory, stop = make_progress(args.quiet, ctx.rank)
     t0 = time.perf_counter()
     try:
         out = table.run(ctx, factory)
     finally:
         stop()
     elapsed = time.perf_counter() - t0
-    if acc.is_main_process:
-        prov = report.provenance(profile, profile.seeds, acc.num_processes,
+    entry = {"name": table.name, "title": table.title, "report": f"table{table.name}.md", "seconds": elapsed,
+             "revision": ctx.revision[:12], "profile": profile.name}
+    if ctx.rank == 0:
+        prov = report.provenance(profile, profile.seeds, ctx.world,
                                  {"wall_time": f"{elapsed:.0f} s for this run: of {ctx.cells_total} cells, "
                                   f"{ctx.cells_computed} computed, {ctx.cells_cached} from the cache (--work), "
                                   f"{ctx.cells_skipped} skipped ('-')",
                                   "cell_revisions": ", ".join(revisions(cells_of(out))) + " (each cell records "
                                   "the revision it was computed at; --fresh recomputes them all)"})
         md = table.markdown(profile, prov, out)
-        md_path, js_path = report.write_report(args.out, f"table{args.table}", md,
+        md_path, js_path = report.write_report(args.out, f"table{table.name}", md,
                                                {"provenance": prov, "profile": profile.to_dict(), **out})
         log.info("wrote %s and %s in %.0f s", md_path, js_path, elapsed)
-    return bdist.exit_process(0)  # ends a distributed run without the gloo-at-exit abort
+        groups = [(p.get("label", ""), p["cells"]) for p in out.get("parts", [])] or [("", out.get("cells", []))]
+        entry["headline"] = report.headline(groups, *table.headline_metric)
+    return entry
 
 
 def cells_of(out: dict) -> list[dict]:

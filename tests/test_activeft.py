@@ -107,6 +107,34 @@ def test_certified_assignments_equal_full_argmax_under_random_motion(sphere):
     assert asg.totals["certified"] > 0 and asg.totals["pairs"] > 0
 
 
+def test_assigner_output_independent_of_caller_threads_and_restores_them():
+    """The pruning's bookkeeping runs on one thread (fast on a shared machine); a multi-threaded caller
+    gets the same assignments and similarities, bit for bit, and its thread count back."""
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((3000, 32)).astype(np.float32)  # unclustered: many refinements and refreshes
+    feats = torch.from_numpy(x / np.linalg.norm(x, axis=1, keepdims=True))
+    c0 = feats[rng.choice(3000, 40, replace=False)].double().numpy()
+    moves = [0.02 * rng.standard_normal(c0.shape) for _ in range(8)]
+
+    def run(threads):
+        torch.set_num_threads(threads)
+        asg = Assigner(feats, 40, candidates=8, block=1024, max_steps=10)
+        c, out = c0.copy(), []
+        for mv in moves:
+            asg.set_params(torch.from_numpy(c / np.linalg.norm(c, axis=1, keepdims=True)))
+            for _, p, a in asg.iterate(None):
+                out.append((p.clone(), a.clone()))
+            assert torch.get_num_threads() == threads
+            c += mv
+        return out, asg.totals
+
+    one, tot = run(1)
+    two, _ = run(2)
+    assert tot["certified"] > 0 and tot["refreshed"] > 3000  # every path of the pruning was exercised
+    for (p1, a1), (p2, a2) in zip(one, two, strict=True):
+        assert torch.equal(p1, p2) and torch.equal(a1, a2)
+
+
 # ---------------------------------------------------------------------------- properties
 def test_official_parameter_winning_nothing_gets_zero_gradient(digits):
     """Reference autograd on the released loss: a parameter that wins no sample has exactly zero gradient."""

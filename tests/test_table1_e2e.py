@@ -101,9 +101,9 @@ def test_unknown_method_in_profile(tmp_path):  # through the real entry point (b
     assert not (tmp_path / "results").exists() and not (tmp_path / "work").exists()
 
 
-def _computed(results: Path) -> tuple[int, int]:
+def _computed(results: Path, table: str = "1") -> tuple[int, int]:
     """(cells this run computed, cells in the table) from the report's provenance."""
-    wall = json.loads((results / "table1.json").read_text())["provenance"]["wall_time"]
+    wall = json.loads((results / f"table{table}.json").read_text())["provenance"]["wall_time"]
     total, computed, cached, skipped = map(int, re.search(
         r"of (\d+) cells, (\d+) computed, (\d+) from the cache \(--work\), (\d+) skipped", wall).groups())
     assert computed + cached + skipped == total, wall
@@ -135,6 +135,10 @@ def test_fresh_recomputes_and_a_changed_recipe_is_not_served_stale(tmp_path, ref
     assert _numbers(tmp_path / "results") == first  # same commit, same machine: identical numbers
     prof = json.loads(json.dumps(PROFILE))
     prof["recipes"]["linear_probe"]["C"] = 0.01  # only the probe's regularisation changes
+    plan = run_table(tmp_path, "--dry-run", profile=prof)  # every cell to compute, each with an estimate
+    assert plan.returncode == 0 and "16 in the table; 0 cached, 16 to compute" in plan.stdout, plan.stderr[-2000:]
+    assert "digits 0.01: Random 0/2 ~" in plan.stdout and "~?" not in plan.stdout
+    assert "estimated time for the cells to compute: " in plan.stdout and not (tmp_path / "results2").exists()
     assert run_table(tmp_path, profile=prof).returncode == 0
     assert _computed(tmp_path / "results") == (16, 16)  # nothing served from the cache
     changed = _numbers(tmp_path / "results")
@@ -178,3 +182,29 @@ def test_two_processes_give_the_one_process_report(tmp_path, reference):
     assert _computed(tmp_path / "two" / "results") == (16, 16)  # every cell once, counted over both ranks
     assert json.loads((tmp_path / "two" / "results" / "table1.json").read_text())["provenance"]["processes"] == 2
     assert _numbers(tmp_path / "two" / "results") == _numbers(one / "results")
+
+
+@pytest.mark.slow
+def test_table_all_shares_cells_and_writes_an_index(tmp_path, reference):
+    """``--table all`` runs every table of the profile (here 1 and 7), shares their common cells (ActiveFT at
+    T = 100 is Table 1's ActiveFT), and writes results/README.md with each table's headline."""
+    copy_run(reference, tmp_path)
+    prof = json.loads(json.dumps(PROFILE))
+    prof["tables"]["7"] = {"recipe": "linear_probe", "cells": {"digits": [0.01, 0.03]},
+                           "methods": [{"label": "T = 0", "method": "activeft", "config": {"iters": 0}},
+                                       {"label": "T = 100", "method": "activeft", "config": {"iters": 100}}]}
+    res = run_table(tmp_path, "--table", "all", profile=prof)
+    assert res.returncode == 0, res.stderr[-3000:]
+    results = tmp_path / "results"
+    assert _computed(results, "1") == (0, 16) and _computed(results, "7") == (4, 8)  # T = 100 is Table 1's ActiveFT
+    index = (results / "README.md").read_text()
+    assert "[1. classification](table1.md)" in index and "[7. iterations](table7.md)" in index
+    cells = json.loads((results / "table1.json").read_text())["cells"]
+    labels = {"random": "Random", "fds": "FDS", "kmeans": "K-Means", "activeft": "ActiveFT"}
+    winners = set()
+    for ratio in (0.01, 0.03):  # each column's best mean, recomputed from the cells
+        total = {m: sum(c["top1"] for c in cells if c["method"] == m and c["ratio"] == ratio) for m in labels}
+        winners.add(labels[max(total, key=total.get)])
+    named = re.search(r"\| (\S+) best in (\d) of 2 columns \(top1\)", index.splitlines()[-2])
+    assert named and named.group(1) in winners, (index, winners)  # the headline follows the numbers
+    assert re.search(r"T = (0|100) best in \d of 2 columns \(top1\)", index.splitlines()[-1])

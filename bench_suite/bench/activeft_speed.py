@@ -10,6 +10,8 @@ and the Eq. 16 EMD of the selection. Runs shorter than ``--iters`` are extrapola
 
     python -m bench_suite.bench.activeft_speed                       # N=50,000 d=384 B=1000 T=300
     python -m bench_suite.bench.activeft_speed --n 5000 --budget 100 --iters 50 --naive-iters 50   # quick
+    python -m bench_suite.bench.activeft_speed --pool random --n 5000 --dim 64 --budget 50 --iters 100 \\
+        --blocked-iters 100 --naive-iters 100       # unclustered: the pruning certifies little, B/K small
     python -m bench_suite.bench.activeft_speed --n 1281167 --budget 12812 --classes 1000 --iters 3 \\
         --subset 100000 --no-naive --no-emd --no-snap               # ImageNet size, loop only
 
@@ -108,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", type=int, default=1000, help="B")
     p.add_argument("--iters", type=int, default=300, help="T")
     p.add_argument("--classes", type=int, default=100)
+    p.add_argument("--pool", default="clustered", choices=("clustered", "random"),
+                   help="clustered unit features, or i.i.d. Gaussian rows normalised (no structure to prune on)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--objective", default="official", choices=("official", "paper"))
     p.add_argument("--subset", type=int, default=0, help="M random samples per iteration (0 = all)")
@@ -134,8 +138,12 @@ def main(argv=None) -> dict:
         torch.set_num_threads(args.threads)
     load0 = os.getloadavg()
     t0 = time.perf_counter()
-    feats, _ = clustered_sphere(args.n, args.dim, args.classes, seed=args.seed)
-    con.print(f"pool: N={args.n:,} d={args.dim} classes={args.classes} seed={args.seed} "
+    if args.pool == "random":
+        feats = np.random.default_rng(args.seed).standard_normal((args.n, args.dim)).astype(np.float32)
+        feats /= np.linalg.norm(feats, axis=1, keepdims=True)
+    else:
+        feats, _ = clustered_sphere(args.n, args.dim, args.classes, seed=args.seed)
+    con.print(f"pool: {args.pool} N={args.n:,} d={args.dim} classes={args.classes} seed={args.seed} "
               f"({feats.nbytes / 2**20:.0f} MiB, built in {time.perf_counter() - t0:.1f}s); B={args.budget} "
               f"T={args.iters} objective={args.objective} M={args.subset or 'all'}; torch threads "
               f"{torch.get_num_threads()}; load average {load0[0]:.2f}")

@@ -20,6 +20,8 @@ class TableSpec:
     markdown: Callable  # markdown(profile, provenance, out) -> str
     paper_columns: list = field(default_factory=list)  # the paper's numbers, as its report quotes them
     paper_rows: dict = field(default_factory=dict)
+    # the number the results index sums the table up by: (cell field, True if higher is better)
+    headline_metric: tuple = ("top1", True)
 
 
 REGISTRY: Registry[TableSpec] = Registry("table", "bench_suite.tables")

@@ -38,4 +38,5 @@ def markdown(profile: Profile, prov: dict, out: dict) -> str:
     ])
 
 
-SPEC = register(TableSpec(TABLE, "segmentation", grid.runner(TABLE), markdown, PAPER_COLUMNS, PAPER_ROWS))
+SPEC = register(TableSpec(TABLE, "segmentation", grid.runner(TABLE), markdown, PAPER_COLUMNS, PAPER_ROWS,
+                          headline_metric=("miou", True)))

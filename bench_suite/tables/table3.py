@@ -42,4 +42,5 @@ def markdown(profile: Profile, prov: dict, out: dict) -> str:
     ])
 
 
-SPEC = register(TableSpec(TABLE, "selection time", grid.runner(TABLE), markdown, PAPER_COLUMNS, PAPER_ROWS))
+SPEC = register(TableSpec(TABLE, "selection time", grid.runner(TABLE), markdown, PAPER_COLUMNS, PAPER_ROWS,
+                          headline_metric=("selection_seconds", False)))
