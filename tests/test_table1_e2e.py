@@ -147,7 +147,10 @@ def test_fresh_recomputes_and_a_changed_recipe_is_not_served_stale(tmp_path, ref
 
 
 @pytest.mark.slow
-def test_two_runs_sharing_a_work_folder_compute_each_cell_once(tmp_path):
+def test_two_runs_sharing_a_work_folder_compute_each_cell_once(tmp_path, reference):
+    """Both runs write the same shard folders and cells; the features come from the reference run (the
+    extraction takes the same lock as the shards, and would double this test's time on 2 cores)."""
+    shutil.copytree(reference / "work" / "features", tmp_path / "work" / "features")
     prof = tmp_path / "profile.yaml"
     prof.write_text(yaml.safe_dump(PROFILE))
     procs = []
