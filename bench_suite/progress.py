@@ -45,6 +45,7 @@ class Tracker:
     def __init__(self, what: str, total: int, *, enabled: bool = True, unit: str = "", transient: bool = False):
         self.what, self.total, self.unit = what, total, unit
         self.done = 0
+        self.note = ""  # what the last unit was (shown in the plain lines)
         self.enabled = enabled
         self.t0 = self.last = time.monotonic()
         self.bar = None
@@ -58,6 +59,7 @@ class Tracker:
 
     def advance(self, n: int = 1, note: str = "") -> None:
         self.done += n
+        self.note = note or self.note
         if not self.enabled:
             return
         if self.bar is not None:
@@ -66,7 +68,7 @@ class Tracker:
         now = time.monotonic()
         if now - self.last >= interval_s() and self.done < self.total:
             self.last = now
-            log.info(self.line(note))
+            log.info(self.line(self.note))
 
     def line(self, note: str = "") -> str:
         elapsed = time.monotonic() - self.t0
@@ -81,5 +83,5 @@ class Tracker:
             self.bar.stop()
             self.bar = None
         elif self.enabled and self.done:
-            log.info(self.line())
+            log.info(self.line(self.note))
         self.enabled = False

@@ -68,8 +68,9 @@ def make_progress(quiet: bool, rank: int):
 
         def advance(cell, result):
             desc = f"{cell['dataset']} {cell['ratio']:g} {cell.get('variant') or cell['method']} s{cell['seed']}"
-            if result is not None:
-                desc += f" top1 {result['top1']:.1f}"
+            metric = next((m for m in ("top1", "miou") if result and m in result), None)
+            if metric:  # classification or segmentation (Table 2)
+                desc += f" {metric} {result[metric]:.1f}"
             tracker.advance(1, desc)
         return advance
 

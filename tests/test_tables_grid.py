@@ -136,3 +136,25 @@ def test_table2_segmentation_reports_miou(tmp_path):
     meta = t2["stores"]["seg_digits"]["pool_meta"]
     assert meta["encoder"]["name"] == "dinov2_vits14" and meta["pooling"] == "cls+mean"
     assert "## mIoU (%)" in md and "| Seg-Digits 10% (B=10) |" in md and "Table 2 (ADE20k" in md
+
+
+def test_grid_progress_names_each_tables_metric(caplog, monkeypatch):
+    """The grid's progress lines show top-1 for classification cells and mIoU for segmentation (Table 2)
+    cells (it used to raise KeyError on a segmentation cell unless --quiet), and nothing for skipped ones."""
+    import logging
+
+    from bench_suite import run as run_py
+
+    monkeypatch.setenv("BENCH_SUITE_PROGRESS_S", "0")  # a line per cell (stderr is not a terminal here)
+    factory, stop = run_py.make_progress(quiet=False, rank=0)
+    advance = factory(3)
+    cell = {"dataset": "seg_digits", "ratio": 0.05, "method": "random", "seed": 0}
+    with caplog.at_level(logging.INFO, logger="bench_suite.progress"):
+        advance(cell, {"miou": 41.25})
+        advance({**cell, "dataset": "mnist"}, {"top1": 77.5})
+        advance(cell, None)
+        stop()
+    lines = caplog.text.splitlines()
+    assert "1/3" in lines[0] and lines[0].endswith("last: seg_digits 0.05 random s0 miou 41.2")
+    assert "2/3" in lines[1] and lines[1].endswith("last: mnist 0.05 random s0 top1 77.5")
+    assert "3/3" in lines[2] and lines[2].endswith("last: seg_digits 0.05 random s0")
