@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from bench_suite import atomic
-from bench_suite.progress import duration  # noqa: F401 - the tables format times through report.duration
+from bench_suite.progress import duration
 
 PACKAGES = ("torch", "torchvision", "timm", "accelerate", "webdataset", "numpy", "scikit-learn", "faiss-cpu")
 

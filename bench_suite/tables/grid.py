@@ -21,6 +21,7 @@ from bench_suite import report
 from bench_suite.data.registry import get_dataset
 from bench_suite.methods import registry
 from bench_suite.profiles import Profile
+from bench_suite.progress import duration
 from bench_suite.tables.cells import run_cells
 from bench_suite.tables.common import Context, prepare_split, recipe_settings
 
@@ -123,7 +124,7 @@ def emd(got: list[dict]) -> str:
 
 
 def seconds(got: list[dict]) -> str:
-    return report.duration(sum(c["selection_seconds"] for c in got) / len(got))
+    return duration(sum(c["selection_seconds"] for c in got) / len(got))
 
 
 def setting_lines(profile: Profile, table: str, out: dict, what: str) -> list[str]:
