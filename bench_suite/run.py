@@ -10,6 +10,7 @@ Every stage is cached under --work, so an interrupted run resumes.
 
 import argparse
 import dataclasses
+import json
 import logging
 import os
 import time
@@ -24,7 +25,7 @@ from bench_suite.profiles import load_profile
 from bench_suite.progress import Tracker
 from bench_suite.tables.cells import revisions
 from bench_suite.tables.common import Context
-from bench_suite.tables.preflight import check, check_names, dry_run
+from bench_suite.tables.preflight import check, check_names, dry_run, plan
 from bench_suite.tables.registry import get_table, table_names
 
 log = logging.getLogger("bench_suite.run")
@@ -49,6 +50,10 @@ def parse_args(argv=None):
     p.add_argument("--dry-run", action="store_true",
                    help="print the grid: which cells are cached and which will be computed, with a time estimate "
                         "from the per-cell times earlier runs recorded in --work; run nothing")
+    p.add_argument("--json", action="store_true",
+                   help="with --dry-run: print the plan as JSON, one object per cell (dataset, ratio, pool size, "
+                        "budget, seed, the method's fully resolved options and device, the recipe, cached or not); "
+                        "datasets without --source are planned from their official split sizes")
     p.add_argument("--fresh", action="store_true",
                    help="recompute every cell of the table, ignoring the cached ones (shards and features stay cached)")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -105,6 +110,9 @@ def main(argv=None) -> int:
         sources[name] = Path(path).expanduser()
     for table in tables:  # every name of every table first: a typo fails before any work
         check_names(profile, table.name)
+    if args.dry_run and args.json:
+        print(json.dumps([c for t in tables for c in plan(profile, t.name, Path(args.work), sources)], indent=1))
+        return 0
     if args.check or args.dry_run:
         for table in tables:
             for line in (dry_run if args.dry_run else check)(profile, table.name, Path(args.work), sources):

@@ -9,7 +9,7 @@ gives (``--source``). Every dataset yields uint8 images with integer labels per 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -37,6 +37,8 @@ class DatasetSpec:
     install_hint: str = ""
     task: str = "cls"
     label: str = ""  # display name in reports (default: the name)
+    # the official size of each split: the plan's budgets (run.py --dry-run --json) before any shard exists
+    split_sizes: dict = field(default_factory=dict)
 
     def load(self, split: str, source: str | os.PathLike | None = None) -> RawSplit:
         if split not in self.splits:

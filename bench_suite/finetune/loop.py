@@ -3,7 +3,8 @@
 Data order: each epoch draws one permutation from (seed, epoch) - the same on every process - cuts it into
 optimiser steps of the global batch, and gives each process a contiguous part of every step: every
 selected sample is seen exactly once per epoch, by exactly one process (checked after each epoch), and the
-data order does not depend on the number of processes. The samples are deliberately NOT passed through
+data order does not depend on the number of processes. With repeated augmentation (``repeated_aug: 3``, the
+released DeiT code's default) each sample comes 3 times in a row, cut to DeiT's ``RASampler`` epoch length. The samples are deliberately NOT passed through
 ``accelerate.prepare`` (that would split the data a second time and lose half of it, measured).
 
 Gradients: each process sums per-sample losses over its micro batches (``no_sync`` until the last) and
@@ -95,7 +96,8 @@ def _setup(task, model, pool, test, recipe, *, epochs, seed, ctx, ckpt_path, fp,
     run = _Run(task, model, model, pool, test, recipe, ctx, seed, epochs, plan, amp,
                optimizer=make_optimizer(model, recipe),
                scaler=torch.amp.GradScaler("cuda") if amp == "fp16" else None,
-               bounds=step_bounds(len(pool), plan["global_batch"], ctx.world), ckpt_path=ckpt_path, fp=fp)
+               bounds=step_bounds(epoch_length(len(pool), recipe["repeated_aug"]), plan["global_batch"], ctx.world),
+               ckpt_path=ckpt_path, fp=fp)
     resumed_from = None
     if resume_from is not None:
         state = restore(resume_from, fp, model, run.optimizer, run.scaler)
@@ -107,8 +109,25 @@ def _setup(task, model, pool, test, recipe, *, epochs, seed, ctx, ckpt_path, fp,
     return run, resumed_from
 
 
+def epoch_length(n: int, repeats: int) -> int:
+    """Samples in an epoch: ``n``, or with repeated augmentation DeiT's ``RASampler`` count - each sample
+    ``repeats`` times, cut to ``max(1, n // 256) * 256`` (and to the ``repeats * n`` there are)."""
+    return n if repeats <= 1 else min(n * repeats, max(1, n // 256) * 256)
+
+
+def epoch_order(n: int, seed: int, epoch: int, repeats: int) -> np.ndarray:
+    """The epoch's sample positions, the same on every process: a permutation drawn from (seed, epoch); with
+    repeated augmentation each position ``repeats`` times in a row (each copy gets its own random crop and
+    flip), cut to ``epoch_length`` as DeiT's ``RASampler`` does."""
+    perm = np.random.default_rng([seed, epoch]).permutation(n)
+    if repeats <= 1:
+        return perm
+    return np.repeat(perm, repeats)[:epoch_length(n, repeats)]
+
+
 def _check_epoch_coverage(seen: list, ids: np.ndarray, ctx: Runtime, epoch: int) -> list[int]:
-    """Every selected id trained on exactly once this epoch, over all processes; returns per-process counts.
+    """Every id of this epoch's order (``ids``, sorted; each selected id once without repeated augmentation)
+    trained on exactly as often as it appears, over all processes; returns per-process counts.
 
     ``BENCH_SUITE_TRACE_IDS=DIR`` also writes each process's ids (``DIR/rank{r}-epoch{e}.json``) for tests.
     """
@@ -120,7 +139,7 @@ def _check_epoch_coverage(seen: list, ids: np.ndarray, ctx: Runtime, epoch: int)
     allseen = np.sort(np.concatenate(parts))
     if len(allseen) != len(ids) or not np.array_equal(allseen, ids):
         raise AssertionError(f"epoch {epoch + 1}: the processes trained on {len(allseen)} samples "
-                             f"({len(np.unique(allseen))} distinct) but the subset has {len(ids)}")
+                             f"({len(np.unique(allseen))} distinct) but the epoch has {len(ids)}")
     return [int(len(p)) for p in parts]
 
 
@@ -182,7 +201,7 @@ def _train_epoch(run: _Run, epoch: int) -> dict:
     torch.manual_seed(run.seed * 100_003 + epoch * 1_009 + ctx.rank)  # dropout / drop-path
     run.net.train()
     freeze_frozen_modules(run.model)
-    perm = np.random.default_rng([run.seed, epoch]).permutation(len(run.pool))
+    perm = epoch_order(len(run.pool), run.seed, epoch, run.recipe["repeated_aug"])
     stats = torch.zeros(3, dtype=torch.float64)  # loss sum, samples, correct
     seen = []  # ids this process trained on this epoch
     lr = run.recipe["lr"]
@@ -191,7 +210,7 @@ def _train_epoch(run: _Run, epoch: int) -> dict:
         set_lr(run.optimizer, lr)
         _train_step(run, perm[lo:hi], epoch, stats, seen)
     stats = ctx.all_reduce(stats)
-    per_process = _check_epoch_coverage(seen, run.pool.ids, ctx, epoch)
+    per_process = _check_epoch_coverage(seen, np.sort(run.pool.ids[perm]), ctx, epoch)
     run.seconds_train.append(time.perf_counter() - t0)
     row = {"epoch": epoch + 1, "loss": float(stats[0] / max(1, stats[1])), "samples": int(stats[1]),
            "train_acc": float(stats[2] / max(1, stats[1]) * 100), "lr": lr,

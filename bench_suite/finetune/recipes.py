@@ -48,6 +48,7 @@ FINETUNE_DEFAULTS = {
     "crop_scale": None,  # [lo, hi]: random-resized-crop area range (train only); None: no crop
     "hflip": False,  # random horizontal flip (train only)
     "clip_grad": None,  # max global grad norm
+    "repeated_aug": 1,  # >1: DeiT's repeated augmentation (each sample N times per epoch, RASampler's length)
     "eval_every": 0,  # evaluate on the test split every N epochs (0: only after the last epoch)
     "best_or_last": "last",  # report the last evaluation, or the best one (the released code's choice)
     "checkpoint_every": 10,  # epochs between checkpoints (the last epoch is always checkpointed)
@@ -180,7 +181,7 @@ def _check(r: dict, where: str) -> None:
         bad(f"lr must be positive, got {r['lr']}")
     if r["label_smoothing"] >= 1 or r["drop_path"] >= 1:
         bad("label_smoothing and drop_path must be below 1")
-    for key in ("batch_size", "micro_batch_size", "epochs"):
+    for key in ("batch_size", "micro_batch_size", "epochs", "repeated_aug"):
         if not isinstance(r[key], int) or isinstance(r[key], bool) or r[key] <= 0:
             bad(f"{key} must be a positive integer, got {r[key]!r}")
     for key in ("eval_every", "checkpoint_every", "warmup_epochs"):

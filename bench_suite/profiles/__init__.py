@@ -47,6 +47,8 @@ class DatasetSettings:
     role: str = ""  # which of the paper's datasets it stands in for
     why: str = ""
     al: dict = field(default_factory=dict)  # the active-learning protocol on this pool (init_ratio, ...)
+    # this pool's options of a method, over the profile's (ImageNet: ActiveFT's M and T, Sec. 3.5)
+    methods: dict[str, dict] = field(default_factory=dict)
 
 
 @dataclass
@@ -62,6 +64,7 @@ class MethodRow:
 class EncoderVariant:
     label: str
     encoder: EncoderRef
+    recipe: str | None = None  # this encoder's finetuning recipe (default: the table's)
 
 
 @dataclass
@@ -123,9 +126,19 @@ class Profile:
         seeds = self.table(table).seeds
         return list(self.seeds if seeds is None else seeds)
 
-    def method_options(self, method: str, variant: dict | None = None) -> dict:
-        """The profile's options of ``method`` with a table row's ``variant`` on top."""
-        return {**(self.methods.get(method) or {}), **(variant or {})}
+    def with_encoder(self, table: str, encoder: EncoderRef, recipe: str | None = None) -> "Profile":
+        """This profile with ``table``'s encoder set to ``encoder`` (one of Table 4's sub-tables), and its recipe
+        when given (the paper finetunes ResNet-50 with mmclassification's recipe, DeiT-S with DeiT's)."""
+        t = self.table(table)
+        t = dataclasses.replace(t, encoder=encoder, recipe=recipe or t.recipe,
+                                recipe_by_dataset={} if recipe else t.recipe_by_dataset)
+        return dataclasses.replace(self, tables={**self.tables, table: t})
+
+    def method_options(self, method: str, variant: dict | None = None, dataset: str | None = None) -> dict:
+        """The profile's options of ``method``, then the dataset's (``datasets.D.methods``), then a table row's
+        ``variant`` on top."""
+        per_dataset = self.dataset(dataset).methods.get(method) if dataset is not None else None
+        return {**(self.methods.get(method) or {}), **(per_dataset or {}), **(variant or {})}
 
 
 def profile_names() -> list[str]:

@@ -39,7 +39,7 @@ from bench_suite.tables.common import Context, get_recipe, recipe_settings
 
 log = logging.getLogger(__name__)
 
-CELL_VERSION = 3
+CELL_VERSION = 4
 POLL_S = 2.0
 
 

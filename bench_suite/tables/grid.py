@@ -44,13 +44,14 @@ def build_cells(profile: Profile, table: str) -> list[dict]:
         al = profile.dataset(dataset).al
         recipe = t.recipe_by_dataset.get(dataset, t.recipe)
         for ratio in ratios:
-            for row in rows_of(profile, table):
-                config = row["config"]
-                if al and not registry.selector_class(row["method"]).label_free:
+            for row in t.methods:
+                config = profile.method_options(row.method, row.config, dataset)
+                if al and not registry.selector_class(row.method).label_free:
                     config = {**al, **config}
                 for seed in profile.seeds_of(table):
-                    cells.append({"dataset": dataset, "ratio": float(ratio), "method": row["method"],
-                                  "variant": row["label"], "seed": seed, "method_config": config,
+                    cells.append({"dataset": dataset, "ratio": float(ratio), "method": row.method,
+                                  "variant": row.label or registry.label(row.method), "seed": seed,
+                                  "method_config": config,
                                   "recipe": recipe})
     return cells
 

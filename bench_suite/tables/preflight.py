@@ -17,13 +17,14 @@ from bench_suite.data.shards import MANIFEST, ensure_shards, verify_shards
 from bench_suite.digest import json_digest
 from bench_suite.encoders.registry import spec as encoder_spec
 from bench_suite.errors import MissingDataError
-from bench_suite.methods import registry
+from bench_suite.finetune.recipes import epochs_for
+from bench_suite.methods import budget_from_ratio, registry
 from bench_suite.profiles import EncoderRef, Profile
 from bench_suite.progress import duration
 from bench_suite.store import FeatureStore
 from bench_suite.tables import cells as cell_cache
 from bench_suite.tables.common import Context, recipe_settings
-from bench_suite.tables.grid import build_cells, rows_of
+from bench_suite.tables.grid import build_cells
 
 
 def check_names(profile: Profile, table: str) -> None:
@@ -32,18 +33,28 @@ def check_names(profile: Profile, table: str) -> None:
     for d in t.cells:
         profile.dataset(d)
         get_dataset(d)
-    for recipe in [t.recipe, *t.recipe_by_dataset.values()]:
+    for recipe in [t.recipe, *t.recipe_by_dataset.values(), *[e.recipe for e in t.encoders if e.recipe]]:
         recipe_settings(profile, recipe)
-    for row in rows_of(profile, table):
-        registry.get(row["method"], **row["config"])
+    seen = set()
+    for cell in build_cells(profile, table):  # each row's options on each dataset (datasets.D.methods)
+        key = (cell["method"], repr(sorted(cell["method_config"].items())))
+        if key not in seen:
+            seen.add(key)
+            registry.get(cell["method"], **cell["method_config"])
     for enc in [profile.encoder, t.encoder, *[e.encoder for e in t.encoders]]:
         if enc is not None:
             encoder_spec(enc.name)
 
 
 def _encoders(profile: Profile, table: str) -> list[EncoderRef]:
+    return [enc for enc, _ in _sub_tables(profile, table)]
+
+
+def _sub_tables(profile: Profile, table: str) -> list[tuple[EncoderRef, Profile]]:
+    """(encoder, the profile as that encoder's grid sees it): one per Table-4 encoder, else the table's own."""
     t = profile.table(table)
-    return [e.encoder for e in t.encoders] or [profile.encoder_of(table)]
+    return ([(e.encoder, profile.with_encoder(table, e.encoder, e.recipe)) for e in t.encoders]
+            or [(profile.encoder_of(table), profile)])
 
 
 def check(profile: Profile, table: str, work: Path, sources: dict) -> list[str]:
@@ -52,14 +63,19 @@ def check(profile: Profile, table: str, work: Path, sources: dict) -> list[str]:
     return _check(profile, table, work, sources)[0]
 
 
-def _check(profile: Profile, table: str, work: Path, sources: dict) -> tuple[list[str], dict]:
-    """``check``'s lines, and the feature stores already extracted, by (dataset, part, encoder, size, pooling)."""
+def _check(profile: Profile, table: str, work: Path, sources: dict,
+           require_sources: bool = True) -> tuple[list[str], dict]:
+    """``check``'s lines, and the feature stores already extracted, by (dataset, part, encoder, size, pooling);
+    without ``require_sources`` a dataset whose source is not given is planned from its official sizes."""
     lines = [f"profile {profile.name}, table {table}: names, options and recipes are valid"]
     t = profile.table(table)
     stores = {}
     for d in t.cells:
         ds = get_dataset(d)
         if ds.needs_source and d not in sources:
+            if not require_sources:
+                lines.append(f"{d}: no --source given (planned from its official split sizes)")
+                continue
             raise MissingDataError(f"dataset {d} converts from a local copy: pass --source {d}=PATH ({ds.install_hint})")
         if d in sources and not Path(sources[d]).exists():
             raise MissingDataError(f"--source {d}={sources[d]}: no such file or folder")
@@ -83,26 +99,26 @@ def _check(profile: Profile, table: str, work: Path, sources: dict) -> tuple[lis
 
 
 
-def _cell_states(profile: Profile, table: str, work: Path, stores: dict) -> list[tuple[dict, str]]:
-    """Each cell of the table with its state: ``cached``, ``to compute``, or ``not keyed`` (its features are
-    not extracted yet, so its key, and whether it is cached, cannot be known)."""
-    ctx = Context(profile, work, work, None)
+def _cell_states(profile: Profile, table: str, work: Path, stores: dict) -> list[tuple[EncoderRef, dict, str]]:
+    """Each cell of the table (per encoder, for Table 4) with its state: ``cached``, ``to compute``, or ``not
+    keyed`` (its features are not extracted yet, so its key, and whether it is cached, cannot be known)."""
     out = []
-    for enc in _encoders(profile, table):
-        for cell in build_cells(profile, table):
+    for enc, sub in _sub_tables(profile, table):
+        ctx = Context(sub, work, work, None)
+        for cell in build_cells(sub, table):
             key = (cell["dataset"], "pool", enc.name, enc.image_size, enc.pooling)
             test_key = (cell["dataset"], "test", enc.name, enc.image_size, enc.pooling)
             if key not in stores or test_key not in stores:
-                out.append((cell, "not keyed"))
+                out.append((enc, cell, "not keyed"))
                 continue
             digest = json_digest(cell_cache.cell_key(ctx, cell, stores[key], stores[test_key]))
             path = work / "cells" / f"v{cell_cache.CELL_VERSION}" / f"{digest}.json"
-            out.append((cell, "cached" if path.exists() else "to compute"))
+            out.append((enc, cell, "cached" if path.exists() else "to compute"))
     return out
 
 
 def _cell_lines(profile: Profile, table: str, work: Path, stores: dict) -> list[str]:
-    states = [s for _, s in _cell_states(profile, table, work, stores)]
+    states = [s for _, _, s in _cell_states(profile, table, work, stores)]
     total, cached, unknown = len(states), states.count("cached"), states.count("not keyed")
     return [f"cells: {total} in the table; {cached} cached, {total - cached} to compute"
             + ("" if not unknown else f" ({unknown} not keyed yet: their features are not extracted)")]
@@ -139,7 +155,7 @@ def dry_run(profile: Profile, table: str, work: Path, sources: dict) -> list[str
     lines, stores = _check(profile, table, work, sources)
     times = recorded_seconds(work)
     groups: dict = {}
-    for cell, state in _cell_states(profile, table, work, stores):
+    for _, cell, state in _cell_states(profile, table, work, stores):
         groups.setdefault((cell["dataset"], cell["ratio"]), {}).setdefault(cell.get("variant") or cell["method"],
                                                                            []).append((cell, state))
     total_s, unestimated = 0.0, 0
@@ -161,3 +177,44 @@ def dry_run(profile: Profile, table: str, work: Path, sources: dict) -> list[str
                  + (f", plus {unestimated} cells with no recorded time (~?)" if unestimated else "")
                  + " (from the per-cell times recorded in this work folder; feature extraction not included)")
     return lines
+
+
+def _pool_size(profile: Profile, dataset: str, stores: dict, encoder: EncoderRef) -> tuple[int | None, str]:
+    """The pool's size and where it comes from: the extracted store, else the dataset's official split size
+    (capped by the profile's ``limit``), else unknown until the shards exist."""
+    store = stores.get((dataset, "pool", encoder.name, encoder.image_size, encoder.pooling))
+    if store is not None:
+        return len(store), "feature store"
+    split = profile.dataset(dataset).pool
+    official = get_dataset(dataset).split_sizes.get(split.split)
+    if official is None:
+        return (split.limit, "profile limit") if split.limit else (None, "unknown until the shards exist")
+    return (min(official, split.limit), "profile limit") if split.limit else (official, "official split size")
+
+
+def plan(profile: Profile, table: str, work: Path, sources: dict) -> list[dict]:
+    """Every cell of the table as it will run: dataset, ratio, pool size, budget, seed; the method with its
+    fully resolved options (device as given and as this machine resolves it; the active-learning protocol and
+    task model); the recipe, fully resolved; whether the cell is cached. ``run.py --dry-run --json``."""
+    _, stores = _check(profile, table, work, sources, require_sources=False)
+    out = []
+    for enc, cell, state in _cell_states(profile, table, work, stores):
+        n, n_from = _pool_size(profile, cell["dataset"], stores, enc)
+        selector = registry.get(cell["method"], **cell["method_config"])
+        budget = budget_from_ratio(cell["ratio"], n) if n else None
+        entry = {"table": table, "encoder": dataclasses.asdict(enc), "dataset": cell["dataset"],
+                 "ratio": cell["ratio"], "pool_size": n, "pool_size_from": n_from, "budget": budget,
+                 "seed": cell["seed"], "method": cell["method"], "row": cell["variant"],
+                 "label_free": selector.label_free, "options": selector.config(),
+                 "device": str(selector.device()), "method_version": selector.version,
+                 "recipe_name": cell["recipe"], "recipe": recipe_settings(profile, cell["recipe"]),
+                 "cached": state == "cached", "state": state}
+        if entry["recipe"]["kind"] != "linear_probe":  # the epochs this cell trains (ImageNet: by ratio)
+            entry["epochs"] = epochs_for(entry["recipe"], budget / n if n else cell["ratio"])
+        if not selector.label_free and n:
+            init = selector.initial_set(n)
+            entry["al_initial_set"] = init
+            if budget is not None and budget <= init:
+                entry["skipped"] = f"budget {budget} <= the initial random set ({init})"
+        out.append(entry)
+    return out

@@ -22,18 +22,12 @@ PAPER = {  # Table 4 (a) and (b), CIFAR-10; "-" as printed
 }
 
 
-def _with_encoder(profile: Profile, encoder: EncoderRef) -> Profile:
-    """The profile with this table's encoder set to ``encoder`` (one sub-table)."""
-    table = dataclasses.replace(profile.table(TABLE), encoder=encoder)
-    return dataclasses.replace(profile, tables={**profile.tables, TABLE: table})
-
-
 def run(ctx, progress_factory=None) -> dict:
     parts = []
     for entry in ctx.profile.table(TABLE).encoders:
         sub = copy.copy(ctx)
-        sub.profile = _with_encoder(ctx.profile, entry.encoder)
-        parts.append({"label": entry.label, "encoder": dataclasses.asdict(entry.encoder),
+        sub.profile = ctx.profile.with_encoder(TABLE, entry.encoder, entry.recipe)
+        parts.append({"label": entry.label, "encoder": dataclasses.asdict(entry.encoder), "recipe": entry.recipe,
                       **grid.run(sub, TABLE, progress_factory)})
         for counter in ("cells_computed", "cells_cached", "cells_skipped", "cells_total"):
             setattr(ctx, counter, getattr(sub, counter))
@@ -44,7 +38,7 @@ def markdown(profile: Profile, prov: dict, out: dict) -> str:
     lines = [f"# Table 4 - other pretrained encoders ({profile.name} profile)\n",
              report.provenance_markdown(prov, scaled_down=profile.scaled_down)]
     for i, part in enumerate(out["parts"]):
-        prof = _with_encoder(profile, EncoderRef(**part["encoder"]))
+        prof = profile.with_encoder(TABLE, EncoderRef(**part["encoder"]), part.get("recipe"))
         head = grid.header(prof, TABLE, part["cells"])
         acc = grid.metric_rows(prof, TABLE, part["cells"], grid.top1)
         lines += [f"## ({chr(97 + i)}) {part['label']}\n",

@@ -73,4 +73,4 @@ SPEC = register(DatasetSpec(
     "ade20k", "ADE20K SceneParsing (ADEChallengeData2016) from a local copy, 150 classes, reduce_zero_label masks",
     ("train", "test"), _load, needs_source=True,
     install_hint="ADEChallengeData2016.zip from http://sceneparsing.csail.mit.edu/, unzipped", task="seg",
-    label="ADE20k"))
+    label="ADE20k", split_sizes={"train": 20_210, "test": 2_000}))

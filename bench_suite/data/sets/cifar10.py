@@ -13,4 +13,4 @@ def _load(split, source):
 
 register(DatasetSpec("cifar10", "CIFAR-10 from the python-version tarball or folder", ("train", "test"), _load,
                      needs_source=True, install_hint="cifar-10-python.tar.gz from https://www.cs.toronto.edu/~kriz/cifar.html",
-                     label="CIFAR10"))
+                     label="CIFAR10", split_sizes={"train": 50_000, "test": 10_000}))

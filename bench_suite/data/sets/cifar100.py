@@ -14,4 +14,4 @@ def _load(split, source):
 register(DatasetSpec("cifar100", "CIFAR-100 (fine labels) from the python-version tarball or folder", ("train", "test"),
                      _load, needs_source=True,
                      install_hint="cifar-100-python.tar.gz from https://www.cs.toronto.edu/~kriz/cifar.html",
-                     label="CIFAR100"))
+                     label="CIFAR100", split_sizes={"train": 50_000, "test": 10_000}))

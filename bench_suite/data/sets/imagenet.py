@@ -13,4 +13,5 @@ def _load(split, source):
 
 register(DatasetSpec("imagenet", "ImageNet-1k ImageFolder (root/train/<wnid>/*.JPEG, root/val/<wnid>/*.JPEG)",
                      ("train", "test"), _load, needs_source=True,
-                     install_hint="an ImageFolder copy of ILSVRC2012 with train/ and val/", label="ImageNet"))
+                     install_hint="an ImageFolder copy of ILSVRC2012 with train/ and val/", label="ImageNet",
+                     split_sizes={"train": 1_281_167, "test": 50_000}))
