@@ -270,6 +270,51 @@ def test_dino_vits16_local_checkpoint(tmp_path, dino_standin, photos, layout):
     assert enc.meta["weights"]["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+@pytest.mark.parametrize("layout", ["backbone", "full"])
+def test_ibot_vits16_release_formats(tmp_path, dino_standin, photos, layout):
+    """iBOT's downloads: the backbone file ({"state_dict": ...}, with the [MASK] token ``masked_embed``) and a
+    full training checkpoint (teacher/student, module.backbone. prefixes, iBOT's two heads)."""
+    sd = {**dino_standin.state_dict(), "masked_embed": torch.zeros(1, 384)}
+    if layout == "backbone":
+        ckpt = {"state_dict": sd}
+    else:
+        wrapped = {f"module.backbone.{k}": v for k, v in sd.items()}
+        wrapped["module.head.last_layer.weight_g"] = torch.ones(8192, 1)
+        wrapped["module.head.last_layer2.weight_g"] = torch.ones(8192, 1)
+        ckpt = {"teacher": wrapped, "student": {k: v + 1 for k, v in wrapped.items()}, "epoch": 800}
+    torch.save(ckpt, tmp_path / "ibot_vits16_checkpoint_teacher.pth")
+    enc = get_encoder("ibot_vits16", cache_dir=tmp_path)  # found in the cache folder under its release name
+    x = enc.preprocess(photos[:1])
+    with torch.no_grad():
+        torch.testing.assert_close(enc.features(x, pooling="cls"), dino_standin.forward_features(x)[:, 0])
+    assert enc.dim == 384 and "iBOT" in enc.meta["note"]
+
+
+def test_dino_resnet50_release_format(tmp_path, photos):
+    """dino_resnet50_pretrain.pth: a torchvision ResNet-50 state dict without fc; its features equal the
+    torchvision model's global-average-pooled last stage."""
+    import torchvision
+
+    torch.manual_seed(0)
+    ref = torchvision.models.resnet50(weights=None).eval()
+    with torch.no_grad():  # non-trivial batch-norm statistics, so a mis-mapped buffer would show
+        for name, b in ref.named_buffers():
+            if name.endswith("running_mean"):
+                b.normal_(0.0, 0.1)
+            elif name.endswith("running_var"):
+                b.uniform_(0.5, 1.5)
+    sd = {k: v for k, v in ref.state_dict().items() if not k.startswith("fc.")}
+    torch.save(sd, tmp_path / "dino_resnet50_pretrain.pth")
+    enc = get_encoder("dino_resnet50", weights=str(tmp_path / "dino_resnet50_pretrain.pth"), image_size=64)
+    x = enc.preprocess(photos[:2])
+    ref.fc = torch.nn.Identity()
+    with torch.no_grad():
+        torch.testing.assert_close(enc.features(x, pooling="gap"), ref(x), rtol=1e-4, atol=1e-4)
+    assert enc.dim == 2048 and enc.meta["weights"]["file"] == "dino_resnet50_pretrain.pth"
+    with pytest.raises(MissingDataError, match="dino_resnet50_pretrain.pth"):
+        get_encoder("dino_resnet50", cache_dir=tmp_path / "empty")
+
+
 def test_dino_vits16_needs_a_file_and_never_downloads(tmp_path, monkeypatch):
     import huggingface_hub
 

@@ -347,3 +347,31 @@ def test_cli_dataset_name_makes_the_profiles_shards(tmp_path):
     both = subprocess.run(cmd + ["--dataset-shards", str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
                           timeout=120)
     assert both.returncode == 2 and "not both" in both.stderr
+
+
+@pytest.mark.parametrize("n,repeats,expected", [(40, 1, 40), (40, 3, 120), (100, 3, 256), (600, 3, 512)])
+def test_repeated_augmentation_epoch_follows_deit_rasampler(n, repeats, expected):
+    """DeiT's RASampler: each sample ``repeats`` times in a row, cut to max(1, n // 256) * 256 (and to what
+    there is); without repeats, a plain permutation."""
+    order = loop.epoch_order(n, 5, 2, repeats)
+    assert len(order) == loop.epoch_length(n, repeats) == expected
+    if repeats == 1:
+        assert sorted(order) == list(range(n))
+    else:  # runs of `repeats` equal positions, each position at most `repeats` times
+        assert all(len(set(order[i:i + repeats])) == 1 for i in range(0, len(order) - repeats + 1, repeats))
+        assert np.bincount(order).max() == repeats
+    assert np.array_equal(order, loop.epoch_order(n, 5, 2, repeats))  # the same on every process
+    assert not np.array_equal(order, loop.epoch_order(n, 5, 3, repeats))
+
+
+def test_repeated_augmentation_trains_each_copy(tmp_path, digits_shards, digits_test_shards, tiny, monkeypatch):
+    """With ``repeated_aug: 3`` an epoch of 30 samples trains on 90, each id three times (the loop's coverage
+    check counts them), in more optimiser steps than without."""
+    trace = tmp_path / "trace"
+    monkeypatch.setenv("BENCH_SUITE_TRACE_IDS", str(trace))
+    ids = np.random.default_rng(1).choice(1297, 30, replace=False)
+    out = finetune("cls", digits_shards, digits_test_shards, ids, "cpu_finetune", out=tmp_path / "ra", encoder=tiny,
+                   seed=0, distributed=False, progress=False, overrides={**FAST, "epochs": 1, "repeated_aug": 3})
+    seen = json.loads((trace / "rank0-epoch1.json").read_text())
+    assert len(seen) == 90 and np.bincount(seen).max() == 3 and set(seen) == set(ids.tolist())
+    assert out["history"][0]["samples"] == 90

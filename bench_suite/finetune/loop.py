@@ -4,8 +4,9 @@ Data order: each epoch draws one permutation from (seed, epoch) - the same on ev
 optimiser steps of the global batch, and gives each process a contiguous part of every step: every
 selected sample is seen exactly once per epoch, by exactly one process (checked after each epoch), and the
 data order does not depend on the number of processes. With repeated augmentation (``repeated_aug: 3``, the
-released DeiT code's default) each sample comes 3 times in a row, cut to DeiT's ``RASampler`` epoch length. The samples are deliberately NOT passed through
-``accelerate.prepare`` (that would split the data a second time and lose half of it, measured).
+released DeiT code's default) each sample comes 3 times in a row, cut to DeiT's ``RASampler`` epoch length.
+The samples are deliberately NOT passed through ``accelerate.prepare`` (that would split the data a second
+time and lose half of it, measured).
 
 Gradients: each process sums per-sample losses over its micro batches (``no_sync`` until the last) and
 divides by the step's GLOBAL sample count (times the world size, which DDP's averaging divides out), so
@@ -14,6 +15,13 @@ the update equals one process taking the whole step - 1 and N processes agree wi
 
 Evaluation runs every ``eval_every`` epochs and after the last; a checkpoint is written every
 ``checkpoint_every`` epochs and after the last, and a run resumes from one (``resume_from``).
+
+Stopping on a signal (SLURM's time-limit warning SIGUSR1, or SIGTERM from scancel / requeue / preemption):
+while ``train`` runs, ``checkpoint.StopSignals`` turns them into a request that is checked after every
+optimiser step (all processes agree through one all-reduce of the flag); the loop then writes a checkpoint
+of the step it reached, with each process's partial epoch (loss sums, ids seen, RNG state), and raises
+``checkpoint.Preempted``. Resuming from it continues at that step with the same data order and random
+draws, so the result equals an uninterrupted run's.
 """
 
 from __future__ import annotations
@@ -34,12 +42,13 @@ import torch.nn as nn
 from bench_suite import atomic
 from bench_suite.finetune.augment import crop_flip_params
 from bench_suite.finetune.backbone import freeze_frozen_modules
-from bench_suite.finetune.checkpoint import restore, save_checkpoint
+from bench_suite.finetune.checkpoint import Preempted, StopSignals, restore, save_checkpoint
 from bench_suite.finetune.optim import autocast, lr_at, make_optimizer, resolve_amp, set_lr
 from bench_suite.finetune.recipes import plan_batches, step_bounds
 from bench_suite.finetune.samples import Samples
 from bench_suite.finetune.task import Task
 from bench_suite.progress import Tracker
+from bench_suite.errors import BadInputError
 from bench_suite.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -80,6 +89,9 @@ class _Run:
     history: list = field(default_factory=list)
     evals: list = field(default_factory=list)
     seconds_train: list = field(default_factory=list)
+    stop: StopSignals | None = None  # set while train() runs: a signal asks for a checkpoint and a stop
+    resume_step: int = 0  # a checkpoint written mid-epoch: the optimiser steps of that epoch already taken
+    partial: list | None = None  # ... and each process's partial epoch (see _stop_mid_epoch)
 
     @property
     def is_ddp(self) -> bool:
@@ -102,7 +114,12 @@ def _setup(task, model, pool, test, recipe, *, epochs, seed, ctx, ckpt_path, fp,
     if resume_from is not None:
         state = restore(resume_from, fp, model, run.optimizer, run.scaler)
         run.history, run.evals, resumed_from = state["history"], state["evals"], state["epoch"]
-        log.info("resumed from %s at epoch %d", resume_from, resumed_from)
+        run.resume_step, run.partial = state["step"], state["partial"]
+        if run.partial is not None and len(run.partial) != ctx.world:
+            raise BadInputError(f"checkpoint {resume_from} was written in the middle of an epoch by "
+                                f"{len(run.partial)} process(es): resume it with as many (not {ctx.world})")
+        log.info("resumed from %s at epoch %d%s", resume_from, resumed_from,
+                 f", step {run.resume_step}" if run.resume_step else "")
     if ctx.world > 1:
         run.net = nn.parallel.DistributedDataParallel(
             model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
@@ -194,8 +211,49 @@ def _train_step(run: _Run, chunk: np.ndarray, epoch: int, stats: torch.Tensor, s
     _optimizer_step(run)
 
 
+def _stop_requested(run: _Run) -> bool:
+    """Whether a stop signal reached any process (every process gets the same answer: one all-reduce)."""
+    if run.stop is None:
+        return False
+    if run.ctx.world == 1:
+        return run.stop.requested is not None
+    flag = torch.tensor([0.0 if run.stop.requested is None else 1.0])
+    return bool(run.ctx.all_reduce(flag, op="max")[0] > 0)
+
+
+def _stop_mid_epoch(run: _Run, epoch: int, step: int, stats: torch.Tensor, seen: list, elapsed: float):
+    """Checkpoint the ``step`` optimiser steps taken of ``epoch`` (with each process's partial epoch), then
+    raise Preempted."""
+    cuda = run.ctx.device.type == "cuda"
+    mine = {"stats": stats.tolist(), "seen": [np.asarray(a).tolist() for a in seen], "elapsed": elapsed,
+            "rng": torch.get_rng_state(), "cuda_rng": torch.cuda.get_rng_state(run.ctx.device) if cuda else None}
+    partial = run.ctx.all_gather_object(mine)
+    if run.ctx.is_main:
+        save_checkpoint(run.ckpt_path, run.model, run.optimizer, run.scaler,
+                        {"epoch": epoch, "step": step, "partial": partial, "history": run.history,
+                         "evals": run.evals, "fingerprint": run.fp})
+    run.ctx.barrier()
+    raise Preempted(f"finetuning stopped on a signal at epoch {epoch + 1}, step {step} of {len(run.bounds)}: "
+                    f"checkpoint written to {run.ckpt_path}; the same command resumes from it")
+
+
+def _resume_partial(run: _Run) -> tuple[int, torch.Tensor | None, list, float]:
+    """The steps already taken of this epoch, and this process's partial epoch (loss sums, ids seen, time),
+    its RNG state restored, when resuming from a checkpoint written on a signal; else (0, None, [], 0)."""
+    start, run.resume_step = run.resume_step, 0
+    if not start:
+        return 0, None, [], 0.0
+    mine, run.partial = run.partial[run.ctx.rank], None
+    torch.set_rng_state(mine["rng"])
+    if mine.get("cuda_rng") is not None and run.ctx.device.type == "cuda":
+        torch.cuda.set_rng_state(mine["cuda_rng"], run.ctx.device)
+    return (start, torch.tensor(mine["stats"], dtype=torch.float64),
+            [np.asarray(a, dtype=np.int64) for a in mine["seen"]], float(mine["elapsed"]))
+
+
 def _train_epoch(run: _Run, epoch: int) -> dict:
-    """Every selected sample once, in optimiser steps; returns the epoch's history row."""
+    """Every selected sample once, in optimiser steps; returns the epoch's history row. Resuming from a
+    checkpoint written mid-epoch, the steps it had taken are skipped and its partial epoch restored."""
     t0 = time.perf_counter()
     ctx, n_steps = run.ctx, len(run.bounds)
     torch.manual_seed(run.seed * 100_003 + epoch * 1_009 + ctx.rank)  # dropout / drop-path
@@ -204,11 +262,18 @@ def _train_epoch(run: _Run, epoch: int) -> dict:
     perm = epoch_order(len(run.pool), run.seed, epoch, run.recipe["repeated_aug"])
     stats = torch.zeros(3, dtype=torch.float64)  # loss sum, samples, correct
     seen = []  # ids this process trained on this epoch
+    start, partial_stats, partial_seen, elapsed = _resume_partial(run)
+    if start:
+        stats, seen, t0 = partial_stats, partial_seen, t0 - elapsed
     lr = run.recipe["lr"]
     for s, (lo, hi) in enumerate(run.bounds):
+        if s < start:
+            continue
         lr = lr_at(epoch * n_steps + s, run.epochs * n_steps, run.recipe["warmup_epochs"] * n_steps, run.recipe)
         set_lr(run.optimizer, lr)
         _train_step(run, perm[lo:hi], epoch, stats, seen)
+        if s + 1 < n_steps and _stop_requested(run):
+            _stop_mid_epoch(run, epoch, s + 1, stats, seen, time.perf_counter() - t0)
     stats = ctx.all_reduce(stats)
     per_process = _check_epoch_coverage(seen, np.sort(run.pool.ids[perm]), ctx, epoch)
     run.seconds_train.append(time.perf_counter() - t0)
@@ -259,14 +324,24 @@ def train(task: Task, model: nn.Module, pool: Samples, test: Samples, recipe: di
                                ckpt_path=ckpt_path, fp=fp, resume_from=resume_from)
     start_epoch = resumed_from or 0
     bar = Tracker(f"{task.name} finetune", epochs - start_epoch, enabled=progress and ctx.is_main, unit="epochs")
-    try:
-        for epoch in range(start_epoch, epochs):
-            row = _train_epoch(run, epoch)
-            if _due(epoch, epochs, recipe["eval_every"]):
-                _evaluate(run, epoch, on_eval)
-            if ckpt_path is not None and _due(epoch, epochs, recipe["checkpoint_every"]):
-                _checkpoint(run, epoch)
-            bar.advance(1, _describe(run, row, epoch))
-    finally:
-        bar.close()
+    # with somewhere to write a checkpoint, SIGUSR1 / SIGTERM stop the loop at the next step, checkpointed
+    with StopSignals(enabled=ckpt_path is not None) as stop:
+        run.stop = stop
+        try:
+            for epoch in range(start_epoch, epochs):
+                row = _train_epoch(run, epoch)
+                if _due(epoch, epochs, recipe["eval_every"]):
+                    _evaluate(run, epoch, on_eval)
+                due = _due(epoch, epochs, recipe["checkpoint_every"])
+                if ckpt_path is not None and due:
+                    _checkpoint(run, epoch)
+                bar.advance(1, _describe(run, row, epoch))
+                if epoch + 1 < epochs and _stop_requested(run):  # between epochs: an end-of-epoch checkpoint
+                    if not due:
+                        _checkpoint(run, epoch)
+                    raise Preempted(f"finetuning stopped on a signal after epoch {epoch + 1}: checkpoint "
+                                    f"written to {ckpt_path}; the same command resumes from it")
+        finally:
+            run.stop = None
+            bar.close()
     return TrainResult(run.history, run.evals, epochs, resumed_from, run.plan, run.amp, run.seconds_train, model)
