@@ -1,13 +1,34 @@
-"""Distributed feature extraction: WebDataset shards -> L2-normalised FeatureStore.
+"""Distributed feature extraction: WebDataset shards -> L2-normalised FeatureStore, streamed and resumable.
 
-Each Accelerate process reads its own shards (round robin, see data.shards.rank_shards) - the loader is
-NOT passed through ``accelerator.prepare`` (that would split the data a second time and drop half of it).
-Batches never cross shard boundaries, so 1 and N processes run the encoder on identical batches and give
-identical stores. Ranks write their part atomically; rank 0 merges them in global-id order.
+The pipeline of one process (``extract_features``):
+
+- **Ranks.** Each Accelerate process reads its own shards (round robin, see data.shards.rank_shards) - the
+  loader is NOT passed through ``accelerator.prepare`` (that would split the data a second time and drop half
+  of it).
+- **Workers.** A ``DataLoader`` with ``num_workers`` workers over a WebDataset of the rank's shards, split by
+  worker (``webdataset.split_by_worker``: worker w of W reads shards w, w+W, ...). Workers read the tars,
+  decode the images and (on the CPU) preprocess them; the main process only runs the encoder.
+- **Batches never cross shard boundaries** and each carries its shard and first row, so 1 and N processes,
+  and 0 and N workers, run the encoder on identical batches and write identical stores, whatever order the
+  workers' batches arrive in.
+- **Devices.** On a GPU: pinned host memory and ``non_blocking`` copies (the next batch is decoded and copied
+  while the encoder runs; results come back through a one-batch lag so the GPU is never waited for per batch),
+  ``channels_last``, the resize/normalise done on the GPU from uint8 images (``preprocess="device"``), and,
+  with ``decode="device"``, JPEGs decoded on the GPU by ``torchvision.io.decode_jpeg`` (PNGs and JPEGs it
+  cannot take are decoded by the workers). ``precision="bf16"`` runs the encoder under bfloat16 autocast.
+  On the CPU the defaults reproduce the features of extraction version 1 bit for bit.
+- **Streaming.** Each shard's features go to their own memory-mapped file in the parts folder
+  (``.<store>.parts-<fingerprint>``) as its batches come, which is renamed into place when the shard is
+  complete; nothing N x d is ever held in memory. Rank 0 then streams the shard files into the store in
+  blocks (``FeatureStore.write_streaming``, global-id order), and removes the parts folder.
+- **Resumable.** A finished shard's file survives a kill; the rerun of the same extraction (same fingerprint
+  and the same batch size, device type, precision and decoding, recorded in the parts folder) skips the
+  finished shards and starts at the first unfinished one, and ends with a byte-identical store.
 
 CPU multi-process: ``ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 ...``
 (plain ``--cpu --num_processes 2`` silently starts one process). The command line is
-``python -m bench_suite.cli.features`` (bench_suite/cli/features.py).
+``python -m bench_suite.cli.features`` (bench_suite/cli/features.py); the benchmark is
+``python -m bench_suite.bench.extract``.
 """
 
 from __future__ import annotations
@@ -16,39 +37,79 @@ import json
 import logging
 import os
 import shutil
+import types
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from bench_suite import atomic
 from bench_suite.data import shards as wshards
+from bench_suite.data.sources import decode_image
 from bench_suite.digest import json_digest
 from bench_suite.encoders import get_encoder
-from bench_suite.errors import CorruptDataError
+from bench_suite.encoders.base import Encoder
+from bench_suite.errors import BadInputError, CorruptDataError
 from bench_suite.progress import Tracker
 from bench_suite.runtime import make_accelerator
-from bench_suite.store import FeatureStore
+from bench_suite.store import BLOCK_BYTES, FeatureStore, shards_meta
 
 log = logging.getLogger(__name__)
 
 
 # Bumped whenever a change to extraction (decoding, preprocessing, pooling) can change the features: part of
 # the feature fingerprint, so cached stores are re-extracted (tests/test_code_versions.py holds it to its source).
+# Version 1 still: the default path (CPU decode, fp32) gives the same bytes as before streaming and workers.
 EXTRACT_VERSION = 1
 
+PRECISIONS = ("fp32", "bf16")
+DECODERS = ("cpu", "device")
+PREPROCESS = ("workers", "device")
 
-def _fingerprint(manifest: dict, enc_meta: dict, pooling: str) -> str:
+
+def _fingerprint(manifest: dict, enc_meta: dict, pooling: str, variant: dict | None = None) -> str:
     """What decides a feature store: the shards' content, the encoder (weights hash, image size), the pooling
-    and the extraction code's version."""
-    return json_digest({"shards": manifest["checksum"], "encoder": enc_meta, "pooling": pooling,
-                        "extract_version": EXTRACT_VERSION}, length=16)
+    and the extraction code's version; ``variant`` holds only the settings that differ from the default
+    (bf16, decoding on the device), so default stores keep the fingerprint they always had."""
+    obj = {"shards": manifest["checksum"], "encoder": enc_meta, "pooling": pooling, "extract_version": EXTRACT_VERSION}
+    if variant:
+        obj["variant"] = variant
+    return json_digest(obj, length=16)
+
+
+def default_workers(device: torch.device, world: int = 1) -> int:
+    """DataLoader workers per process: on a GPU, the process's share of the cores less one (the main process
+    feeds the GPU); on the CPU, none on 2 cores or fewer (the model needs every core, measured in
+    bench_suite.bench.extract), else a quarter of the process's share."""
+    cores = max(1, (os.cpu_count() or 1) // max(1, world))
+    if device.type == "cuda":
+        return max(1, min(16, cores - 1))
+    return 0 if cores <= 2 else max(1, cores // 4)
 
 
 def extract_features(shard_dir, out_dir, *, encoder: str, pooling: str | None = None, image_size: int | None = None,
                      batch_size: int = 64, accelerator=None, weights=None, cache_dir=None, progress: bool = True,
-                     force: bool = False) -> FeatureStore:
-    """Extract (or reuse cached) features of every sample in ``shard_dir`` into the store ``out_dir``."""
+                     force: bool = False, num_workers: int | None = None, precision: str = "fp32",
+                     decode: str = "cpu", preprocess: str | None = None, channels_last: bool | None = None,
+                     pin_memory: bool | None = None) -> FeatureStore:
+    """Extract (or reuse cached) features of every sample in ``shard_dir`` into the store ``out_dir``.
+
+    ``num_workers``: DataLoader workers per process (None: ``default_workers``). ``precision``: fp32 | bf16.
+    ``decode``: cpu (the workers, PIL) | device (JPEGs by torchvision on the encoder's device: nvJPEG on a
+    GPU). ``preprocess``: workers | device (resize and normalise on the encoder's device from uint8; None:
+    device on a GPU, workers on the CPU). ``channels_last`` and ``pin_memory``: None = on a GPU only.
+    """
+    if precision not in PRECISIONS:
+        raise BadInputError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if decode not in DECODERS:
+        raise BadInputError(f"--decode must be one of {', '.join(DECODERS)}, got {decode!r}")
+    if preprocess is not None and preprocess not in PREPROCESS:
+        raise BadInputError(f"preprocess must be one of {', '.join(PREPROCESS)}, got {preprocess!r}")
+    if batch_size <= 0:
+        raise BadInputError(f"--batch-size must be positive, got {batch_size}")
+    if num_workers is not None and num_workers < 0:
+        raise BadInputError(f"--workers must be >= 0, got {num_workers}")
     shard_dir, out_dir = Path(shard_dir), Path(out_dir)
     manifest = wshards.load_manifest(shard_dir)
     acc = accelerator or make_accelerator()
@@ -57,69 +118,367 @@ def extract_features(shard_dir, out_dir, *, encoder: str, pooling: str | None = 
     if device.type == "cpu":
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, acc.num_processes)))
     enc = get_encoder(encoder, image_size=image_size, weights=weights, cache_dir=cache_dir, device=str(device))
-    pooling = pooling or enc.default_pooling
-    fp = _fingerprint(manifest, enc.meta, pooling)
+    pooling = enc.check_pooling(pooling)
+    variant = {k: v for k, v, default in (("precision", precision, "fp32"), ("decode", decode, "cpu")) if v != default}
+    fp = _fingerprint(manifest, enc.meta, pooling, variant)
     meta_path = out_dir / "meta.json"
     if not force and meta_path.exists() and json.loads(meta_path.read_text()).get("fingerprint") == fp:
         log.info("features cached in %s (fingerprint %s)", out_dir, fp)
         return FeatureStore.open(out_dir)
 
-    names = wshards.rank_shards(manifest, rank, world)
-    wshards.verify_shards(shard_dir, names)
+    on_gpu = device.type == "cuda"
+    settings = {
+        "fingerprint": fp, "batch_size": int(batch_size), "device": device.type, "precision": precision,
+        "decode": decode,
+        "preprocess": "device" if decode == "device" else preprocess or ("device" if on_gpu else "workers"),
+        "channels_last": on_gpu if channels_last is None else bool(channels_last),
+    }
+    workers = default_workers(device, world) if num_workers is None else int(num_workers)
     parts_dir = out_dir.parent / f".{out_dir.name}.parts-{fp}"
-    parts_dir.mkdir(parents=True, exist_ok=True)
-    part_path = parts_dir / f"part-{rank:05d}-of-{world:05d}.npz"
-    ids, feats, labels = _extract_rank(shard_dir, names, manifest, enc, pooling, batch_size, device,
-                                       progress=progress and rank == 0)
-    with atomic.atomic_path(part_path) as tmp:
-        with open(tmp, "wb") as fh:
-            np.savez(fh, ids=ids, feats=feats, labels=labels)
+    if rank == 0:
+        _prepare_parts(parts_dir, settings, force)
+    acc.wait_for_everyone()
+
+    names = wshards.rank_shards(manifest, rank, world)
+    done = [n for n in names if _shard_done(parts_dir, n)]
+    todo = [n for n in names if n not in done]
+    if done:
+        log.info("resuming extraction: %d of %d shards%s already extracted; starting at %s", len(done), len(names),
+                 f" of rank {rank}" if world > 1 else "", todo[0] if todo else "(none left)")
+    wshards.verify_shards(shard_dir, todo)
+    _extract_rank(shard_dir, todo, manifest, enc, pooling, settings, parts_dir, device, workers,
+                  pin_memory=on_gpu if pin_memory is None else bool(pin_memory), progress=progress and rank == 0)
     acc.wait_for_everyone()
     if rank == 0:
-        _merge_parts(parts_dir, world, manifest, out_dir, {
-            "dataset": manifest["dataset"], "split": manifest["split"], "encoder": enc.meta, "pooling": pooling,
-            "shards": str(shard_dir.resolve()), "shards_checksum": manifest["checksum"], "fingerprint": fp,
-            "num_classes": manifest.get("num_classes"), "classes": manifest.get("classes"), "processes": world})
+        meta = {"dataset": manifest["dataset"], "split": manifest["split"], "encoder": enc.meta, "pooling": pooling,
+                **shards_meta(shard_dir, out_dir), "shards_checksum": manifest["checksum"], "fingerprint": fp,
+                "num_classes": manifest.get("num_classes"), "classes": manifest.get("classes"), "processes": world,
+                "extraction": {**{k: v for k, v in settings.items() if k != "fingerprint"}, "workers": workers}}
+        if variant:
+            meta["variant"] = variant
+        _merge_shards(parts_dir, manifest, out_dir, meta)
         shutil.rmtree(parts_dir, ignore_errors=True)
     acc.wait_for_everyone()
     return FeatureStore.open(out_dir)
 
 
+# ---------------------------------------------------------------------------------------------- the parts folder
+def _prepare_parts(parts_dir: Path, settings: dict, force: bool) -> None:
+    """Keep the finished shards of an earlier, interrupted run of the same extraction; start afresh when its
+    settings differ (another batch size, device, precision or decoding could change the features) or on
+    ``force``."""
+    cfg = parts_dir / "settings.json"
+    if parts_dir.exists():
+        try:
+            same = json.loads(cfg.read_text()) == settings
+        except (OSError, json.JSONDecodeError):
+            same = False
+        if force or not same:
+            if not force:
+                log.info("extraction parts in %s were made with other settings: starting afresh", parts_dir)
+            shutil.rmtree(parts_dir, ignore_errors=True)
+    parts_dir.mkdir(parents=True, exist_ok=True)
+    if not cfg.exists():
+        atomic.write_json(cfg, settings)
+
+
+def _part(parts_dir: Path, name: str, what: str) -> Path:
+    return parts_dir / f"{name}.{what}.npy"
+
+
+def _shard_done(parts_dir: Path, name: str) -> bool:
+    # the features file is renamed into place last, after its ids and labels
+    return all(_part(parts_dir, name, w).exists() for w in ("ids", "labels", "feats"))
+
+
+class _ShardWriter:
+    """One shard's features, written into a memory-mapped temporary file as its batches come (in any order),
+    renamed into place when every row has come."""
+
+    def __init__(self, parts_dir: Path, name: str, count: int, dim: int):
+        self.parts_dir, self.name, self.count = parts_dir, name, count
+        self.path = _part(parts_dir, name, "feats")
+        self.tmp = self.path.with_name(f".{self.path.name}.tmp.{os.getpid()}")
+        if count:
+            self.feats = np.lib.format.open_memmap(self.tmp, mode="w+", dtype=np.float32, shape=(count, dim))
+        else:  # numpy cannot map an empty file
+            self.feats = np.zeros((0, dim), np.float32)
+            np.save(self.tmp, self.feats)
+            self.tmp = self.tmp.with_name(self.tmp.name + ".npy")
+        self.ids = np.full(count, -1, np.int64)
+        self.labels = np.full(count, -1, np.int64)
+        self.filled = np.zeros(count, bool)
+
+    def write(self, start: int, ids, feats, labels) -> bool:
+        """Rows ``start``.. of the shard; True when the shard is complete (and finished)."""
+        end = start + len(ids)
+        if end > self.count or self.filled[start:end].any():
+            raise CorruptDataError(f"shard {self.name}: more samples than the manifest's {self.count}")
+        if feats.shape[1] != self.feats.shape[1]:
+            raise CorruptDataError(f"shard {self.name}: feature width changed within the extraction")
+        self.feats[start:end] = feats
+        self.ids[start:end], self.labels[start:end] = ids, labels
+        self.filled[start:end] = True
+        if not self.filled.all():
+            return False
+        if isinstance(self.feats, np.memmap):
+            self.feats.flush()
+        del self.feats
+        atomic.save_npy(_part(self.parts_dir, self.name, "ids"), self.ids)
+        atomic.save_npy(_part(self.parts_dir, self.name, "labels"), self.labels)
+        os.replace(self.tmp, self.path)
+        return True
+
+    def discard(self) -> None:
+        self.__dict__.pop("feats", None)
+        self.tmp.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------------------------------- the workers
+def _preprocessor(enc: Encoder):
+    """A light stand-in for the encoder that ``Encoder.preprocess`` accepts: the workers get the preprocessing
+    (bit for bit the encoder's own) without the model."""
+    return types.SimpleNamespace(name=enc.name, image_size=enc.image_size, mean=enc.mean.clone(), std=enc.std.clone())
+
+
+def preprocess_images(prep, images: list[np.ndarray]) -> torch.Tensor:
+    """``Encoder.preprocess`` of one batch: stacked when the images share a shape (the batch the encoder has
+    always seen, so the same bytes), one by one when sizes or channels differ (photos of mixed sizes)."""
+    if all(im.shape == images[0].shape for im in images):
+        return Encoder.preprocess(prep, np.stack(images))
+    return torch.cat([Encoder.preprocess(prep, im[None]) for im in images])
+
+
+def preprocess_tensor(x: torch.Tensor, size: int, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """``Encoder.preprocess`` on a uint8 (B,C,H,W) tensor on any device (C = 1 or 3): the same operations,
+    so on the CPU the same bytes; on a GPU the resize runs there."""
+    x = x.float().div_(255.0)
+    if tuple(x.shape[-2:]) != (size, size):
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    return ((x - mean.to(x.device)) / std.to(x.device)).contiguous()
+
+
+def _is_jpeg(blob: bytes) -> bool:
+    return blob[:3] == b"\xff\xd8\xff"
+
+
+def _chw(image: np.ndarray) -> torch.Tensor:
+    arr = np.require(image, requirements=["C", "W"])
+    return torch.from_numpy(arr)[None] if arr.ndim == 2 else torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+
+class ShardBatches(torch.utils.data.IterableDataset):
+    """Batches of whole shards from a WebDataset split by worker: dicts with the shard's name, the first row
+    within the shard, ids, labels and the images (``inputs``: preprocessed float (B,3,S,S) when the workers
+    preprocess; else a list of uint8 (C,H,W) tensors, or with ``decode="device"`` the JPEG bytes as 1-D uint8
+    tensors where ``encoded`` says so)."""
+
+    def __init__(self, shard_dir, names: list[str], batch_size: int, prep, *, preprocess: str, decode: str):
+        self.urls = [str(Path(shard_dir) / n) for n in names]
+        self.batch_size, self.prep, self.preprocess, self.decode = batch_size, prep, preprocess, decode
+
+    def __iter__(self):
+        import webdataset as wds
+
+        if torch.utils.data.get_worker_info() is not None:
+            torch.set_num_threads(1)
+        ds = wds.WebDataset(self.urls, shardshuffle=False, nodesplitter=None, workersplitter=wds.split_by_worker,
+                            empty_check=False)
+        batch, url, start = [], None, 0
+        for sample in ds:
+            if sample["__url__"] != url or len(batch) == self.batch_size:
+                if batch:
+                    yield self._batch(url, start, batch)
+                start = 0 if sample["__url__"] != url else start + len(batch)
+                batch, url = [], sample["__url__"]
+            batch.append(sample)
+        if batch:
+            yield self._batch(url, start, batch)
+
+    def _batch(self, url: str, start: int, samples: list[dict]) -> dict:
+        ids, labels, images, encoded = [], [], [], []
+        for s in samples:
+            key = s["__key__"]
+            blob = s.get("png", s.get("jpg"))
+            if blob is None:
+                raise CorruptDataError(f"sample {key} has no png/jpg image")
+            ids.append(int(key))
+            labels.append(int(s["cls"]))
+            if self.decode == "device" and _is_jpeg(blob):
+                images.append(torch.frombuffer(bytearray(blob), dtype=torch.uint8))
+                encoded.append(True)
+            else:
+                images.append(decode_image(blob))
+                encoded.append(False)
+        out = {"shard": Path(url).name, "start": start, "ids": np.asarray(ids, np.int64),
+               "labels": np.asarray(labels, np.int64)}
+        if self.preprocess == "workers" and not any(encoded):
+            out["inputs"] = preprocess_images(self.prep, images)
+        else:
+            out["inputs"] = [im if enc else _chw(im) for im, enc in zip(images, encoded)]
+            out["encoded"] = encoded
+        return out
+
+
+def _device_inputs(batch: dict, prep, device: torch.device, non_blocking: bool) -> torch.Tensor:
+    """The encoder's (B,3,S,S) input on ``device`` from a worker's batch."""
+    inputs = batch["inputs"]
+    if torch.is_tensor(inputs):
+        return inputs.to(device, non_blocking=non_blocking)
+    encoded = batch["encoded"]
+    moved = [t.to(device, non_blocking=non_blocking) if not enc else t for t, enc in zip(inputs, encoded)]
+    if any(encoded):
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        idx = [i for i, enc in enumerate(encoded) if enc]
+        try:
+            decoded = decode_jpeg([inputs[i] for i in idx], mode=ImageReadMode.UNCHANGED, device=device)
+        except RuntimeError:  # a JPEG the device decoder does not take (CMYK, progressive on some versions)
+            decoded = [None] * len(idx)
+        for i, img in zip(idx, decoded):
+            if img is None or img.shape[0] not in (1, 3):
+                img = _chw(decode_image(inputs[i].numpy().tobytes())).to(device)
+            moved[i] = img
+    size = prep.image_size
+    if all(t.shape == moved[0].shape for t in moved):
+        return preprocess_tensor(torch.stack(moved), size, prep.mean, prep.std)
+    return torch.cat([preprocess_tensor(t[None], size, prep.mean, prep.std) for t in moved])
+
+
+# ---------------------------------------------------------------------------------------------- one rank's work
 @torch.inference_mode()
-def _extract_rank(shard_dir, names, manifest, enc, pooling, batch_size, device, progress):
+def _extract_rank(shard_dir, names, manifest, enc, pooling, settings, parts_dir, device, workers, *, pin_memory,
+                  progress):
+    if not names:
+        return
     counts = {s["name"]: s["count"] for s in manifest["shards"]}
-    ids, feats, labels = [], [], []
+    prep = _preprocessor(enc)
+    ds = ShardBatches(shard_dir, names, settings["batch_size"], prep, preprocess=settings["preprocess"],
+                      decode=settings["decode"])
+    loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=min(workers, len(names)),
+                                         pin_memory=pin_memory and device.type == "cuda",
+                                         prefetch_factor=4 if workers else None,
+                                         persistent_workers=False)
+    if settings["channels_last"]:
+        enc.model.to(memory_format=torch.channels_last)
+    autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16) if settings["precision"] == "bf16"
+                else torch.autocast(device_type=device.type, enabled=False))
+    non_blocking = device.type == "cuda"
+    writers: dict[str, _ShardWriter] = {}
+    pending: list = []  # (batch, host features, event): results still being copied back from the GPU
+
+    def finish(item):
+        batch, feats, event = item
+        if event is not None:
+            event.synchronize()
+        name = batch["shard"]
+        if name not in writers:
+            writers[name] = _ShardWriter(parts_dir, name, counts[name], feats.shape[1])
+        if writers[name].write(batch["start"], batch["ids"], feats.numpy(), batch["labels"]):
+            del writers[name]
+        bar.advance(len(batch["ids"]))
+
     bar = Tracker(f"features {manifest['dataset']}/{manifest['split']}", sum(counts[n] for n in names),
                   enabled=progress, unit="images", transient=True)
     try:
-        for name in names:  # one shard at a time: batches never cross shards (1 vs N processes identical)
-            seen = 0
-            for b_ids, b_imgs, b_labels, *_ in wshards.iter_samples(shard_dir, [name], batch_size=batch_size):
-                x = enc.preprocess(b_imgs).to(device)
-                f = enc.features(x, pooling=pooling).float()
-                f = torch.nn.functional.normalize(f, dim=1).cpu().numpy()
-                ids.append(b_ids); feats.append(f); labels.append(b_labels)
-                seen += len(b_ids)
-                bar.advance(len(b_ids))
-            if seen != counts[name]:
-                raise CorruptDataError(f"shard {name}: read {seen} samples, manifest says {counts[name]}")
+        for batch in _read(loader, shard_dir):
+            x = _device_inputs(batch, prep, device, non_blocking)
+            if settings["channels_last"]:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast:
+                f = enc.features(x, pooling=pooling)
+            f = F.normalize(f.float(), dim=1)
+            if non_blocking:
+                host = torch.empty(f.shape, dtype=f.dtype, pin_memory=True)
+                host.copy_(f, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record()
+                pending.append((batch, host, event))
+                while len(pending) > 1:  # lag one batch: the GPU runs batch i while batch i-1 is written
+                    finish(pending.pop(0))
+            else:
+                finish((batch, f.cpu(), None))
+        while pending:
+            finish(pending.pop(0))
+    except BaseException:
+        for w in writers.values():
+            w.discard()
+        raise
     finally:
         bar.close()
-    if not ids:
-        dim = enc.dim if pooling == enc.default_pooling else 0
-        return np.zeros(0, np.int64), np.zeros((0, dim), np.float32), np.zeros(0, np.int64)
-    return np.concatenate(ids), np.concatenate(feats).astype(np.float32), np.concatenate(labels)
+    if writers:
+        name, w = next(iter(writers.items()))
+        seen = int(w.filled.sum())
+        for w in writers.values():
+            w.discard()
+        raise CorruptDataError(f"shard {name}: read {seen} samples, manifest says {counts[name]}")
+    empty = [n for n in names if counts[n] == 0]
+    for name in empty:  # a shard with no samples: nothing came through the loader
+        _ShardWriter(parts_dir, name, 0, enc.poolings[pooling]).write(0, np.zeros(0, np.int64),
+                                                                      np.zeros((0, enc.poolings[pooling]), np.float32),
+                                                                      np.zeros(0, np.int64))
+    missing = [n for n in names if not _shard_done(parts_dir, n)]
+    if missing:
+        raise CorruptDataError(f"shard {missing[0]}: read 0 samples, manifest says {counts[missing[0]]}")
 
 
-def _merge_parts(parts_dir: Path, world: int, manifest: dict, out_dir: Path, meta: dict) -> None:
-    parts = [np.load(parts_dir / f"part-{r:05d}-of-{world:05d}.npz") for r in range(world)]
-    nonempty = [p for p in parts if len(p["ids"])]
-    ids = np.concatenate([p["ids"] for p in nonempty])
-    feats = np.concatenate([p["feats"] for p in nonempty])
-    labels = np.concatenate([p["labels"] for p in nonempty])
-    if len(ids) != manifest["count"] or len(np.unique(ids)) != len(ids):
-        raise CorruptDataError(f"merged {len(ids)} feature rows ({len(np.unique(ids))} unique) but the manifest "
-                               f"lists {manifest['count']} samples")
+def _read(loader, shard_dir):
+    try:
+        yield from loader
+    except (CorruptDataError, BadInputError):
+        raise
+    except Exception as exc:  # tarfile / decode errors inside webdataset or a worker
+        lines = str(exc).strip().splitlines()
+        if "Original Traceback" in str(exc) and lines:  # a worker's error: keep its last line, the message
+            raise CorruptDataError(f"reading shards in {shard_dir} failed: {lines[-1]}") from exc
+        raise CorruptDataError(f"reading shards in {shard_dir} failed: {type(exc).__name__}: {exc}") from exc
+
+
+# ---------------------------------------------------------------------------------------------- the merge
+def _merge_shards(parts_dir: Path, manifest: dict, out_dir: Path, meta: dict) -> None:
+    """Stream every shard's features into the store in global-id order, in blocks (never N x d in memory)."""
+    names = [s["name"] for s in manifest["shards"]]
+    missing = [n for n in names if not _shard_done(parts_dir, n)]
+    if missing:
+        raise CorruptDataError(f"extraction parts in {parts_dir} lack {len(missing)} shards (first {missing[0]}); "
+                               "did a rank fail?")
+    ids = np.concatenate([np.load(_part(parts_dir, n, "ids")) for n in names])
+    labels = np.concatenate([np.load(_part(parts_dir, n, "labels")) for n in names])
+    feats = [np.load(_part(parts_dir, n, "feats"), mmap_mode="r") for n in names]
+    dims = {f.shape[1] for f in feats if len(f)}
+    if len(ids) != manifest["count"] or len(np.unique(ids)) != len(ids) or len(dims) > 1:
+        raise CorruptDataError(f"merged {len(ids)} feature rows ({len(np.unique(ids))} unique, widths {sorted(dims)}) "
+                               f"but the manifest lists {manifest['count']} samples")
+    dim = dims.pop() if dims else 0
+    offsets = np.cumsum([0] + [len(f) for f in feats])
     order = np.argsort(ids, kind="stable")
-    FeatureStore(feats[order], ids[order], labels[order], meta).save(out_dir)
-    log.info("feature store %s: %d x %d", out_dir, len(ids), feats.shape[1])
+    rows = max(1, BLOCK_BYTES // max(1, 4 * dim))
+
+    def blocks():
+        for start in range(0, len(order), rows):
+            src = order[start:start + rows]
+            if len(src) and src[-1] - src[0] == len(src) - 1 and (np.diff(src) == 1).all():  # contiguous
+                out = np.empty((len(src), dim), np.float32)
+                lo, hi = int(src[0]), int(src[-1]) + 1
+                pos = 0
+                for s in range(np.searchsorted(offsets, lo, "right") - 1, len(feats)):
+                    a, b = max(lo, offsets[s]), min(hi, offsets[s + 1])
+                    if a >= b:
+                        if offsets[s] >= hi:
+                            break
+                        continue
+                    out[pos:pos + b - a] = feats[s][a - offsets[s]:b - offsets[s]]
+                    pos += b - a
+                yield out
+            else:  # ids not in shard order: gather
+                which = np.searchsorted(offsets, src, "right") - 1
+                out = np.empty((len(src), dim), np.float32)
+                for s in np.unique(which):
+                    sel = which == s
+                    out[sel] = feats[s][src[sel] - offsets[s]]
+                yield out
+
+    FeatureStore.write_streaming(out_dir, blocks(), len(ids), dim, ids[order], labels[order], meta)
+    log.info("feature store %s: %d x %d", out_dir, len(ids), dim)

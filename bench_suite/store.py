@@ -4,6 +4,14 @@ On disk a store is one folder: ``features.npy`` (N x d float32), ``ids.npy`` (N 
 ``labels.npy`` (N int64, -1 where unknown) and ``meta.json`` (dataset, split, encoder, pooling, dim,
 checksum). Selectors that are label-free never look at ``labels``; active-learning methods get labels only
 through an oracle. A rank can open just its slice of rows (``rows=``) without reading the rest.
+
+``write_streaming`` writes a store from blocks of rows without ever holding the N x d array (feature
+extraction streams it shard by shard); its files are byte-identical to ``save``'s. The checksum is computed
+in blocks too, so opening a memmapped store of any size reads it once and never copies it whole.
+
+The shard folder a store came from (``meta["shards"]``, read by the finetuning recipes and the VAE
+baselines) is recorded as an absolute path and as ``shards_relative`` (relative to the store folder); on
+open, the relative one wins when it exists, so a work folder moved or copied elsewhere keeps working.
 """
 
 from __future__ import annotations
@@ -11,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +31,7 @@ from bench_suite.errors import BadInputError, CorruptDataError, MissingDataError
 log = logging.getLogger(__name__)
 
 NORM_TOL = 1e-3
+BLOCK_BYTES = 32 << 20  # rows are read and written in blocks of about this many bytes
 
 
 @dataclass
@@ -93,6 +103,7 @@ class FeatureStore:
             labels = np.load(path / "labels.npy", mmap_mode="r") if (path / "labels.npy").exists() else None
         except (ValueError, OSError, json.JSONDecodeError) as exc:
             raise CorruptDataError(f"feature store {path} is damaged: {exc}") from exc
+        resolve_shards(meta, path)
         if feats.ndim != 2 or ids.shape != (feats.shape[0],) or feats.dtype != np.float32:
             raise CorruptDataError(f"feature store {path}: features {feats.shape} {feats.dtype} and ids {ids.shape} "
                                    "do not make an N x d float32 store (re-run feature extraction)")
@@ -128,6 +139,41 @@ class FeatureStore:
         self.meta, self.path = meta, path
         return path
 
+    @staticmethod
+    def write_streaming(path, blocks, n: int, dim: int, ids, labels, meta: dict) -> Path:
+        """Write a store folder atomically from ``blocks`` (an iterable of float32 row blocks, in row order,
+        ``n`` rows of ``dim`` in all): features.npy is written block by block (never held whole, never
+        memory-mapped), with the same bytes ``save`` writes, and the checksum is computed as it goes."""
+        path = Path(path)
+        ids = np.asarray(ids, dtype=np.int64)
+        if ids.shape != (n,):
+            raise BadInputError(f"write_streaming: {ids.shape} ids for {n} rows")
+        h = hashlib.sha256()
+        written = 0
+        with atomic.atomic_dir(path) as tmp:
+            with open(tmp / "features.npy", "wb") as fh:
+                np.lib.format.write_array_header_1_0(
+                    fh, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)), "fortran_order": False,
+                         "shape": (int(n), int(dim))})
+                for block in blocks:
+                    block = np.ascontiguousarray(block, dtype=np.float32)
+                    if block.ndim != 2 or block.shape[1] != dim:
+                        raise BadInputError(f"write_streaming: a block of shape {block.shape}, expected (k, {dim})")
+                    data = block.tobytes()
+                    h.update(data)
+                    fh.write(data)
+                    written += len(block)
+            if written != n:
+                raise CorruptDataError(f"write_streaming: {written} rows written, {n} expected")
+            h.update(ids.tobytes())
+            np.save(tmp / "ids.npy", ids)
+            if labels is not None:
+                np.save(tmp / "labels.npy", np.asarray(labels, dtype=np.int64))
+            meta = dict(meta)
+            meta.update(n=int(n), dim=int(dim), checksum=h.hexdigest()[:16])
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+        return path
+
     # ------------------------------------------------------------------ properties
     def __len__(self) -> int:
         return int(self.features.shape[0])
@@ -137,8 +183,12 @@ class FeatureStore:
         return int(self.features.shape[1])
 
     def checksum(self) -> str:
+        """sha256 of the features' float32 bytes then the ids' int64 bytes (first 16 hex digits), read in
+        blocks: a memmapped store is never copied whole."""
         h = hashlib.sha256()
-        h.update(np.ascontiguousarray(self.features, dtype=np.float32).tobytes())
+        rows = max(1, BLOCK_BYTES // max(1, 4 * self.dim))
+        for start in range(0, len(self), rows):
+            h.update(np.ascontiguousarray(self.features[start:start + rows], dtype=np.float32).tobytes())
         h.update(self.ids.astype(np.int64).tobytes())
         return h.hexdigest()[:16]
 
@@ -167,6 +217,24 @@ class FeatureStore:
             missing = ids[~found][:5].tolist()
             raise BadInputError(f"ids not in the feature store: {missing}{' ...' if (~found).sum() > 5 else ''}")
         return order[pos]
+
+
+def shards_meta(shard_dir, store_dir) -> dict:
+    """What a store's meta records of its shard folder: the absolute path, and the path relative to the
+    store folder (which survives moving or copying the work folder that holds both)."""
+    shard_dir, store_dir = Path(shard_dir).resolve(), Path(store_dir).resolve()
+    return {"shards": str(shard_dir), "shards_relative": os.path.relpath(shard_dir, store_dir)}
+
+
+def resolve_shards(meta: dict, store_dir) -> None:
+    """Point ``meta["shards"]`` at the shard folder as seen from where the store is now: the relative path
+    when it leads to a folder (the work folder was moved or copied), else the recorded absolute path."""
+    rel = meta.get("shards_relative")
+    if not rel:
+        return
+    here = Path(os.path.normpath(Path(store_dir).resolve() / rel))
+    if here.is_dir():
+        meta["shards"] = str(here)
 
 
 def check_rows(features, *, normalize: bool, first_row: int = 0, block: int = 65536) -> tuple[np.ndarray, int]:
