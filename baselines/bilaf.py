@@ -179,7 +179,7 @@ class BiLAF(Selector):
         iters: int = opt(300, doc="ActiveFT (core samples): iterations")
         lr: float = opt(1e-3, doc="ActiveFT (core samples): learning rate")
         objective: str = opt("official", doc="ActiveFT (core samples): objective (official | paper)")
-        device: str = opt("auto", doc="auto (the rank's local GPU, else cpu) | cpu | cuda | cuda:N")
+        device: str = opt("auto", role="runtime", doc="auto (the rank's local GPU, else cpu) | cpu | cuda | cuda:N")
 
     def __init__(self, **options):
         super().__init__(**options)

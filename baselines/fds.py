@@ -64,7 +64,7 @@ class FDS(Selector):
 
     @dataclass
     class Options:
-        device: str = opt("auto", doc="auto (the rank's local GPU, else cpu) | cpu | cuda | cuda:N")
+        device: str = opt("auto", role="runtime", doc="auto (the rank's local GPU, else cpu) | cpu | cuda | cuda:N")
 
     def choose(self, pool: Pool):
         store, device = pool.store, pool.device

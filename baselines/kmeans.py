@@ -79,7 +79,7 @@ class KMeansSelector(Selector):
         niter: int = opt(25, minimum=1, doc="Lloyd iterations at most (stops earlier once the assignment is stable)")
         init: str = opt("random", choices=KMEANS_INITS, doc="initial centroids (kmeans++: faiss CPU only)")
         kmeans_backend: str = opt("auto", choices=KMEANS_BACKENDS, doc="auto: faiss; torch on a GPU without faiss-gpu")
-        device: str = opt("auto", doc="auto (the rank's local GPU, else cpu) | cpu | cuda | cuda:N")
+        device: str = opt("auto", role="runtime", doc="auto (the rank's local GPU, else cpu) | cpu | cuda | cuda:N")
         max_points_per_centroid: int | None = opt(None, minimum=1, doc="None: cluster every sample; else faiss "
                                                                        "subsamples the pool to K x this")
 

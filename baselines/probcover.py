@@ -170,8 +170,9 @@ class ProbCover(Selector):
         niter: int = opt(25, minimum=1, doc="k-means: Lloyd iterations at most")
         init: str = opt("random", choices=KMEANS_INITS, doc="k-means: initial centroids (kmeans++: faiss CPU only)")
         kmeans_backend: str = opt("auto", choices=KMEANS_BACKENDS, doc="auto: faiss; torch on a GPU without faiss-gpu")
-        device: str = opt("auto", doc="auto (the rank's local GPU, else cpu) | cpu | cuda | cuda:N")
-        max_edges: int = opt(400_000_000, minimum=1, doc="refuse a delta-ball graph larger than this (~10 B/edge)")
+        device: str = opt("auto", role="runtime", doc="auto (the rank's local GPU, else cpu) | cpu | cuda | cuda:N")
+        max_edges: int = opt(400_000_000, role="runtime", minimum=1,
+                             doc="refuse a delta-ball graph larger than this (~10 B/edge)")
 
     def _num_classes(self, store) -> int:
         if self.options.num_classes is not None:

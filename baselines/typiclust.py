@@ -161,7 +161,7 @@ class TypiClust(Selector):
         niter: int = opt(25, minimum=1, doc="k-means: Lloyd iterations at most")
         init: str = opt("random", choices=KMEANS_INITS, doc="k-means: initial centroids (kmeans++: faiss CPU only)")
         kmeans_backend: str = opt("auto", choices=KMEANS_BACKENDS, doc="auto: faiss; torch on a GPU without faiss-gpu")
-        device: str = opt("auto", doc="auto (the rank's local GPU, else cpu) | cpu | cuda | cuda:N")
+        device: str = opt("auto", role="runtime", doc="auto (the rank's local GPU, else cpu) | cpu | cuda | cuda:N")
 
     def choose(self, pool: Pool):
         o, budget, device = self.options, pool.budget, pool.device

@@ -34,10 +34,21 @@ import yaml
 from bench_suite.errors import BadInputError
 
 
+ROLES = ("setting", "protocol", "runtime")
+
+
 def opt(default=dataclasses.MISSING, *, minimum=None, maximum=None, choices=None, check: Callable | None = None,
-        doc: str = "", default_factory=dataclasses.MISSING):
-    """A dataclass field with its checks (``minimum``/``maximum`` inclusive, ``choices``, ``check(value) -> error or None``)."""
-    meta = {"minimum": minimum, "maximum": maximum, "choices": choices, "check": check, "doc": doc}
+        doc: str = "", default_factory=dataclasses.MISSING, role: str = "setting", original=dataclasses.MISSING):
+    """A dataclass field with its checks (``minimum``/``maximum`` inclusive, ``choices``, ``check(value) -> error
+    or None``).
+
+    ``role``: ``setting`` (part of the method: a value other than ``original``, which is the default unless
+    given, is a departure the reports list, ``departures``), ``protocol`` (set by the table's protocol, e.g.
+    the active-learning schedule) or ``runtime`` (how it runs, not what it computes: device, threads, blocks).
+    """
+    assert role in ROLES, role
+    meta = {"minimum": minimum, "maximum": maximum, "choices": choices, "check": check, "doc": doc, "role": role,
+            "original": original}
     if default_factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -217,6 +228,24 @@ def _coerce(cls, given: dict, where: str):
         err = post()
         if err:
             raise BadInputError(f"{ctx}: {path[:-1] + ': ' if path.endswith('.') else ''}{err}")
+    return out
+
+
+def departures(options) -> list[tuple[str, Any, Any]]:
+    """(name, value, original) of every ``setting`` option of a resolved options dataclass whose value is not
+    the method's original (``opt(original=...)``, else its default): what a profile scaled down or changed."""
+    out = []
+    for f in dataclasses.fields(options):
+        meta = f.metadata or {}
+        if meta.get("role", "setting") != "setting":
+            continue
+        original = meta.get("original", dataclasses.MISSING)
+        if original is dataclasses.MISSING:
+            original = f.default if f.default is not dataclasses.MISSING else (
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING)
+        value = getattr(options, f.name)
+        if original is not dataclasses.MISSING and value != original:
+            out.append((f.name, value, original))
     return out
 
 

@@ -53,3 +53,25 @@ def test_one_set_parser():
                                               "init": "fps", "max_points": None}
     with pytest.raises(BadInputError, match="--set expects key=value, got 'iters'"):
         parse_set(["iters"])
+
+
+def test_reports_list_what_a_profile_scales_down_from_the_resolved_options():
+    """The setting note lists each method option set away from its original, generated from the resolved
+    options: VAAL's width and epochs in the cpu profile; not a row's own variable (Table 6's tau), not how a
+    method runs (device, threads), not the AL schedule (the table's protocol)."""
+    from bench_suite.tables.grid import departure_lines
+
+    cpu = load_profile("cpu")
+    lines = "\n".join(departure_lines(cpu, "1"))
+    assert "VAAL: `vae_width` 16 (original 128), `vae_epochs` 1 (original 100)" in lines
+    assert "TA-VAAL: `vae_width` 16 (original 128), `vae_epochs` 1 (original 100)" in lines
+    assert "init_ratio" not in lines and "device" not in lines
+    assert "scaled down" in lines
+    assert departure_lines(cpu, "6") == [
+        "- Methods: every option at its original value (the method's paper / released code)."]
+    edited = cpu.to_dict()
+    edited["methods"]["activeft"] = {"iters": 50, "threads": 1, "device": "cpu"}
+    lines = "\n".join(departure_lines(parse_profile(edited, "edited"), "6"))
+    assert "ActiveFT: `iters` 50 (original 300)" in lines and "threads" not in lines and "temperature" not in lines
+    paper = "\n".join(departure_lines(load_profile("paper"), "1"))
+    assert "ActiveFT on imagenet: `iters` 100 (original 300)" in paper and "scaled down" not in paper

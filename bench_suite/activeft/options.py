@@ -31,17 +31,21 @@ class Options:
     balance: float = opt(1.0, check=_positive,
                          doc="lambda: weight of the repulsion (paper) / of R in the log-ratio (official)")
     scheduler: str = opt("none", choices=("none", "cosine"), doc="learning-rate schedule (the released --scheduler)")
-    subset: int = opt(0, minimum=0, doc="M random samples per iteration, Sec. 3.5 (0: the whole pool)")
-    prune: bool = opt(True, doc="certified candidate pruning of the nearest-parameter search")
-    candidates: int = opt(16, minimum=1, doc="K: candidates kept per sample by the pruning")
-    block_size: int = opt(0, minimum=0, doc="rows per block (0: auto, block x B float32 near 256 MiB)")
-    snap_candidates: int = opt(8, minimum=1, doc="per-parameter candidates kept by the distributed snapping")
-    bb_dtype: str = opt("auto", choices=("auto", "float32", "float64"),
+    subset: int = opt(0, role="protocol", minimum=0, doc="M random samples per iteration, Sec. 3.5 (0: the whole pool)")
+    prune: bool = opt(True, role="runtime", doc="certified candidate pruning of the nearest-parameter search")
+    candidates: int = opt(16, role="runtime", minimum=1, doc="K: candidates kept per sample by the pruning")
+    block_size: int = opt(0, role="runtime", minimum=0,
+                          doc="rows per block (0: auto, block x B float32 near 256 MiB)")
+    snap_candidates: int = opt(8, role="runtime", minimum=1,
+                               doc="per-parameter candidates kept by the distributed snapping")
+    bb_dtype: str = opt("auto", role="runtime", choices=("auto", "float32", "float64"),
                         doc="dtype of the B x B repulsion (auto: float64 if B <= 512)")
-    device: str = opt("auto", doc="auto (the rank's local GPU, else cpu) | cpu | cuda | cuda:N")
-    threads: int = opt(0, minimum=0, doc="torch CPU threads during the selection (0: leave torch's setting)")
-    progress: bool | None = opt(None, doc="rich progress bar on rank 0 (None: when stderr is a terminal)")
-    verify: bool = opt(False, doc="debug: check every pruned assignment against the full computation")
+    device: str = opt("auto", role="runtime", doc="auto (the rank's local GPU, else cpu) | cpu | cuda | cuda:N")
+    threads: int = opt(0, role="runtime", minimum=0,
+                       doc="torch CPU threads during the selection (0: leave torch's setting)")
+    progress: bool | None = opt(None, role="runtime",
+                                doc="rich progress bar on rank 0 (None: when stderr is a terminal)")
+    verify: bool = opt(False, role="runtime", doc="debug: check every pruned assignment against the full computation")
 
 
 # old option names -> new (the released code's and the paper's symbols)

@@ -20,6 +20,7 @@ from __future__ import annotations
 from bench_suite import report
 from bench_suite.data.registry import get_dataset
 from bench_suite.methods import registry
+from bench_suite.options import departures
 from bench_suite.profiles import Profile
 from bench_suite.progress import duration
 from bench_suite.tables.cells import run_cells
@@ -145,8 +146,38 @@ def setting_lines(profile: Profile, table: str, out: dict, what: str) -> list[st
                      f"`{dc.pool.split}` split, test = {st['test']} images. {dc.why}")
     if t.note:
         lines.append(f"- Note: {t.note}")
+    lines += departure_lines(profile, table)
     lines.append(f"- Seeds: {profile.seeds_of(table)} (the seed drives the selection and the evaluation); "
-                 "mean±std over seeds.\n")
+                 "mean±std over seeds, std with ddof=0 (the population std, numpy's default; the paper does not "
+                 "say which).\n")
+    return lines
+
+
+def _show(value) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def departure_lines(profile: Profile, table: str) -> list[str]:
+    """Every method option that this profile sets away from the method's original (its default, or the
+    ``original`` its ``opt`` names), from the resolved options; what a table row sets itself (Table 5-7's
+    variable) is not counted. Per dataset where they differ."""
+    t = profile.table(table)
+    found: dict = {}
+    for row in t.methods:
+        for dataset in t.cells:
+            opts = registry.get(row.method, **profile.method_options(row.method, row.config, dataset)).options
+            diff = ", ".join(f"`{k}` {_show(v)} (original {_show(o)})" for k, v, o in departures(opts)
+                             if k not in row.config)
+            if diff:
+                found.setdefault((registry.label(row.method), diff), []).append(dataset)
+    what = "scaled down or changed" if profile.scaled_down else "set"
+    if not found:
+        return ["- Methods: every option at its original value (the method's paper / released code)."]
+    lines = [f"- Method options {what} away from their originals (generated from the resolved options):"]
+    for (label, diff), datasets in found.items():
+        datasets = list(dict.fromkeys(datasets))
+        where = "" if len(datasets) == len(t.cells) else f" on {', '.join(datasets)}"
+        lines.append(f"  - {label}{where}: {diff}")
     return lines
 
 
