@@ -75,3 +75,21 @@ def test_reports_list_what_a_profile_scales_down_from_the_resolved_options():
     assert "ActiveFT: `iters` 50 (original 300)" in lines and "threads" not in lines and "temperature" not in lines
     paper = "\n".join(departure_lines(load_profile("paper"), "1"))
     assert "ActiveFT on imagenet: `iters` 100 (original 300)" in paper and "scaled down" not in paper
+
+
+def test_a_profile_extends_another(tmp_path):
+    """``extends: paper``: the file's keys deep-merge over the paper profile's; the result is reported as
+    scaled down (a trimmed paper profile is not the paper's setting) unless it says otherwise."""
+    f = tmp_path / "paper_seed0.yaml"
+    f.write_text("extends: paper\nseeds: [0]\nmethods:\n  activeft: {iters: 30}\n"
+                 "tables:\n  '7':\n    cells: {imagenet: [0.05]}\n")
+    p = load_profile(str(f))
+    paper = load_profile("paper")
+    assert p.name == "paper_seed0" and p.seeds == [0] and p.scaled_down and not paper.scaled_down
+    assert p.methods["activeft"] == {**paper.methods["activeft"], "iters": 30}  # merged key by key
+    assert p.table("7").cells == {"imagenet": [0.05]} and p.table("7").methods == paper.table("7").methods
+    assert p.datasets == paper.datasets and p.table("1") == paper.table("1")
+    cycle = tmp_path / "a.yaml"
+    cycle.write_text(f"extends: {cycle}\n")
+    with pytest.raises(BadInputError, match="in a cycle"):
+        load_profile(str(cycle))

@@ -161,8 +161,31 @@ def parse_profile(data, where: str) -> Profile:
     return coerce(Profile, _normalise(dict(data)), where, noun="")
 
 
-def load_profile(name_or_path: str) -> Profile:
-    """A built-in profile by name, or a YAML file by path, checked."""
+def _deep_merge(base, over):
+    """``over`` on ``base``: mappings merge key by key, anything else (lists, scalars) replaces."""
+    if isinstance(base, dict) and isinstance(over, dict):
+        return {**base, **{k: _deep_merge(base.get(k), v) if k in base else v for k, v in over.items()}}
+    return over
+
+
+def _extend(data, where: str, seen: tuple = ()) -> dict:
+    """``extends: NAME_OR_PATH``: this file's keys deep-merged over that profile's. The result is
+    ``scaled_down`` unless this file says ``scaled_down: false`` (so a trimmed copy of the paper profile is
+    never reported as the paper's setting), and is named after this file unless it sets ``name``."""
+    if not isinstance(data, dict) or "extends" not in data:
+        return data
+    data = dict(data)
+    base_name = str(data.pop("extends"))
+    if base_name in seen:
+        raise BadInputError(f"{where}: extends {base_name!r} in a cycle ({' -> '.join(seen + (base_name,))})")
+    base = _extend(_read_profile(base_name), f"profile {base_name}", seen + (base_name,))
+    if not isinstance(base, dict):
+        raise BadInputError(f"profile {base_name}: expected a mapping at the top level")
+    return {**_deep_merge(base, data), "scaled_down": data.get("scaled_down", True)}
+
+
+def _read_profile(name_or_path: str):
+    """The YAML of a built-in profile by name, or of a file by path (not yet checked)."""
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml"):
         if not path.exists():
@@ -173,7 +196,14 @@ def load_profile(name_or_path: str) -> Profile:
             raise unknown("profile", name_or_path, profile_names())
         text = resources.files(__package__).joinpath(f"{name_or_path}.yaml").read_text()
     try:
-        data = yaml.safe_load(text)
+        return yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise BadInputError(f"profile {name_or_path} is not valid YAML: {exc}") from exc
-    return parse_profile(data, f"profile {name_or_path}")
+
+
+def load_profile(name_or_path: str) -> Profile:
+    """A built-in profile by name, or a YAML file by path (which may ``extends:`` another), checked."""
+    data = _read_profile(name_or_path)
+    if isinstance(data, dict) and "extends" in data and "name" not in data:
+        data = {**data, "name": Path(name_or_path).stem}
+    return parse_profile(_extend(data, f"profile {name_or_path}"), f"profile {name_or_path}")
