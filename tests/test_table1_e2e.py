@@ -63,7 +63,7 @@ def test_table1_end_to_end(tmp_path, reference):
     cells = data["cells"]
     assert len(cells) == 4 * 2 * 2
     for c in cells:
-        assert c["budget"] == round(c["ratio"] * 1297) and 0 <= c["top1"] <= 100
+        assert c["budget"] == int(c["ratio"] * 1297 + 1e-9) and 0 <= c["top1"] <= 100  # floor (released code)
         assert c["n_train"] == c["budget"] and c["selection_seconds"] >= 0
     # provenance and honesty
     for needle in ("git revision", "hardware", "versions", "seeds", "not the paper's setting", "efficientnet_lite0",
