@@ -27,6 +27,7 @@ from bench_suite.tables.cells import revisions
 from bench_suite.tables.common import Context
 from bench_suite.tables.preflight import check, check_names, dry_run, plan
 from bench_suite.tables.registry import get_table, table_names
+from launchers import slurm as slurm_launcher
 
 log = logging.getLogger("bench_suite.run")
 
@@ -57,6 +58,7 @@ def parse_args(argv=None):
     p.add_argument("--fresh", action="store_true",
                    help="recompute every cell of the table, ignoring the cached ones (shards and features stay cached)")
     p.add_argument("-v", "--verbose", action="store_true")
+    slurm_launcher.add_arguments(p)  # --launcher slurm and its flags (launchers/slurm, SLURM.md)
     return p.parse_args(argv)
 
 
@@ -119,6 +121,10 @@ def main(argv=None) -> int:
                 print(line)
         return 0
 
+    if args.launcher == "slurm" and not args.slurm_collect:  # submit; None: every cell cached, report here
+        code = slurm_launcher.launch(args, profile, tables, sources)
+        if code is not None:
+            return code
     acc = bdist.make_accelerator()
     revision = report.git_revision()
     fresh_done: set = set()  # with --fresh, a cell that two tables share is recomputed once
@@ -126,6 +132,8 @@ def main(argv=None) -> int:
     for table in tables:
         ctx = Context(profile, Path(args.work), Path(args.out), acc, sources, quiet=args.quiet, fresh=args.fresh,
                       revision=revision, fresh_done=fresh_done)
+        if args.slurm_collect:  # the SLURM report stage: cached cells only, missing ones reported as failed
+            slurm_launcher.collect_into(ctx, table.name, sources)
         index.append(run_table(table, ctx, args, profile))
     if args.table == "all" and acc.is_main_process:
         log.info("wrote %s", report.write_index(args.out, index))
@@ -150,7 +158,7 @@ def run_table(table, ctx: Context, args, profile) -> dict:
                                   f"{ctx.cells_skipped} skipped ('-')",
                                   "cell_revisions": ", ".join(revisions(cells_of(out))) + " (each cell records "
                                   "the revision it was computed at; --fresh recomputes them all)"})
-        md = table.markdown(profile, prov, out)
+        md = slurm_launcher.markdown_with_failures(table, profile, prov, out)  # table.markdown, + failed cells
         md_path, js_path = report.write_report(args.out, f"table{table.name}", md,
                                                {"provenance": prov, "profile": profile.to_dict(), **out})
         log.info("wrote %s and %s in %.0f s", md_path, js_path, elapsed)

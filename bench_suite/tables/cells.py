@@ -88,6 +88,8 @@ def run_cells(ctx: Context, cells: list[dict], stores: dict, progress=None, enco
         train, test = stores[cell["dataset"]]
         key = cell_key(ctx, cell, train, test)
         keyed.append(({**cell, "key": key}, cache / f"{json_digest(key)}.json"))
+    if ctx.missing_cell is not None:  # collect only (the SLURM report stage): nothing is computed here
+        return _collect(ctx, keyed, stores, encoder)
     rt = Runtime.of_accelerator(ctx.accelerator)
     mine = [(cell, path) for i, (cell, path) in enumerate(keyed) if i % ctx.world == ctx.rank]
     computed = 0
@@ -109,6 +111,22 @@ def run_cells(ctx: Context, cells: list[dict], stores: dict, progress=None, enco
     ctx.cells_computed += computed
     ctx.cells_skipped += skipped
     ctx.cells_cached += len(keyed) - computed - skipped
+    ctx.cells_total += len(keyed)
+    return results
+
+
+def _collect(ctx, keyed: list, stores: dict, encoder) -> list[dict]:
+    """The cached results; a missing cell becomes ``{cell, budget, **ctx.missing_cell(cell, encoder)}``."""
+    results = []
+    for cell, path in keyed:
+        if path.exists():
+            results.append(_load(path, cell))
+        else:
+            budget = budget_from_ratio(cell["ratio"], len(stores[cell["dataset"]][0]))
+            results.append({**cell, "budget": budget, **ctx.missing_cell(cell, encoder)})
+    skipped = sum(1 for r in results if r.get("skipped"))
+    ctx.cells_skipped += skipped
+    ctx.cells_cached += sum(1 for r in results if not r.get("skipped") and not r.get("failed"))
     ctx.cells_total += len(keyed)
     return results
 

@@ -39,6 +39,9 @@ class Context:
     cells_skipped: int = 0  # the paper's "-": budget within an AL method's initial random set
     cells_total: int = 0
     fresh_done: set = field(default_factory=set)  # cells a --fresh run already recomputed (shared by two tables)
+    # collect only (the SLURM report stage): a cell that is not cached is not computed; its record is the
+    # cell's fields plus missing_cell(cell, encoder) (its failure: SLURM state and log)
+    missing_cell: object = None
 
     @property
     def rank(self) -> int:
