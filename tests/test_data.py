@@ -1,7 +1,5 @@
 """Datasets and shards: real files in the real on-disk formats, written and read back."""
 
-import pickle
-import tarfile
 
 import numpy as np
 import pytest
@@ -9,6 +7,7 @@ import pytest
 from bench_suite.data import shards as ws
 from bench_suite.data.registry import get_dataset
 from bench_suite.errors import CorruptDataError, MissingDataError, UnknownNameError
+from official_formats import write_ade20k, write_cifar, write_imagenet
 
 
 def test_digits_shards_roundtrip(digits_shards):
@@ -69,33 +68,9 @@ def test_missing_inputs_have_clear_errors(tmp_path):
         get_dataset("fashion_mnist").load("train", tmp_path)
 
 
-def _write_cifar_tarball(path, fine: bool, n_per_batch=6):
-    rng = np.random.default_rng(0)
-    top = "cifar-100-python" if fine else "cifar-10-python"
-    members = {}
-    if fine:
-        for split in ("train", "test"):
-            members[split] = {b"data": rng.integers(0, 256, (n_per_batch, 3072), dtype=np.uint8),
-                              b"fine_labels": list(rng.integers(0, 100, n_per_batch))}
-        members["meta"] = {b"fine_label_names": [f"c{i}".encode() for i in range(100)]}
-    else:
-        for b in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-            members[b] = {b"data": rng.integers(0, 256, (n_per_batch, 3072), dtype=np.uint8),
-                          b"labels": list(rng.integers(0, 10, n_per_batch))}
-        members["batches.meta"] = {b"label_names": [f"c{i}".encode() for i in range(10)]}
-    import io
-    with tarfile.open(path, "w:gz") as tar:
-        for name, obj in members.items():
-            blob = pickle.dumps(obj)
-            info = tarfile.TarInfo(f"{top}/{name}")
-            info.size = len(blob)
-            tar.addfile(info, io.BytesIO(blob))
-    return members
-
-
 @pytest.mark.parametrize("fine", [False, True])
 def test_cifar_tarball_fixture(tmp_path, fine):
-    members = _write_cifar_tarball(tmp_path / "c.tar.gz", fine)
+    members = write_cifar(tmp_path / "c.tar.gz", fine)
     name = "cifar100" if fine else "cifar10"
     out = tmp_path / "shards"
     m = ws.write_shards(name, "train", out, source=tmp_path / "c.tar.gz", shard_size=7)
@@ -109,14 +84,7 @@ def test_cifar_tarball_fixture(tmp_path, fine):
 
 
 def test_imagefolder_fixture(tmp_path):
-    from PIL import Image
-
-    rng = np.random.default_rng(1)
-    for split in ("train", "val"):
-        for cls in ("n01", "n02"):
-            (tmp_path / split / cls).mkdir(parents=True)
-            for i in range(3):
-                Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(tmp_path / split / cls / f"{i}.JPEG")
+    write_imagenet(tmp_path, classes=("n01", "n02"), n_train=3, n_val=3)
     m = ws.write_shards("imagenet", "train", tmp_path / "s", source=tmp_path, shard_size=4)
     ids, imgs, labels = ws.read_all(tmp_path / "s")
     assert m["classes"] == ["n01", "n02"] and m["count"] == 6
@@ -131,28 +99,11 @@ def test_offline_datasets_installed(name):
     assert len(counts) == 10 and counts.sum() == 10000 and counts.min() > 800
 
 
-def _fake_ade20k(root):
-    """A tiny ADEChallengeData2016 tree in the official layout (real JPEG/PNG files, class-index annotations)."""
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    for split, n in (("training", 5), ("validation", 2)):
-        (root / "images" / split).mkdir(parents=True)
-        (root / "annotations" / split).mkdir(parents=True)
-        for i in range(n, 0, -1):  # written in reverse: ids must follow the sorted file names
-            stem = f"ADE_{'train' if split == 'training' else 'val'}_{i:08d}"
-            Image.fromarray(rng.integers(0, 255, (24, 32, 3), dtype=np.uint8)).save(root / "images" / split / f"{stem}.jpg")
-            ann = np.full((24, 32), i, dtype=np.uint8)
-            ann[0, 0], ann[0, 1] = 0, 150
-            Image.fromarray(ann).save(root / "annotations" / split / f"{stem}.png")
-    return root
-
-
 def test_ade20k_shards_follow_mmseg_conventions(tmp_path):
     from bench_suite.data.shards import read_all, write_shards
     from bench_suite.errors import MissingDataError
 
-    src = _fake_ade20k(tmp_path / "ADEChallengeData2016")
+    src = write_ade20k(tmp_path / "ADEChallengeData2016")
     manifest = write_shards("ade20k", "train", tmp_path / "shards", source=tmp_path, shard_size=2)
     assert manifest["count"] == 5 and manifest["num_classes"] == 150 and manifest["task"] == "seg"
     ids, images, labels, masks = read_all(tmp_path / "shards")
