@@ -1,6 +1,5 @@
 """Datasets and shards: real files in the real on-disk formats, written and read back."""
 
-
 import numpy as np
 import pytest
 
