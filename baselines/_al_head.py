@@ -1,7 +1,8 @@
-"""The task model of the active-learning baselines (coreset, learnloss, tavaal, alfamix): a trainable head.
+"""The cpu profile's task model of the active-learning baselines (coreset, learnloss, tavaal, alfamix): a head.
 
-The paper retrains DeiT-S (DINO) in every round. On the cpu profile the task model is the frozen encoder
-(its features are the FeatureStore) plus a trainable head: an MLP ``d -> hidden... -> C`` (default one
+The paper retrains DeiT-S (DINO) in every round; the paper profile does too (``task_model: finetune``,
+``baselines/_al_backbone.py``). With ``task_model: head`` (the default, the cpu profile) the task model is the
+frozen encoder (its features are the FeatureStore) plus a trainable head: an MLP ``d -> hidden... -> C`` (default one
 hidden layer of 256 ReLU units) trained with a fixed, seeded recipe (``head_*`` options, default Adam,
 lr 1e-2, weight decay 5e-4, batch 64, 100 epochs, lr / 10 after 80% of the epochs as in the originals'
 step schedules). The head's last hidden layer is "the model's embedding" (CoreSet's feature space,
@@ -270,3 +271,18 @@ def head_outputs(head: MLPHead, store, rows=None, *, device, what=("embed", "log
         if lossnet is not None:
             out["pred_loss"].append(lossnet(feats).float().cpu().numpy())
     return {k: (np.concatenate(v) if v else np.zeros((0,), np.float32)) for k, v in out.items()}
+
+
+class HeadTaskModel:
+    """One round's head on the frozen features (``task_model: head``): the outputs the methods read over rows
+    of the pool, with the same interface as ``baselines/_al_backbone.FinetunedTaskModel``."""
+
+    kind = "head"
+
+    def __init__(self, head: MLPHead, net: LossNet | None, store, device):
+        self.head, self.net, self.store, self.device = head, net, store, device
+        self.fc = head.fc  # ALFA-Mix's classifier g over the embedding
+
+    def outputs(self, rows=None, *, what=("embed", "logits"), lossnet: bool = False) -> dict:
+        return head_outputs(self.head, self.store, rows, device=self.device, what=what,
+                            lossnet=self.net if lossnet else None)

@@ -1,12 +1,17 @@
-"""The pool's images for the baselines that train on pixels (vaal, tavaal): read from the store's shards.
+"""The pool's images for the baselines that train on pixels: read from the store's shards.
+
+``load_pool_images``: the whole pool at 32x32 for VAAL's and TA-VAAL's VAE. ``PoolImages``: the images at
+their own size for a task model that finetunes the backbone (coreset, learnloss, tavaal, alfamix with
+``task_model: finetune``; ``baselines/_al_backbone.py``).
 
 A FeatureStore made by ``bench_suite.extract --shards DIR`` records the WebDataset folder its features came
 from in ``meta["shards"]``; the images are read from there, row-aligned with the store. Labels in the shards
-are never read.
+are never kept (the methods buy labels from the oracle).
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +26,7 @@ def _shard_dir(store, method: str) -> Path:
     shard_dir = (store.meta or {}).get("shards")
     if not shard_dir:
         raise BadInputError(
-            f"{method} trains a VAE on the images, but this feature store's meta has no 'shards' folder; use a "
+            f"{method} trains on the images, but this feature store's meta has no 'shards' folder; use a "
             "store made by `python -m bench_suite.extract --shards DIR` (it records the folder) or set "
             "meta['shards'] to the WebDataset folder the features came from")
     shard_dir = Path(shard_dir)
@@ -71,3 +76,87 @@ def load_pool_images(store, size: int = 32, method: str = "vaal") -> np.ndarray:
 def to_unit_range(images_u8: np.ndarray, device) -> torch.Tensor:
     """uint8 images -> float in [-1, 1] (VAAL's Normalize(mean 0.5, std 0.5))."""
     return torch.as_tensor(images_u8, device=device).float().div_(127.5).sub_(1.0)
+
+
+# --------------------------------------------------------------------------- the finetuned task model's images
+IMAGE_BUDGET = int(os.environ.get("BENCH_SUITE_AL_IMAGE_BUDGET_MB", "8192")) << 20  # keep the pool decoded below
+
+
+class PoolImages:
+    """The pool's images at their own size (uint8 arrays), row-aligned with the store, for a task model that
+    finetunes the backbone (``baselines/_al_backbone.py``): the encoder's own preprocessing resizes them.
+
+    Read from the store's shard folder (``meta["shards"]``, as ``load_pool_images``); the shards' labels are
+    never kept. A pool whose decoded images fit ``BENCH_SUITE_AL_IMAGE_BUDGET_MB`` (default 8192; CIFAR's
+    50,000 32x32 images are 150 MB) is decoded once and kept; a larger one (ImageNet) is streamed from the
+    shards on every pass, and only the labelled samples' images are kept between rounds.
+    """
+
+    def __init__(self, store, method: str, budget: int | None = None):
+        self.shard_dir = _shard_dir(store, method)
+        self.method = method
+        manifest = wshards.load_manifest(self.shard_dir)
+        wshards.verify_shards(self.shard_dir)  # a truncated or damaged shard is an error, never missing images
+        self.names = [s["name"] for s in manifest["shards"]]
+        self.ids = np.asarray(store.ids, dtype=np.int64)
+        self._order = np.argsort(self.ids, kind="stable")
+        self._sorted = self.ids[self._order]
+        self.cache: list | None = None
+        self.kept: dict[int, np.ndarray] = {}
+        budget = IMAGE_BUDGET if budget is None else int(budget)
+        first = next(self._stream(np.arange(min(1, len(self.ids))), 1), None)
+        per_image = first[1][0].nbytes if first is not None else 0
+        if per_image * len(self.ids) <= budget:
+            self.cache = [None] * len(self.ids)
+            for rows, images in self._stream(np.arange(len(self.ids)), 256):
+                for r, im in zip(rows.tolist(), images):
+                    self.cache[r] = im
+            if any(im is None for im in self.cache):
+                raise MissingDataError(f"{method}: some pool ids have no image in {self.shard_dir}; the store and "
+                                       "the shard folder do not match")
+
+    def _rows_of(self, ids: np.ndarray) -> np.ndarray:
+        return self._order[np.searchsorted(self._sorted, ids)]
+
+    def _stream(self, rows: np.ndarray, batch: int):
+        """(rows, images) batches of the given rows, in shard order, read from the shards."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if len(rows) == 0:
+            return
+        want = self.ids[rows]
+        got_rows, got = [], []
+        n_seen = 0
+        for b_ids, b_imgs, *_ in wshards.iter_samples(self.shard_dir, self.names, batch_size=1, ids=want):
+            got_rows.append(int(self._rows_of(np.asarray(b_ids[:1]))[0]))
+            got.append(np.asarray(b_imgs[0]))
+            n_seen += 1
+            if len(got) == batch:
+                yield np.asarray(got_rows, np.int64), got
+                got_rows, got = [], []
+        if got:
+            yield np.asarray(got_rows, np.int64), got
+        if n_seen < len(np.unique(want)):
+            raise MissingDataError(f"{self.method}: {len(np.unique(want)) - n_seen} pool ids have no image in "
+                                   f"{self.shard_dir}; the store and the shard folder do not match")
+
+    def get(self, rows) -> list:
+        """The images of ``rows`` (in that order); without the whole-pool cache, read once and kept."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if self.cache is not None:
+            return [self.cache[r] for r in rows.tolist()]
+        missing = np.asarray([r for r in rows.tolist() if r not in self.kept], dtype=np.int64)
+        for got_rows, images in self._stream(missing, 256):
+            self.kept.update(zip(got_rows.tolist(), images))
+        return [self.kept[r] for r in rows.tolist()]
+
+    def batches(self, rows, batch: int):
+        """``(positions, images)`` batches covering ``rows``: ``images[j]`` is the image of
+        ``rows[positions[j]]``; in ``rows`` order from the cache, in shard order when streamed."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if self.cache is not None:
+            for s in range(0, len(rows), batch):
+                yield np.arange(s, min(s + batch, len(rows))), [self.cache[r] for r in rows[s:s + batch].tolist()]
+            return
+        pos_of = {r: p for p, r in enumerate(rows.tolist())}
+        for got_rows, images in self._stream(rows, batch):
+            yield np.asarray([pos_of[r] for r in got_rows.tolist()], np.int64), images

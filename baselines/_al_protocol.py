@@ -13,16 +13,22 @@ the order they were labelled (initial set first). Sizes: ``init_ratio`` (default
 Labels come only through ``oracle(ids)``, and a method only ever asks for the ids it returns (the oracle's
 ``queried`` list equals the selection). ``store.labels`` is never read here.
 
-The task model is the frozen encoder + a retrained MLP head (``baselines/_al_head.py``); VAAL trains no task
-model (its Options have no head_* fields), only its VAE + discriminator (``baselines/_al_vae.py``).
+The task model (option ``task_model``) is retrained every round on every label bought so far:
+- ``finetune`` (the paper profile, appendix B.3): the encoder's backbone (DINO DeiT-S), finetuned from its
+  pretrained weights every round by the finetuning engine with the recipe ``task_recipe``
+  (``baselines/_al_backbone.py``); its embedding is the backbone's pooled feature;
+- ``head`` (the default; the cpu profile): the frozen encoder + an MLP head (``baselines/_al_head.py``).
+VAAL trains no task model (its Options have no task_* / head_* fields), only its VAE + discriminator
+(``baselines/_al_vae.py``).
 
 The classes: C = max(meta["num_classes"], len(meta["classes"]), 1 + largest label bought so far).
 
 Options shared by the five (``ProtocolOptions``): init_ratio, batch_ratio, init_size, batch_size, device (the
 project's one rule: ``auto`` = the rank's local GPU, else the CPU), cpu_threads (0: leave the thread pools
 alone; n: torch and the OpenMP/BLAS pools of numpy and scikit-learn use n threads during the selection,
-restored after; 1 is the right value on a busy CPU box); the methods with a task model add the head_* recipe
-(``LearnerOptions``: hidden, epochs, lr, optimizer, momentum, weight_decay, batch_size, lr_step).
+restored after; 1 is the right value on a busy CPU box); the methods with a task model add its choice
+(``task_model``, ``task_recipe``, ``task_weights``, ``task_batch``) and the head_* recipe (``LearnerOptions``:
+hidden, epochs, lr, optimizer, momentum, weight_decay, batch_size, lr_step; used by ``task_model: head``).
 
 A method is an ``ActiveLearner`` (a ``Selector`` with ``label_free = False``) that implements
 ``query(state, k, ctx) -> rows`` for one round (and optionally ``prepare(store, seed) -> ctx`` once). The
@@ -31,8 +37,8 @@ and runs the whole protocol on rank 0 under a distributed launch (the AL methods
 process; the other ranks receive the selection and never query the oracle).
 
 After ``select``, ``learner.last_round_models`` holds the models the last round trained and selected with
-(``head`` and ``ranker`` when trained through ``RoundState.train_head``; VAAL / TA-VAAL add ``vae`` and
-``disc``), so a selection can be checked against its models; only the last round's are kept (empty on the
+(``head`` and ``ranker`` when trained through ``RoundState.train_head``; ``model`` - the finetuned classifier -
+and ``ranker`` with ``task_model: finetune``; VAAL / TA-VAAL add ``vae`` and ``disc``), so a selection can be checked against its models; only the last round's are kept (empty on the
 ranks that did not run the protocol).
 """
 
@@ -47,7 +53,8 @@ import numpy as np
 import torch
 from threadpoolctl import threadpool_limits
 
-from baselines._al_head import HeadOptions, HeadRecipe, RankerOptions, take_rows, train_head
+from baselines._al_backbone import BackboneContext, TaskModelOptions
+from baselines._al_head import HeadOptions, HeadRecipe, HeadTaskModel, RankerOptions, take_rows, train_head
 from bench_suite.errors import BadInputError
 from bench_suite.methods import Pool, Selector
 from bench_suite.options import opt
@@ -77,8 +84,9 @@ class ProtocolOptions:
 
 
 @dataclass
-class LearnerOptions(HeadOptions, ProtocolOptions):
-    """The protocol's options and the task model's ``head_*`` recipe (every AL method with a task model)."""
+class LearnerOptions(HeadOptions, TaskModelOptions, ProtocolOptions):
+    """The protocol's options, the task model's choice (``task_*``) and the head's recipe (``head_*``): every AL
+    method with a task model."""
 
 
 class cpu_threads:
@@ -149,6 +157,17 @@ class RoundState:
         return self.train_head(loss_module=True, ranking=ranking, margin=float(ranker.margin),
                                weight=float(ranker.loss_weight), stop_grad_epoch=stop)
 
+    def train_task_model(self, ranker: RankerOptions | None = None, ranking: str = "margin"):
+        """Retrain the method's task model on every label bought so far (with ``ranker``: jointly with
+        LearnLoss's loss prediction module); returns it as an object with ``outputs(rows, what=, lossnet=)``
+        and ``fc`` (the classifier over the embedding): the finetuned backbone (``task_model: finetune``) or
+        the head on the frozen features (``head``)."""
+        backbone = self.selector.backbone_ctx
+        if backbone is not None:
+            return backbone.train(self, ranker, ranking)
+        head, net = self.train_head() if ranker is None else self.train_head_and_ranker(ranker, ranking)
+        return HeadTaskModel(head, net, self.store, self.device)
+
     def random_subset(self, size: int, k: int) -> np.ndarray:
         """A random subset of the unlabelled pool (LearnLoss / TA-VAAL); at least 10 x k when that is more."""
         eff = min(len(self.unlabelled_rows), max(int(size), 10 * k) if size > 0 else len(self.unlabelled_rows))
@@ -209,6 +228,12 @@ class ActiveLearner(Selector):
         super().__init__(**options)
         self.head = HeadRecipe.from_options(self.options) if isinstance(self.options, HeadOptions) else None
         self.last_round_models: dict = {}  # the last round's trained models (see the module docstring)
+        self.backbone_ctx: BackboneContext | None = None  # task_model finetune: set per selection
+
+    @property
+    def finetunes(self) -> bool:
+        """True when the task model is the backbone, finetuned every round (``task_model: finetune``)."""
+        return getattr(self.options, "task_model", "head") == "finetune"
 
     @property
     def uses_head(self) -> bool:
@@ -253,6 +278,7 @@ class ActiveLearner(Selector):
         labels = ask_oracle(self.name, pool.oracle, store, labelled)
         self.last_round_models = {}
         t_prep = time.perf_counter()
+        self.backbone_ctx = BackboneContext(self, store, pool.device) if self.finetunes else None
         ctx = self.prepare(store, seed)
         prepare_seconds = time.perf_counter() - t_prep
         rounds = []
@@ -264,7 +290,9 @@ class ActiveLearner(Selector):
             labels = np.concatenate([labels, new_labels])
             rounds.append(record)
             log.debug("%s round %d: %d labelled, %.2fs", self.name, record["round"], len(labelled), record["seconds"])
-        return labelled, self._info(pool, init, batch, rounds, prepare_seconds)
+        info = self._info(pool, init, batch, rounds, prepare_seconds)
+        self.backbone_ctx = None  # the encoder and the pool's images are not kept after the selection
+        return labelled, info
 
     def _num_classes(self, store, labels) -> int:
         meta = store.meta or {}
@@ -286,10 +314,22 @@ class ActiveLearner(Selector):
                   "seconds": round(time.perf_counter() - t0, 4), **state.info}
         return picks, new_labels, record
 
+    def task_model_description(self) -> str:
+        if not self.uses_head:
+            return "none (selection by VAE + discriminator)"
+        if self.finetunes:
+            return (f"the encoder's backbone finetuned from its pretrained weights every round (recipe "
+                    f"{self.options.task_recipe!r})")
+        return "frozen encoder features + MLP head"
+
     def _info(self, pool: Pool, init: int, batch: int, rounds: list, prepare_seconds: float) -> dict:
+        extra = {}
+        if self.backbone_ctx is not None:
+            extra["task_model_setup"] = self.backbone_ctx.describe()
         return {
             "protocol": "ActiveFT appendix B.3: random initial set, then rounds of retrain -> select a batch",
-            "task_model": ("frozen encoder features + MLP head" if self.uses_head else "none (selection by VAE + discriminator)"),
+            "task_model": self.task_model_description(), **extra,
+            "train_seconds_total": round(sum(float(x.get("train_seconds", 0.0)) for x in rounds), 4),
             "device": str(pool.device),
             "init_size": int(init), "batch_size": int(batch), "n_rounds": len(rounds),
             "labelled_sizes": [int(init)] + [int(x["labelled_before"] + x["picked"]) for x in rounds],

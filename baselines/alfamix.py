@@ -45,7 +45,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from baselines._al_head import head_outputs
 from baselines._al_protocol import ActiveLearner, LearnerOptions, fill_random
 from bench_suite.methods import register
 from bench_suite.options import opt
@@ -168,10 +167,11 @@ class ALFAMix(ActiveLearner):
         kmeans_n_init: int = opt(10, minimum=1)
         kmeans_backend: str = opt("auto", choices=("auto", "sklearn", "faiss"))
 
-    def candidates(self, state, out_u, anchors, head, k) -> tuple[np.ndarray, list]:
-        """The label-changing candidates (mask over the unlabelled rows), growing the cap until > k are found."""
+    def candidates(self, state, out_u, anchors, fc, k) -> tuple[np.ndarray, list]:
+        """The label-changing candidates (mask over the unlabelled rows), growing the cap until > k are found;
+        ``fc`` is the task model's classifier over the embedding."""
         o, dev = self.options, state.device
-        W = head.fc.weight.detach().float().cpu().numpy()
+        W = fc.weight.detach().float().cpu().numpy()
         cand = np.zeros(len(state.unlabelled_rows), dtype=bool)
         cap, caps_used = 0.0, []
         gen = torch.Generator().manual_seed(state.seed + 11)
@@ -181,7 +181,7 @@ class ALFAMix(ActiveLearner):
                 pc = candidates_closed_form(out_u["embed"], out_u["logits"], anchors, W, cap, device=dev)
             else:
                 with torch.enable_grad():
-                    pc = candidates_learned(out_u["embed"], out_u["logits"], anchors, head.fc, min(cap, 1.0), gen=gen,
+                    pc = candidates_learned(out_u["embed"], out_u["logits"], anchors, fc, min(cap, 1.0), gen=gen,
                                             device=dev, iters=int(o.alpha_learning_iters),
                                             lr=float(o.alpha_learning_rate), clf_coef=float(o.alpha_clf_coef),
                                             l2_coef=float(o.alpha_l2_coef))
@@ -193,11 +193,11 @@ class ALFAMix(ActiveLearner):
 
     def query(self, state, k, ctx):
         o, dev = self.options, state.device
-        head, _ = state.train_head()
-        out_u = head_outputs(head, state.store, state.unlabelled_rows, device=dev)
-        emb_l = head_outputs(head, state.store, state.labelled_rows, device=dev, what=("embed",))["embed"]
+        model = state.train_task_model()
+        out_u = model.outputs(state.unlabelled_rows)
+        emb_l = model.outputs(state.labelled_rows, what=("embed",))["embed"]
         anchors = class_anchors(emb_l, state.labels, state.num_classes)
-        cand, caps_used = self.candidates(state, out_u, anchors, head, k)
+        cand, caps_used = self.candidates(state, out_u, anchors, model.fc, k)
         cand_idx = np.flatnonzero(cand)
         state.info.update(candidates=int(len(cand_idx)), alpha_caps=caps_used)
         picks = np.zeros(0, dtype=np.int64)

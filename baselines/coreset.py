@@ -31,7 +31,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from baselines._al_head import head_outputs
 from baselines._al_protocol import ActiveLearner, LearnerOptions
 from bench_suite.errors import BadInputError
 from bench_suite.methods import register
@@ -85,8 +84,8 @@ class CoreSet(ActiveLearner):
         block: int = opt(65536, minimum=1, doc="rows per block in the distance passes")
 
     def query(self, state, k, ctx):
-        head, _ = state.train_head()
-        emb = head_outputs(head, state.store, device=state.device, what=("embed",))["embed"]
+        model = state.train_task_model()
+        emb = model.outputs(what=("embed",))["embed"]
         picks, radii = kcenter_greedy(emb, state.labelled_rows, k, device=state.device, block=int(self.options.block))
         state.info["radius"] = [round(r, 6) for r in radii]  # greedy radius before each pick
         return picks

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from baselines._al_head import RankerOptions, head_outputs
+from baselines._al_head import RankerOptions
 from baselines._al_protocol import ActiveLearner, LearnerOptions
 from bench_suite.methods import register
 
@@ -51,9 +51,9 @@ class LearnLoss(ActiveLearner):
 
     def query(self, state, k, ctx):
         o = self.options
-        head, net = state.train_head_and_ranker(o, "margin")
+        model = state.train_task_model(o, "margin")
         subset = state.random_subset(int(o.subset_size), k)
-        pred = head_outputs(head, state.store, subset, device=state.device, what=(), lossnet=net)["pred_loss"]
+        pred = model.outputs(subset, what=(), lossnet=True)["pred_loss"]
         order = np.argsort(-pred, kind="stable")[:k]
         state.info["pred_loss_picked_mean"] = round(float(pred[order].mean()), 5)
         state.info["pred_loss_subset_mean"] = round(float(pred.mean()), 5)

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from baselines._al_head import RankerOptions, forked_rng, head_outputs
+from baselines._al_head import RankerOptions, forked_rng
 from baselines._al_images import load_pool_images, to_unit_range
 from baselines._al_protocol import ActiveLearner, LearnerOptions
 from baselines._al_vae import Batch, VAEOptions, adversarial_training, build_models, endless, score
@@ -46,12 +46,11 @@ from bench_suite.methods import register
 from bench_suite.options import opt
 
 
-def ranker_outputs(state, head, net, subset) -> tuple[np.ndarray, dict]:
+def ranker_outputs(state, model, subset) -> tuple[np.ndarray, dict]:
     """The ranker's raw predicted loss of every labelled and subset row (frozen while the VAE trains):
-    (the subset's, as an array; row -> r for all of them)."""
-    dev = state.device
-    r_lab = head_outputs(head, state.store, state.labelled_rows, device=dev, what=(), lossnet=net)["pred_loss"]
-    r_sub = head_outputs(head, state.store, subset, device=dev, what=(), lossnet=net)["pred_loss"]
+    (the subset's, as an array; row -> r for all of them). ``model``: the round's task model."""
+    r_lab = model.outputs(state.labelled_rows, what=(), lossnet=True)["pred_loss"]
+    r_sub = model.outputs(subset, what=(), lossnet=True)["pred_loss"]
     r_of = {}
     r_of.update(zip(state.labelled_rows.tolist(), r_lab.tolist()))
     r_of.update(zip(subset.tolist(), r_sub.tolist()))
@@ -96,10 +95,10 @@ class TAVAAL(ActiveLearner):
 
     def query(self, state, k, ctx):
         o, images, dev = self.options, ctx["images"], state.device
-        head, net = state.train_head_and_ranker(o, o.ranking_loss)
+        model = state.train_task_model(o, o.ranking_loss)
         t_train = state.info["train_seconds"]
         subset = state.random_subset(int(o.subset_size), k)
-        r_sub, r_of = ranker_outputs(state, head, net, subset)
+        r_sub, r_of = ranker_outputs(state, model, subset)
         bs = int(o.vae_batch_size)
         iters = int(o.vae_iters) or max(1, int((len(state.labelled_rows) + len(subset)) * float(o.vae_epochs)) // bs)
         t0 = time.perf_counter()
