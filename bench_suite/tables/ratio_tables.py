@@ -8,12 +8,14 @@ from __future__ import annotations
 
 from bench_suite import report
 from bench_suite.profiles import Profile
-from bench_suite.tables import grid
+from bench_suite.tables import grid, plots
 
 
 
-def markdown_for(table: str, title: str, about: str, paper_title: str, paper_columns: list, paper_rows: dict):
-    """The markdown function of a ratio table (rows: sampling ratios; columns: ActiveFT variants)."""
+def markdown_for(table: str, title: str, about: str, paper_title: str, paper_columns: list, paper_rows: dict,
+                 plot_what: str = "Top-1 accuracy against the variant"):
+    """The markdown function of a ratio table (rows: sampling ratios; columns: ActiveFT variants); the table's
+    plot (``out["plot"]``, see ``plotter``) is embedded under the accuracy table when there is one."""
 
     def markdown(profile: Profile, prov: dict, out: dict) -> str:
         cells = out["cells"]
@@ -29,9 +31,22 @@ def markdown_for(table: str, title: str, about: str, paper_title: str, paper_col
             about + "\n",
             "## Top-1 accuracy (%)\n",
             report.markdown_table(*grid.transpose(head, acc)),
+            plots.embed(out, plot_what),
             "## Selection quality: Eq. 16 EMD between pool and selection (lower = closer cover)\n",
             report.markdown_table(*grid.transpose(head, emd)),
             *grid.paper_reference(paper_title, ["Sel. Ratio"] + paper_columns, [[r] + v for r, v in paper_rows.items()],
                                   "the datasets, encoder and recipe above differ."),
         ])
     return markdown
+
+
+def plotter(table: str, option: str, xlabel: str, title: str, logx: bool = False):
+    """``draw(profile, out, path)`` for ``plots.plotted``: top-1 against the value of the one ActiveFT
+    ``option`` the table's rows vary (tau, T), one line per sampling ratio."""
+
+    def draw(profile: Profile, out: dict, path) -> None:
+        x_of = {row["label"]: float(row["config"][option]) for row in grid.rows_of(profile, table)
+                if isinstance(row["config"].get(option), (int, float))}
+        plots.variant_plot(path, out["cells"], x_of, lambda d: plots.dataset_label(profile, d), xlabel=xlabel,
+                           title=f"{title} ({profile.name} profile)", logx=logx)
+    return draw

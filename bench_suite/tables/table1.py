@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from bench_suite import report
 from bench_suite.profiles import Profile
-from bench_suite.tables import grid
+from bench_suite.tables import grid, plots
 from bench_suite.tables.registry import TableSpec, register
 
 TABLE = "1"
@@ -36,6 +36,7 @@ def markdown(profile: Profile, prov: dict, out: dict) -> str:
                                  "on the selected samples only, on the held-out test split."),
              "## Top-1 accuracy (%)\n",
              report.markdown_table(head, acc, bold_max_cols=list(range(1, len(head)))),
+             plots.embed(out, "Top-1 accuracy against the sampling ratio, per method"),
              "\"-\": the budget does not exceed the active-learning method's random initial set, as in the paper.\n"
              if any(c.get("skipped") for c in cells) else "",
              "## Selection quality: Eq. 16 EMD between pool and selection (lower = closer cover)\n",
@@ -49,4 +50,11 @@ def markdown(profile: Profile, prov: dict, out: dict) -> str:
     return "\n".join(p for p in parts if p is not None)
 
 
-SPEC = register(TableSpec(TABLE, "classification", grid.runner(TABLE), markdown, PAPER_COLUMNS, PAPER_ROWS))
+def draw(profile: Profile, out: dict, path) -> None:
+    """results/table1.png: top-1 against the budget, one line per method, one panel per dataset."""
+    plots.budget_plot(path, out["cells"], lambda d: plots.dataset_label(profile, d),
+                      title=f"Table 1 - top-1 against the budget ({profile.name} profile)")
+
+
+SPEC = register(TableSpec(TABLE, "classification", plots.plotted(grid.runner(TABLE), TABLE, draw), markdown,
+                          PAPER_COLUMNS, PAPER_ROWS))

@@ -1,7 +1,8 @@
 """Table 7: the number of ActiveFT iterations (appendix A)."""
 
 from bench_suite.tables.grid import runner
-from bench_suite.tables.ratio_tables import markdown_for
+from bench_suite.tables.plots import plotted
+from bench_suite.tables.ratio_tables import markdown_for, plotter
 from bench_suite.tables.registry import TableSpec, register
 
 TABLE = "7"
@@ -13,6 +14,9 @@ PAPER_TITLE = "Table 7 (appendix A; ImageNet 1%, DINO DeiT-S)"
 PAPER_COLUMNS = ["0", "50", "75", "100", "200", "300"]
 PAPER_ROWS = {"1%": ["45.1", "46.7", "48.4", "50.2", "50.1", "50.1"]}
 
-SPEC = register(TableSpec(TABLE, "iterations", runner(TABLE),
-                          markdown_for(TABLE, TITLE, ABOUT, PAPER_TITLE, PAPER_COLUMNS, PAPER_ROWS),
+PLOT = plotter(TABLE, "iters", "iterations T", TITLE, logx=False)  # results/table7.png
+
+SPEC = register(TableSpec(TABLE, "iterations", plotted(runner(TABLE), TABLE, PLOT),
+                          markdown_for(TABLE, TITLE, ABOUT, PAPER_TITLE, PAPER_COLUMNS, PAPER_ROWS,
+                                       "Top-1 accuracy against the number of iterations T"),
                           PAPER_COLUMNS, PAPER_ROWS))
