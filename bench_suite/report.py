@@ -190,3 +190,21 @@ def write_index(out_dir, entries: list[dict]) -> Path:
     path = Path(out_dir) / "README.md"
     atomic.write_text(path, "\n".join(lines) + "\n")
     return path
+
+
+def main(argv=None) -> int:
+    """``python -m bench_suite.report compare A B``: two runs' reports cell by cell (``bench_suite.cli.compare``)."""
+    from bench_suite.cli import main_guard
+    from bench_suite.cli.compare import main as compare_main
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] != "compare":
+        print("usage: python -m bench_suite.report compare A B [--metric M] [--all] [--out FILE] [--strict]\n"
+              "  A, B: a results folder, a tableN.json, or REV:PATH (a git revision's, e.g. HEAD~1:results)",
+              file=sys.stderr)
+        return 2
+    return main_guard(compare_main)(argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
