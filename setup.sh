@@ -1,7 +1,18 @@
 #!/usr/bin/env bash
 # One-time setup: virtualenv, pinned packages, offline data/weights. Safe to re-run.
+#   --with-mmseg   also the [mmseg] extra (mmsegmentation 1.2.2, mmengine 0.10.7, mmcv 2.1.0): the paper's
+#                  segmentation route (launchers/mmseg/) and its tests. mmcv 2.1.0 has no wheel for our torch:
+#                  a prebuilt one is taken from $BENCH_SUITE_MMCV_WHEEL or ../shared/wheels/ when there, else
+#                  it is compiled from the PyPI sdist (~14 min on 2 cores; needs g++).
 set -euo pipefail
 cd "$(dirname "$0")"
+WITH_MMSEG=0
+for arg in "$@"; do
+  case "$arg" in
+    --with-mmseg) WITH_MMSEG=1 ;;
+    *) echo "setup.sh: unknown option $arg (known: --with-mmseg)" >&2; exit 2 ;;
+  esac
+done
 PY=${PYTHON:-python3.11}
 command -v "$PY" >/dev/null || PY=python3
 [ -d .venv ] || "$PY" -m venv .venv
@@ -13,6 +24,34 @@ if [ ! -e /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] && [ -z
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
   $SUDO apt-get install -y -q dataset-fashion-mnist >/dev/null || {
     $SUDO apt-get update -q >/dev/null && $SUDO apt-get install -y -q dataset-fashion-mnist >/dev/null; }
+fi
+if [ "$WITH_MMSEG" = 1 ]; then
+  if ! .venv/bin/python -c "import importlib.metadata as m, sys; sys.exit(m.version('mmcv') != '2.1.0')" 2>/dev/null; then
+    WHEEL=${BENCH_SUITE_MMCV_WHEEL:-$(ls ../shared/wheels/mmcv-2.1.0-cp311-cp311-linux_x86_64.whl 2>/dev/null || true)}
+    if [ -n "$WHEEL" ]; then
+      # the prebuilt CPU wheel (../shared/wheels/README.md: built as below); its checksum as that README gives it
+      if [ -z "${BENCH_SUITE_MMCV_WHEEL:-}" ]; then
+        echo "e47a1fec9bcfec7a5b7cbcd3630ea9033b861a5128e395db61c68970f4aa3d6e  $WHEEL" | sha256sum -c --quiet -
+      fi
+      .venv/bin/python -m pip install -q --no-deps "$WHEEL"
+    else
+      # Build it: the sdist's setup.py asks for -std=c++14/17, torch 2.14's headers need C++20.
+      echo "building mmcv 2.1.0 from source (about 14 min on 2 cores)"
+      BUILD=$(mktemp -d)
+      .venv/bin/python -m pip install -q "setuptools<81" wheel ninja
+      .venv/bin/python -m pip download -q --no-deps --no-binary :all: mmcv==2.1.0 -d "$BUILD"
+      tar -xzf "$BUILD"/mmcv-2.1.0.tar.gz -C "$BUILD"
+      sed -i 's/-std=c++14/-std=c++20/g; s/-std=c++17/-std=c++20/g' "$BUILD"/mmcv-2.1.0/setup.py
+      VPY="$PWD/.venv/bin/python"
+      (cd "$BUILD"/mmcv-2.1.0 && MAX_JOBS=${MAX_JOBS:-2} "$VPY" -m pip wheel -q --no-build-isolation --no-deps . \
+        -w "$BUILD"/dist)
+      .venv/bin/python -m pip install -q --no-deps "$BUILD"/dist/mmcv-2.1.0-*.whl
+      rm -rf "$BUILD"
+    fi
+  fi
+  # mmcv is installed now, so the extra's mmcv==2.1.0 pin is met without a build; the rest comes from PyPI.
+  .venv/bin/python -m pip install -q -e ".[test,mmseg]"
+  .venv/bin/python -c "import mmseg, mmcv.ops; from mmseg.utils import register_all_modules; register_all_modules()"
 fi
 # Convert and verify the offline encoder weights once (cached; a no-op afterwards).
 .venv/bin/python -m bench_suite.cli.prepare_encoders

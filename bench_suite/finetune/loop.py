@@ -166,6 +166,7 @@ def _micro_batch(run: _Run, mb: np.ndarray, scale: float, epoch: int, sync: bool
     with cm:
         ids = run.pool.ids[mb]
         aug = crop_flip_params(ids, run.seed, epoch, run.recipe["crop_scale"], run.recipe["hflip"])
+        run.task.set_epoch(run.seed, epoch)  # for draws a task makes itself (segmentation's mmseg pipeline)
         x, target = run.task.inputs(run.pool, mb, aug, run.ctx.device)
         with autocast(run.amp, run.ctx.device):
             out = run.net(x)

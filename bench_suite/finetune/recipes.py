@@ -71,6 +71,18 @@ SEG_DEFAULTS = {
     "decoder_dropout": 0.1,
     "ignore_index": 255,
     "reduce_zero_label": False,  # ADE20K-style labels: 0 = unlabelled -> ignore, classes shift down by one
+    # The data pipeline (bench_suite/finetune/segmentation.py, seg_pipeline.py). mmseg: mmsegmentation's ADE20K
+    # protocol of the Segmenter configs - random resize (ratio_range of `scale`, aspect kept), an image_size
+    # crop with cat_max_ratio, flip, photometric distortion; evaluation resized to fit `scale`, image_size
+    # windows every slide_stride pixels (image_size null: the encoder's size). resize: images and labels squashed to image_size, no augmentation,
+    # whole-image evaluation (cheap: a frozen backbone prefix runs once per image).
+    "pipeline": "mmseg",
+    "scale": [2048, 512],
+    "ratio_range": [0.5, 2.0],
+    "cat_max_ratio": 0.75,
+    "flip_prob": 0.5,
+    "photometric": True,
+    "slide_stride": 341,
 }
 
 LINEAR_PROBE_DEFAULTS = {"kind": "linear_probe", "C": 1.0, "max_iter": 1000}
@@ -79,7 +91,7 @@ KINDS = {"finetune": FINETUNE_DEFAULTS, "seg_finetune": SEG_DEFAULTS, "linear_pr
 TASK_OF_KIND = {"finetune": "cls", "seg_finetune": "seg", "linear_probe": "cls"}
 # Bumped whenever a change to the code that trains / evaluates a kind can change its numbers: part of every
 # cached table cell's key (tests/test_code_versions.py holds each to its source files).
-KIND_VERSIONS = {"finetune": 1, "seg_finetune": 1, "linear_probe": 1}
+KIND_VERSIONS = {"finetune": 1, "seg_finetune": 2, "linear_probe": 1}  # seg 2: the mmseg pipeline
 
 
 def _read_yaml(path: Path) -> dict:
@@ -217,6 +229,27 @@ def _check(r: dict, where: str) -> None:
             bad(f"reduce_zero_label must be true or false, got {r['reduce_zero_label']!r}")
         if not isinstance(r["ignore_index"], int) or not 0 <= r["ignore_index"] <= 255:
             bad(f"ignore_index must be an integer in 0..255, got {r['ignore_index']!r}")
+        _check_pipeline(r, bad)
+
+
+def _check_pipeline(r: dict, bad) -> None:
+    """The segmentation data pipeline's fields."""
+    if r["pipeline"] not in ("mmseg", "resize"):
+        bad(f"pipeline must be mmseg or resize, got {r['pipeline']!r}")
+    sc, rr = r["scale"], r["ratio_range"]
+    if not (isinstance(sc, (list, tuple)) and len(sc) == 2 and all(isinstance(v, int) and v > 0 for v in sc)):
+        bad(f"scale must be [long, short] positive integers, got {sc!r}")
+    if not (isinstance(rr, (list, tuple)) and len(rr) == 2 and 0 < rr[0] <= rr[1]):
+        bad(f"ratio_range must be [lo, hi] with 0 < lo <= hi, got {rr!r}")
+    if not isinstance(r["cat_max_ratio"], (int, float)) or not 0 < r["cat_max_ratio"] <= 1:
+        bad(f"cat_max_ratio must be in (0, 1] (1: no redraws), got {r['cat_max_ratio']!r}")
+    if not isinstance(r["flip_prob"], (int, float)) or not 0 <= r["flip_prob"] <= 1:
+        bad(f"flip_prob must be in [0, 1], got {r['flip_prob']!r}")
+    if not isinstance(r["photometric"], bool):
+        bad(f"photometric must be true or false, got {r['photometric']!r}")
+    if not isinstance(r["slide_stride"], int) or isinstance(r["slide_stride"], bool) or r["slide_stride"] <= 0 \
+            or (r["pipeline"] == "mmseg" and r["image_size"] and r["slide_stride"] > r["image_size"]):
+        bad(f"slide_stride must be a positive integer no larger than image_size, got {r['slide_stride']!r}")
 
 
 def epochs_for(recipe: dict, ratio: float | None) -> int:

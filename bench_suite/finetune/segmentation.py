@@ -1,10 +1,22 @@
 """Segmentation finetuning: Segmenter on the encoder's ViT, per-pixel cross-entropy, mIoU on the test split.
 
-Images are resized to the recipe's square size (bilinear); training labels are resized (nearest) to the
-same square, or kept at their own size when that is smaller (the logits are upsampled to the labels); for
-evaluation the logits are upsampled back to each label's original size, so mIoU is measured on the
-dataset's own label maps. The loss follows mmsegmentation's default: per-pixel cross-entropy with the
-ignore index skipped, averaged over all pixels of a sample; samples are averaged over the global batch.
+Two data pipelines, chosen by the recipe's ``pipeline``:
+
+- ``mmseg`` (the paper's, Table 2 of the paper profile): mmsegmentation's ADE20K protocol of the Segmenter
+  configs, implemented in ``seg_pipeline``: random resize (ratio 0.5-2.0 of 2048 x 512, aspect ratio kept),
+  a random ``image_size`` crop with cat_max_ratio 0.75, horizontal flip, photometric distortion, padding to
+  the crop size; evaluation resizes each image to fit 2048 x 512 and slides ``image_size`` windows with
+  ``slide_stride``. Each sample's draws come from (seed, epoch, sample id), so they do not depend on the
+  process or batch, and they are the draws mmseg makes from the same numpy seed
+  (tests/test_seg_pipeline_mmseg.py compares the outputs).
+- ``resize`` (the cpu profile's cheap setting): every image squashed to image_size x image_size (bilinear),
+  labels resized (nearest) to the same square, no augmentation, whole-image evaluation. Without augmentation
+  a frozen backbone prefix can be computed once per image (``use_prefix``).
+
+In both, the logits are upsampled (bilinear) to the labels for the loss, and for evaluation to each label
+map's original size, so mIoU is measured on the dataset's own label maps. The loss follows mmsegmentation's
+default: per-pixel cross-entropy with the ignore index skipped, averaged over all pixels of a sample;
+samples are averaged over the global batch.
 """
 
 from __future__ import annotations
@@ -14,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from bench_suite.errors import BadInputError
+from bench_suite.finetune import seg_pipeline as sp
 from bench_suite.finetune.augment import apply_crop_flip
 from bench_suite.finetune.backbone import enable_prefix, set_drop_path, set_trainable
 from bench_suite.finetune.optim import autocast
@@ -61,6 +75,18 @@ class SegTask(Task):
         self._tokens_cache: dict[int, torch.Tensor | None] = {}
         self.prefix = None
         self.device = torch.device("cpu")
+        self.mmseg = recipe["pipeline"] == "mmseg"
+        self.pipe = sp.SegPipeline.of_recipe({**recipe, "image_size": self.size}) if self.mmseg else None
+        self.seed_epoch = (0, 0)
+        if self.mmseg:
+            mean, std = getattr(enc, "mean", None), getattr(enc, "std", None)
+            if mean is None or std is None:
+                raise BadInputError(f"pipeline: mmseg normalises with the encoder's mean / std; encoder "
+                                    f"{getattr(enc, 'name', enc)!r} has none (use pipeline: resize)")
+            self.mean, self.std = torch.as_tensor(mean).reshape(-1).float(), torch.as_tensor(std).reshape(-1).float()
+
+    def set_epoch(self, seed: int, epoch: int) -> None:
+        self.seed_epoch = (int(seed), int(epoch))
 
     def _mask(self, pool: Samples, i: int) -> np.ndarray:
         m = pool.mask(i)
@@ -73,17 +99,10 @@ class SegTask(Task):
             m = m.astype(np.uint8)
         return m
 
-    def _label_size(self, pool: Samples) -> int:
-        """Training labels stay at their own resolution when it is below the input size (no point in
-        upsampling labels), else they are resized with the image."""
-        key = ("label_size", id(pool))
-        if key not in self._cache:
-            self._cache[key] = min(self.size, max(pool.mask(0).shape[:2]))
-        return self._cache[key]
-
     def _batch(self, pool: Samples, idx) -> tuple[torch.Tensor, torch.Tensor]:
+        """``resize`` pipeline: images and labels squashed to the input square (each sample its own scale)."""
         imgs = [_resize(pool.image(int(i)), self.size, False) for i in idx]
-        masks = [_resize(self._mask(pool, int(i)), self._label_size(pool), True) for i in idx]
+        masks = [_resize(self._mask(pool, int(i)), self.size, True) for i in idx]
         x = self.enc.preprocess(np.stack(imgs)).float()
         if x.shape[-2:] != (self.size, self.size):
             raise ValueError(f"encoder preprocessing changed the size to {tuple(x.shape[-2:])}; expected {self.size}")
@@ -116,13 +135,30 @@ class SegTask(Task):
                                                                   device=cached.device)]
 
     def use_prefix(self, model, pool: Samples, device) -> bool:
-        """Run the frozen first blocks once per sample from now on, if the model and recipe allow it."""
+        """Run the frozen first blocks once per sample from now on, if the model and recipe allow it (not
+        with the mmseg pipeline: its inputs change every epoch)."""
         self.device = device
+        if self.mmseg:
+            return False
         x = self._tensors(pool, list(range(min(2, len(pool)))))[0].to(device)
         self.prefix = enable_prefix(model, self.recipe, x)
         return self.prefix is not None
 
+    def _mmseg_batch(self, pool: Samples, idx, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``mmseg`` pipeline: each sample resized / cropped / flipped / distorted with its own draws."""
+        seed, epoch = self.seed_epoch
+        xs, ms = [], []
+        for i in np.asarray(idx).tolist():
+            rng = sp.sample_rng(seed, epoch, int(pool.ids[i]))
+            x, m, _ = sp.train_sample(pool.image(i), self._mask(pool, i), rng, self.pipe, device)
+            x, m = sp.pad_to(sp.normalize(x, self.mean, self.std), m, self.pipe.crop, self.ignore)
+            xs.append(x)
+            ms.append(m)
+        return torch.stack(xs), torch.stack(ms)
+
     def inputs(self, pool, idx, aug, device):
+        if self.mmseg:
+            return self._mmseg_batch(pool, idx, device)
         if aug is None:
             t = self._tokens(pool, idx)
             if t is not None:
@@ -144,8 +180,26 @@ class SegTask(Task):
         acc = ((pred == target) & valid).flatten(1).sum(1).float() / valid.flatten(1).sum(1).clamp(min=1).float()
         return float(acc.sum())
 
-    @torch.no_grad()
-    def evaluate(self, model, test: Samples, ctx: Runtime, amp: str, batch: int) -> dict:
+    def _slide_confusion(self, model, test: Samples, ctx: Runtime, amp: str, batch: int) -> np.ndarray:
+        """``mmseg`` pipeline: each image resized to fit the test scale, sliding windows, logits back to the
+        label map's size."""
+        conf = np.zeros((self.num_classes, self.num_classes), np.int64)
+        p = self.pipe
+
+        def run(crops):
+            with autocast(amp, ctx.device):
+                return model(crops)
+
+        for i in range(len(test)):
+            x = sp.normalize(sp.test_image(test.image(i), p, ctx.device), self.mean, self.std)[None]
+            logits = sp.slide_logits(run, x, self.num_classes, p.crop, p.slide_stride, batch=max(1, batch))
+            gt = torch.as_tensor(self._mask(test, i).astype(np.int64))
+            pred = F.interpolate(logits, size=gt.shape, mode="bilinear", align_corners=False).argmax(1)
+            conf += confusion_matrix(pred.cpu(), gt, self.num_classes, self.ignore)
+        return conf
+
+    def _whole_confusion(self, model, test: Samples, ctx: Runtime, amp: str, batch: int) -> np.ndarray:
+        """``resize`` pipeline: whole squashed images, logits upsampled to each label map's own size."""
         conf = np.zeros((self.num_classes, self.num_classes), np.int64)
         for s in range(0, len(test), batch):
             idx = np.arange(s, min(s + batch, len(test)))
@@ -158,6 +212,11 @@ class SegTask(Task):
                 gt = torch.as_tensor(self._mask(test, int(i)).astype(np.int64))
                 pred = F.interpolate(logits[k:k + 1], size=gt.shape, mode="bilinear", align_corners=False).argmax(1)
                 conf += confusion_matrix(pred.cpu(), gt, self.num_classes, self.ignore)
+        return conf
+
+    @torch.no_grad()
+    def evaluate(self, model, test: Samples, ctx: Runtime, amp: str, batch: int) -> dict:
+        conf = (self._slide_confusion if self.mmseg else self._whole_confusion)(model, test, ctx, amp, batch)
         total = torch.as_tensor(conf, dtype=torch.float64)
         count = torch.tensor([float(len(test))], dtype=torch.float64)
         total = ctx.all_reduce(total)

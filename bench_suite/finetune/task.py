@@ -25,6 +25,10 @@ class Task:
         """Cache the frozen first blocks' output per sample (when possible); True if it will."""
         return False
 
+    def set_epoch(self, seed: int, epoch: int) -> None:
+        """The run's seed and the epoch of the training batches that follow (for per-sample random draws a
+        task makes itself, as segmentation's mmseg pipeline does)."""
+
     def inputs(self, pool: Samples, idx: np.ndarray, aug: np.ndarray | None, device) -> tuple:
         raise NotImplementedError
 

@@ -10,6 +10,10 @@
 # pretrained on ImageNet-normalised RGB, the Segmenter checkpoints on [-1, 1]), the schedule length, and
 # the training subset (`ann_file`: the selected image names, written by launchers/mmseg/train.py).
 #
+# Sliding-window stride: 341 (2/3 of the window), the protocol of issue 12 and of mmseg's ViT ADE20K configs;
+# mmsegmentation 1.2.2's own Segmenter configs (configs/_base_/models/segmenter_vit-b16_mask.py) slide with 480.
+# The recipe field slide_stride (segmenter_paper) holds the same number for the plain-torch path.
+#
 # launchers/mmseg/train.py fills in data_root, ann_file, the checkpoint path, max_iters and the seed; run
 # through it:  python -m launchers.mmseg.train --ade20k DIR --selection sel.json --dino-checkpoint
 # dino_deitsmall16_pretrain.pth --work-dir DIR   (or torchrun --nproc_per_node 8 ... --launcher pytorch).
@@ -73,7 +77,7 @@ model = dict(
         loss_decode=dict(type='CrossEntropyLoss', use_sigmoid=False, loss_weight=1.0),
     ),
     train_cfg=dict(),
-    test_cfg=dict(mode='slide', crop_size=(512, 512), stride=(480, 480)),
+    test_cfg=dict(mode='slide', crop_size=(512, 512), stride=(341, 341)),  # see the note at the top
 )
 
 # ---------------------------------------------------------------- data (ADE20K, ADEChallengeData2016)

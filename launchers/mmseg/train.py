@@ -4,9 +4,12 @@
         --dino-checkpoint dino_deitsmall16_pretrain.pth --work-dir runs/seg-activeft-5pct-s0 --seed 0
     torchrun --nproc_per_node 8 -m launchers.mmseg.train ... --launcher pytorch      # 8 GPUs x batch 1
 
-Optional extra: needs ``pip install .[mmseg]`` (mmsegmentation 1.2.2, mmengine, mmcv 2.1.0 compiled from
-source, ~33 min on 2 cores). Without it this launcher stops with that instruction; the cpu profile uses the
-plain-torch Segmenter (``python -m launchers.finetune --task seg``, library ``bench_suite.finetune``).
+Optional extra: needs ``bash setup.sh --with-mmseg`` (the ``[mmseg]`` extra: mmsegmentation 1.2.2, mmengine
+0.10.7, mmcv 2.1.0 - a prebuilt wheel, or compiled from source in ~14 min on 2 cores). Without it this launcher
+stops with that instruction; the tables use the plain-torch Segmenter (``python -m launchers.finetune --task
+seg``, library ``bench_suite.finetune``), which runs the same data pipeline (recipe segmenter_paper).
+``--set KEY=VALUE`` overrides any config field (mmengine's ``merge_from_dict``), e.g. a smaller model for a
+smoke test: ``--set model.backbone.num_layers=2``.
 
 Sample ids: id ``i`` is the i-th image of ``images/training`` sorted by file name (ADE_train_00000001 ...),
 the order a dataset registry entry for ADE20K must use so that selections made on its features name the
@@ -35,8 +38,8 @@ log = logging.getLogger(__name__)
 CONFIG = Path(__file__).with_name("segmenter_vit-s_mask_8xb1-16k_ade20k-512x512_dino.py")
 PAPER_EPOCHS = 127
 PAPER_BATCH = 8
-INSTALL_HINT = ('the mmseg extra is not installed: pip install "setuptools<81" wheel ninja && MAX_JOBS=2 pip install '
-                '--no-build-isolation mmcv==2.1.0 && pip install ".[mmseg]"  (mmcv compiles from source, ~33 min)')
+INSTALL_HINT = ('the mmseg extra is not installed: run bash setup.sh --with-mmseg (installs mmcv==2.1.0 - '
+                'a prebuilt wheel from ../shared/wheels or compiled from source, ~14 min - then pip install ".[mmseg]")')
 
 
 def ade20k_names(root, split: str = "training") -> list[str]:
@@ -104,8 +107,19 @@ def paper_iters(n_selected: int, batch: int = PAPER_BATCH, epochs: int = PAPER_E
     return int(round(epochs * n_selected / batch / 1000.0)) * 1000 or int(math.ceil(epochs * n_selected / batch))
 
 
-def build_config(*, ade20k, split_file, checkpoint, work_dir, iters: int, seed: int, gpus: int, launcher: str):
-    """The mmengine Config for this run (needs mmengine)."""
+def _value(text: str):
+    """A --set value: a Python / YAML literal when it parses as one (2, 0.5, false, [1, 2]), else the string."""
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def build_config(*, ade20k, split_file, checkpoint, work_dir, iters: int, seed: int, gpus: int, launcher: str,
+                 overrides: dict | None = None):
+    """The mmengine Config for this run (needs mmengine); ``overrides`` as mmengine's merge_from_dict."""
     from mmengine.config import Config
 
     cfg = Config.fromfile(str(CONFIG))
@@ -123,6 +137,8 @@ def build_config(*, ade20k, split_file, checkpoint, work_dir, iters: int, seed: 
     cfg.train_cfg.val_interval = iters
     cfg.param_scheduler[0].end = iters
     cfg.test_evaluator = dict(type="PerClassIoUMetric", iou_metrics=["mIoU"])
+    if overrides:
+        cfg.merge_from_dict(overrides)
     return cfg
 
 
@@ -158,6 +174,8 @@ def main(argv=None) -> int:
     p.add_argument("--iters", type=int, help="training iterations (default: 127 epochs of the subset at batch 8)")
     p.add_argument("--gpus", type=int, default=8, help="GPUs of the run (batch 8 is split over them)")
     p.add_argument("--launcher", choices=["none", "pytorch", "slurm"], default="none")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field (mmengine merge_from_dict), e.g. train_dataloader.num_workers=0")
 
     @main_guard
     def run():
@@ -181,9 +199,15 @@ def main(argv=None) -> int:
             with atomic.atomic_path(ckpt) as tmp:
                 torch.save(convert_dino_vit(state), tmp)
         iters = args.iters or paper_iters(n)
+        overrides = {}
+        for item in args.set:
+            key, eq, val = item.partition("=")
+            if not eq or not key:
+                raise BadInputError(f"--set {item!r}: expected KEY=VALUE")
+            overrides[key.strip()] = _value(val)
         _register_per_class_metric()
         cfg = build_config(ade20k=args.ade20k, split_file=work / "selected_train.txt", checkpoint=ckpt, work_dir=work,
-                           iters=iters, seed=args.seed, gpus=args.gpus, launcher=args.launcher)
+                           iters=iters, seed=args.seed, gpus=args.gpus, launcher=args.launcher, overrides=overrides)
         runner = Runner.from_cfg(cfg)
         runner.train()
         res = runner.test()
