@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # A real one-host SLURM cluster for the tests of the SLURM launcher (tests/test_slurm*.py).
 #
+#   .ci/slurm_setup.sh install  install slurm-wlm + munge with apt if missing (exit 3: apt cannot; .ci/run)
 #   .ci/slurm_setup.sh start    install slurm-wlm + munge with apt if missing, write slurm.conf, start munged,
 #                               slurmctld and the slurmd(s); prints `export SLURM_CONF=...` (exit 0), or exit 3
 #                               with one line when apt cannot install them (no network / no root)
@@ -97,7 +98,7 @@ SlurmctldPort=17017
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
-AuthInfo=cred_expire=10
+AuthInfo=cred_expire=5
 StateSaveLocation=$DIR/state
 SlurmdSpoolDir=$DIR/spool/%n
 SlurmctldPidFile=$DIR/run/slurmctld.pid
@@ -171,8 +172,9 @@ start() {
 }
 
 case "$CMD" in
+  install) install; say "slurm-wlm and munge are installed" ;;
   start) start ;;
   stop) stop ;;
   status) SLURM_CONF=$CONF sinfo -N ;;
-  *) echo "usage: $0 start|stop|status" >&2; exit 2 ;;
+  *) echo "usage: $0 install|start|stop|status" >&2; exit 2 ;;
 esac
