@@ -58,6 +58,7 @@ class TaskModelOptions:
     task_model: str = opt("head", choices=("head", "finetune"),
                           doc="head: MLP on the frozen features (cpu profile); finetune: the backbone, finetuned")
     task_recipe: str = opt("al_deit_round", doc="finetune: the catalogue recipe of each round's finetuning")
+    task_epochs: int = opt(0, minimum=0, doc="finetune: epochs per round (0 = the recipe's)")
     task_weights: str | None = opt(None, doc="finetune: the encoder's weights file (default: its own location)")
     task_batch: int = opt(256, minimum=1, doc="finetune: images per forward pass over the pool")
 
@@ -124,11 +125,13 @@ class JointTask:
         self.base, self.margin, self.weight, self.ranking = base, float(margin), float(weight), ranking
         self.last_module_loss = float("nan")
 
+    def __getattr__(self, name):
+        # everything else of the engine's Task interface (inputs, and whatever hooks the loop calls) is the
+        # classification task's
+        return getattr(self.base, name)
+
     def use_prefix(self, model, pool, device) -> bool:
         return False
-
-    def inputs(self, pool, idx, aug, device):
-        return self.base.inputs(pool, idx, aug, device)
 
     def per_sample_loss(self, out, target):
         logits, pred = out
@@ -183,6 +186,17 @@ class FinetunedTaskModel:
         return {k: out.get(k, np.zeros((0,), np.float32)) for k in keys}
 
 
+def round_recipe(method: str, o: TaskModelOptions) -> dict:
+    """The fully resolved recipe of each round's finetuning: the catalogue's ``task_recipe`` (through the
+    finetuning engine's resolver), with ``task_epochs`` when set."""
+    trainer = trainers.get(TRAINER)
+    recipe = trainer.recipe(o.task_recipe, {"epochs": int(o.task_epochs)} if o.task_epochs else None)
+    if recipe["kind"] != "finetune":
+        raise BadInputError(f"{method}: task_recipe {o.task_recipe!r} is a {recipe['kind']} recipe; the task model "
+                            "needs a classification finetuning recipe (kind: finetune)")
+    return recipe
+
+
 class BackboneContext:
     """Per selection: the trainer (the finetuning engine), the resolved recipe, the pretrained encoder and the
     pool's images; ``train(state)`` runs one round's finetuning."""
@@ -192,10 +206,7 @@ class BackboneContext:
         self.name, self.store, self.device = selector.name, store, torch.device(device)
         self.trainer = trainers.get(TRAINER)
         self.recipe_name = o.task_recipe
-        self.recipe = self.trainer.recipe(o.task_recipe)
-        if self.recipe["kind"] != "finetune":
-            raise BadInputError(f"{selector.name}: task_recipe {o.task_recipe!r} is a {self.recipe['kind']} recipe; "
-                                "the task model needs a classification finetuning recipe (kind: finetune)")
+        self.recipe = round_recipe(selector.name, o)
         self.encoder = self._encoder(store, o.task_weights, self.recipe.get("image_size"))
         self.images = PoolImages(store, selector.name)
         self.batch = int(o.task_batch)

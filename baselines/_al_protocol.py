@@ -27,7 +27,7 @@ Options shared by the five (``ProtocolOptions``): init_ratio, batch_ratio, init_
 project's one rule: ``auto`` = the rank's local GPU, else the CPU), cpu_threads (0: leave the thread pools
 alone; n: torch and the OpenMP/BLAS pools of numpy and scikit-learn use n threads during the selection,
 restored after; 1 is the right value on a busy CPU box); the methods with a task model add its choice
-(``task_model``, ``task_recipe``, ``task_weights``, ``task_batch``) and the head_* recipe (``LearnerOptions``:
+(``task_model``, ``task_recipe``, ``task_epochs``, ``task_weights``, ``task_batch``) and the head_* recipe (``LearnerOptions``:
 hidden, epochs, lr, optimizer, momentum, weight_decay, batch_size, lr_step; used by ``task_model: head``).
 
 A method is an ``ActiveLearner`` (a ``Selector`` with ``label_free = False``) that implements
@@ -53,7 +53,7 @@ import numpy as np
 import torch
 from threadpoolctl import threadpool_limits
 
-from baselines._al_backbone import BackboneContext, TaskModelOptions
+from baselines._al_backbone import BackboneContext, TaskModelOptions, round_recipe
 from baselines._al_head import HeadOptions, HeadRecipe, HeadTaskModel, RankerOptions, take_rows, train_head
 from bench_suite.errors import BadInputError
 from bench_suite.methods import Pool, Selector
@@ -229,6 +229,14 @@ class ActiveLearner(Selector):
         self.head = HeadRecipe.from_options(self.options) if isinstance(self.options, HeadOptions) else None
         self.last_round_models: dict = {}  # the last round's trained models (see the module docstring)
         self.backbone_ctx: BackboneContext | None = None  # task_model finetune: set per selection
+
+    def config(self) -> dict:
+        """The resolved options; with ``task_model: finetune`` also the round recipe's resolved settings (so a
+        table cell's key changes when the catalogue entry does)."""
+        cfg = super().config()
+        if self.finetunes:
+            cfg["task_recipe_settings"] = round_recipe(self.name, self.options)
+        return cfg
 
     @property
     def finetunes(self) -> bool:

@@ -39,7 +39,7 @@ FAST_VAE = {"vae_width": 8, "vae_iters": 6, "vae_batch_size": 64}
 METHODS = {
     "coreset": (CoreSet, {}),
     "learnloss": (LearnLoss, {}),
-    "alfamix": (ALFAMix, {}),
+    "alfamix": (ALFAMix, {"alpha_mode": "closed_form", "alpha_cap": 0.2}),  # recomputed below with the formula
     "vaal": (VAAL, FAST_VAE),
     "tavaal": (TAVAAL, FAST_VAE),
 }
@@ -327,7 +327,7 @@ def test_alfamix_picks_from_the_candidates(runs, digits_store):
 def test_alfamix_takes_every_candidate_then_fills_randomly(digits_store):
     # a batch of 500: fewer samples than that change prediction even at cap 1, so all of them are taken (first,
     # one per k-means cluster) and the rest of the batch is drawn from the other unlabelled samples
-    method = ALFAMix(init_size=40, batch_size=500)
+    method = ALFAMix(init_size=40, batch_size=500, alpha_mode="closed_form", alpha_cap=0.2)
     sel = method.select(digits_store, 540, seed=0, oracle=oracle_for(digits_store))
     labelled, picked, unlabelled = last_round(sel, digits_store, 40)
     cand = alfamix_candidates(method.last_round_models["head"], digits_store, labelled, unlabelled, len(picked))
@@ -337,9 +337,61 @@ def test_alfamix_takes_every_candidate_then_fills_randomly(digits_store):
     assert len(set(fill.tolist())) == len(fill) and not set(fill.tolist()) & set(cand.tolist())
 
 
+def original_learn_alpha_changes(z, fc, anchors, cap, gen, iters=5, lr=0.1, clf_coef=1.0, l2_coef=0.01):
+    """The authors' learned alpha (AlphaMixSampling.generate_alpha + learn_alpha, one batch), transcribed: for each
+    anchor alpha ~ N(cap/2, cap/2) clamped to [1e-8, cap]; ``iters`` steps of a fresh Adam (lr / 10 in the last
+    third) on -CE + l2 ||alpha||, clamping after each; a prediction change seen before any step counts."""
+    n, d = z.shape
+    with torch.no_grad():
+        pred = fc(z).argmax(1)
+    changed = torch.zeros(n, dtype=torch.bool)
+    for anchor in anchors:
+        alpha = torch.normal(mean=cap / 2.0, std=cap / 2.0, size=(n, d), generator=gen)
+        alpha[torch.isnan(alpha)] = 1
+        alpha = torch.clamp(alpha, min=1e-8, max=cap)
+        c_e = anchor.view(1, -1).repeat(n, 1)
+        for i in range(iters):
+            l = torch.autograd.Variable(alpha.clone(), requires_grad=True)
+            opt = torch.optim.Adam([l], lr=lr / (1. if i < iters * 2 / 3 else 10.))
+            out = fc((1 - l) * z + l * c_e)
+            changed |= (out.argmax(dim=1) != pred).detach()
+            clf_loss = F.cross_entropy(out, pred, reduction="none") * -1
+            loss = clf_coef * clf_loss + l2_coef * torch.norm(l, dim=1)
+            loss.sum().backward()
+            opt.step()
+            alpha = torch.clamp(l, min=1e-8, max=cap).detach()
+    return changed.numpy()
+
+
+def test_alfamix_learned_alpha_matches_the_authors_learn_alpha():
+    from baselines.alfamix import candidates_learned
+
+    torch.manual_seed(0)
+    n, d, c = 300, 24, 6
+    z = torch.randn(n, d).relu()
+    fc = torch.nn.Linear(d, c)
+    anchors = torch.randn(c, d).relu()
+    with torch.no_grad():
+        logits = fc(z)
+    for cap in (0.03125, 0.25):
+        mine = candidates_learned(z.numpy(), logits.numpy(), anchors.numpy(), fc, cap,
+                                  gen=torch.Generator().manual_seed(5), device="cpu")
+        ref = original_learn_alpha_changes(z, fc, anchors, cap, torch.Generator().manual_seed(5))
+        np.testing.assert_array_equal(mine, ref)
+    assert 0 < ref.sum() < n  # cap 0.25 changes some predictions, not all
+
+
+def test_alfamix_defaults_are_the_authors_main_command():
+    # README: `--strategy AlphaMixSampling --alpha_opt` with the code's default --alpha_cap 0.03125
+    o = ALFAMix().options
+    assert (o.alpha_mode, o.alpha_cap, o.alpha_learning_iters, o.alpha_learning_rate, o.alpha_clf_coef,
+            o.alpha_l2_coef) == ("learned", 0.03125, 5, 0.1, 1.0, 0.01)
+
+
 def test_alfamix_learned_alpha_runs(digits_store):
-    sel = ALFAMix(**PROTO, alpha_mode="learned").select(digits_store, 80, seed=0, oracle=oracle_for(digits_store))
+    sel = ALFAMix(**PROTO).select(digits_store, 80, seed=0, oracle=oracle_for(digits_store))
     assert len(sel.ids) == 80 and sel.info["rounds"][0]["candidates"] > 0
+    assert sel.config["alpha_mode"] == "learned"
 
 
 def test_vaal_picks_what_the_discriminator_calls_unlabelled(runs, digits_store, images32):
