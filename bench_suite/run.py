@@ -124,7 +124,7 @@ def main(argv=None) -> int:
     if args.launcher == "slurm" and not args.slurm_collect:  # submit; None: every cell cached, report here
         code = slurm_launcher.launch(args, profile, tables, sources)
         if code is not None:
-            return code
+            raise SystemExit(code)  # 1: a cell or a job failed (each named on stderr)
     acc = bdist.make_accelerator()
     revision = report.git_revision()
     fresh_done: set = set()  # with --fresh, a cell that two tables share is recomputed once
