@@ -184,7 +184,8 @@ def figure4_plot(path, xy: np.ndarray, labels: np.ndarray | None, picks: dict, *
     else:
         colors = np.array([(0.6, 0.6, 0.6, 1.0)] * len(xy))
     for ax, name in zip(axes, names):
-        ax.scatter(xy[:, 0], xy[:, 1], s=2, c=colors, alpha=0.35, linewidths=0, rasterized=True)
+        ax.scatter(xy[:, 0], xy[:, 1], s=3 if len(xy) > 2000 else 6, c=colors, alpha=0.5, linewidths=0,
+                   rasterized=True)
         rows = np.asarray(picks[name], dtype=int)
         ax.scatter(xy[rows, 0], xy[rows, 1], s=9, c="black", linewidths=0)
         ax.set_title(f"{name} ({len(rows)})", fontsize=10)
