@@ -127,7 +127,7 @@ def build_config(*, ade20k, split_file, checkpoint, work_dir, iters: int, seed: 
     cfg.launcher = launcher
     cfg.randomness = dict(seed=seed)
     cfg.model.pretrained = str(checkpoint)
-    for loader in (cfg.train_dataloader, cfg.val_dataloader, cfg.test_dataloader):
+    for loader in (cfg.train_dataloader, cfg.test_dataloader):
         loader.dataset.data_root = str(ade20k)
     cfg.train_dataloader.dataset.ann_file = str(Path(split_file).resolve())
     if PAPER_BATCH % gpus:
@@ -136,6 +136,8 @@ def build_config(*, ade20k, split_file, checkpoint, work_dir, iters: int, seed: 
     cfg.train_cfg.max_iters = iters
     cfg.train_cfg.val_interval = iters
     cfg.param_scheduler[0].end = iters
+    # one evaluation, runner.test() after training (with a val loop the same split was evaluated twice)
+    cfg.val_cfg = cfg.val_dataloader = cfg.val_evaluator = None
     cfg.test_evaluator = dict(type="PerClassIoUMetric", iou_metrics=["mIoU"])
     if overrides:
         cfg.merge_from_dict(overrides)
