@@ -71,6 +71,9 @@ def check_arguments(args) -> None:
         value = getattr(args, name)
         if value < (1 if name == "nodes" else 0):
             raise BadInputError(f"--{name.replace('_', '-')} must be >= {1 if name == 'nodes' else 0}, got {value}")
+    if getattr(args, "fresh", False):
+        raise BadInputError("--fresh does not go with --launcher slurm: the array holds the cells that are not "
+                            "cached; to recompute a table, give it another --work (or delete WORK/cells)")
     if args.cpus_per_task is not None and args.cpus_per_task < 1:
         raise BadInputError(f"--cpus-per-task must be >= 1, got {args.cpus_per_task}")
 

@@ -17,15 +17,18 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
+import socket
 import time
 from pathlib import Path
 
-from bench_suite import report
+from bench_suite import locks, report
 from bench_suite import runtime as bdist
 from bench_suite.cli import main_guard, setup_logging
 from bench_suite.errors import BadInputError
 from bench_suite.profiles import EncoderRef, load_profile
-from bench_suite.tables.cells import run_cells
+from bench_suite.digest import json_digest
+from bench_suite.tables.cells import CELL_VERSION, cell_key, run_cells
 from bench_suite.tables.common import Context, prepare_split
 from launchers.slurm.plan import encoders_of
 
@@ -72,11 +75,28 @@ def cell(plan_path: Path, task: int) -> int:
     t0 = time.perf_counter()
     stores = {c["dataset"]: (prepare_split(ctx, c["dataset"], "pool", encoder=enc),
                              prepare_split(ctx, c["dataset"], "test", encoder=enc))}
+    _take_over_own_lock(ctx, c, stores[c["dataset"]])
     result = run_cells(ctx, [c], stores, encoder=enc)[0]
     metric = next((m for m in ("top1", "miou") if m in result), None)
     log.info("cell done in %.0f s: %s", time.perf_counter() - t0,
              result.get("skipped") or (f"{metric} {result[metric]:.2f}" if metric else "no metric"))
     return 0
+
+
+def _take_over_own_lock(ctx, c: dict, stores) -> None:
+    """A requeued task whose earlier run died without releasing the cell's lock (node failure, SIGKILL), on
+    another node: that lock is its own, but ``bench_suite.locks`` can only tell a dead owner on the same host
+    (elsewhere it waits ``STALE_S``, 6 h). A restarted array task (``SLURM_RESTART_COUNT`` > 0) takes over a
+    lock held from another host; the result is still written once (atomically) and checked under the lock."""
+    if int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) < 1:
+        return
+    key = cell_key(ctx, c, *stores)
+    lock = ctx.work / "cells" / f"v{CELL_VERSION}" / f"{json_digest(key)}.lock"
+    who = locks.owner(lock)
+    if who and who.get("host") != socket.gethostname():
+        log.warning("restart %s of this task: taking over the cell lock its earlier run held on %s (%s)",
+                    os.environ["SLURM_RESTART_COUNT"], who.get("host"), lock)
+        locks.release(lock)
 
 
 @main_guard
