@@ -92,7 +92,7 @@ def extract_features(shard_dir, out_dir, *, encoder: str, pooling: str | None = 
                      batch_size: int = 64, accelerator=None, weights=None, cache_dir=None, progress: bool = True,
                      force: bool = False, num_workers: int | None = None, precision: str = "fp32",
                      decode: str = "cpu", preprocess: str | None = None, channels_last: bool | None = None,
-                     pin_memory: bool | None = None) -> FeatureStore:
+                     pin_memory: bool | None = None, threads: int | None = None) -> FeatureStore:
     """Extract (or reuse cached) features of every sample in ``shard_dir`` into the store ``out_dir``.
 
     ``num_workers``: DataLoader workers per process (None: ``default_workers``). ``precision``: fp32 | bf16.
@@ -116,7 +116,7 @@ def extract_features(shard_dir, out_dir, *, encoder: str, pooling: str | None = 
     rank, world = acc.process_index, acc.num_processes
     device = acc.device
     if device.type == "cpu":
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, acc.num_processes)))
+        torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // max(1, acc.num_processes)))
     enc = get_encoder(encoder, image_size=image_size, weights=weights, cache_dir=cache_dir, device=str(device))
     pooling = enc.check_pooling(pooling)
     variant = {k: v for k, v, default in (("precision", precision, "fp32"), ("decode", decode, "cpu")) if v != default}
@@ -382,6 +382,7 @@ def _extract_rank(shard_dir, names, manifest, enc, pooling, settings, parts_dir,
 
     bar = Tracker(f"features {manifest['dataset']}/{manifest['split']}", sum(counts[n] for n in names),
                   enabled=progress, unit="images", transient=True)
+    checked = False
     try:
         for batch in _read(loader, shard_dir):
             x = _device_inputs(batch, prep, device, non_blocking)
@@ -390,6 +391,10 @@ def _extract_rank(shard_dir, names, manifest, enc, pooling, settings, parts_dir,
             with autocast:
                 f = enc.features(x, pooling=pooling)
             f = F.normalize(f.float(), dim=1)
+            if settings["precision"] == "bf16" and not checked:  # measure what bf16 costs, on the first batch
+                ref = F.normalize(enc.features(x, pooling=pooling).float(), dim=1)
+                _check_bf16(parts_dir, float((f * ref).sum(1).min()), len(f), enc.name)
+                checked = True
             if non_blocking:
                 host = torch.empty(f.shape, dtype=f.dtype, pin_memory=True)
                 host.copy_(f, non_blocking=True)
@@ -424,6 +429,20 @@ def _extract_rank(shard_dir, names, manifest, enc, pooling, settings, parts_dir,
         raise CorruptDataError(f"shard {missing[0]}: read 0 samples, manifest says {counts[missing[0]]}")
 
 
+BF16_MIN_COSINE = 0.999
+
+
+def _check_bf16(parts_dir: Path, cosine: float, rows: int, encoder: str) -> None:
+    """Record the smallest per-row cosine between bf16 and fp32 features of the first batch (it goes into the
+    store's meta) and warn when it is under ``BF16_MIN_COSINE``."""
+    atomic.write_json(parts_dir / f"bf16-check-{os.getpid()}.json", {"min_cosine": cosine, "rows": rows})
+    if cosine < BF16_MIN_COSINE:
+        log.warning("--precision bf16: %s's bf16 features differ from fp32 (min cosine %.5f per row on the first "
+                    "batch of %d, under %.3f); use fp32 for this encoder", encoder, cosine, rows, BF16_MIN_COSINE)
+    else:
+        log.info("--precision bf16: min cosine to fp32 per row on the first batch of %d: %.5f", rows, cosine)
+
+
 def _read(loader, shard_dir):
     try:
         yield from loader
@@ -452,6 +471,10 @@ def _merge_shards(parts_dir: Path, manifest: dict, out_dir: Path, meta: dict) ->
         raise CorruptDataError(f"merged {len(ids)} feature rows ({len(np.unique(ids))} unique, widths {sorted(dims)}) "
                                f"but the manifest lists {manifest['count']} samples")
     dim = dims.pop() if dims else 0
+    checks = [json.loads(p.read_text()) for p in sorted(parts_dir.glob("bf16-check-*.json"))]
+    if checks:
+        meta = {**meta, "extraction": {**meta.get("extraction", {}), "bf16_min_cosine_first_batch":
+                                       min(c["min_cosine"] for c in checks)}}
     offsets = np.cumsum([0] + [len(f) for f in feats])
     order = np.argsort(ids, kind="stable")
     rows = max(1, BLOCK_BYTES // max(1, 4 * dim))

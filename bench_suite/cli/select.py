@@ -1,24 +1,39 @@
-"""``python -m bench_suite.cli.select``: run any registered selection method on a feature store.
+"""``python -m bench_suite.cli.select``: run any registered selection method on a feature store, or go from a
+folder of images (or a shard folder) to the list of images to annotate in one command.
 
     python -m bench_suite.cli.select --features STORE_DIR_OR_NPY (--budget B | --ratio R) --method NAME \
         [--seed S] [--objective official|paper] [--set key=value ...] [--labels FILE] --out sel.json
+    python -m bench_suite.cli.select --images DIR --encoder NAME --budget B --method activeft --out sel.json \
+        [--out-list picks.txt] [--work work_dirs] [--image-size S] [--workers W] [--precision fp32|bf16]
+    python -m bench_suite.cli.select --shards DIR --encoder NAME --budget B ... --out sel.json
     python -m bench_suite.cli.select --list
+
+With ``--images``/``--shards`` every stage is cached under ``--work``: the folder's shards (keyed by each
+image's relative path, size and modification time), the features (bench_suite.extract's fingerprint) and the
+selection (keyed by the features' fingerprint, method, budget, seed and options); a rerun redoes only what
+changed (``--force`` redoes the features and the selection). The JSON lists the selected images' paths
+relative to the folder (``paths``, in the order of ``ids``); ``--out-list`` writes just those paths, one per
+line. Shards not made from a folder name their samples ``<shard>/<id>``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 from pathlib import Path
 
 import numpy as np
 
 from bench_suite.methods import registry
+from bench_suite import atomic, locks
 from bench_suite import runtime as bdist
 from bench_suite.cli import main_guard, setup_logging
 from bench_suite.options import parse_set
 from bench_suite.errors import BadInputError, MissingDataError
-from bench_suite.methods import budget_from_ratio, check_budget, run_selection
+from bench_suite.methods import Selection, budget_from_ratio, check_budget, run_selection
+from bench_suite.digest import json_digest
+from bench_suite.data import shards as wshards
 from bench_suite.store import FeatureStore
 
 log = logging.getLogger("bench_suite.cli.select")
@@ -27,7 +42,21 @@ log = logging.getLogger("bench_suite.cli.select")
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench_suite.cli.select", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--features", help="FeatureStore folder or an N x d .npy")
+    src = p.add_argument_group("input (one of)")
+    src.add_argument("--features", help="FeatureStore folder or an N x d .npy")
+    src.add_argument("--images", help="a folder of images (searched recursively): shards -> features -> selection")
+    src.add_argument("--shards", help="a WebDataset shard folder (launchers.prepare_shards): features -> selection")
+    ext = p.add_argument_group("features, with --images / --shards")
+    ext.add_argument("--encoder", help="encoder name (bench_suite.encoders)")
+    ext.add_argument("--image-size", type=int)
+    ext.add_argument("--pooling", choices=["cls", "cls+mean", "gap"])
+    ext.add_argument("--weights", help="local checkpoint for encoders that need one (dino_vits16)")
+    ext.add_argument("--batch-size", type=int, default=64)
+    ext.add_argument("--workers", type=int, help="DataLoader workers per process (default: by device and cores)")
+    ext.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    ext.add_argument("--shard-size", type=int, default=1000, help="images per shard (--images)")
+    ext.add_argument("--work", default="work_dirs", help="where the stages are cached (default: work_dirs)")
+    ext.add_argument("--force", action="store_true", help="recompute the features and the selection")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--budget", type=int)
     g.add_argument("--ratio", type=float)
@@ -37,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="method options, e.g. --set iters=300 temperature=0.07")
     p.add_argument("--labels", help="labels for the AL methods' oracle: an .npy (N,) or 'store'")
     p.add_argument("--out", help="where to write the selection JSON")
+    p.add_argument("--out-list", help="also write the selected images' paths, one per line")
     p.add_argument("--list", action="store_true", help="list the registered methods and exit")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
@@ -72,26 +102,103 @@ def main(argv=None) -> int:
             table.add_row(name, "yes" if cls.label_free else "no (oracle)", cls.description)
         Console().print(table)
         return 0
-    if not args.features:
-        raise BadInputError("--features is required (a FeatureStore folder or an .npy)")
+    given = [name for name in ("features", "images", "shards") if getattr(args, name)]
+    if len(given) != 1:
+        raise BadInputError("give one of --features (a FeatureStore folder or an .npy), --images DIR or --shards DIR"
+                            + (f"; got {', '.join('--' + g for g in given)}" if given else ""))
     if args.budget is None and args.ratio is None:
         raise BadInputError("give --budget B or --ratio R")
     if not args.out:
         raise BadInputError("--out is required")
     registry.selector_class(args.method)  # unknown name -> error before any work
-    d = bdist.init_from_env()
-    store = FeatureStore.open(args.features)
-    n = store.total_rows
-    budget = check_budget(args.budget, n) if args.budget is not None else budget_from_ratio(args.ratio, n)
     config = parse_set(args.set)
     if args.objective:
         config["objective"] = args.objective
-    labels = load_labels(args.labels, store)
-    sel = run_selection(store, args.method, budget, args.seed, config, labels, dist=d)
+    if args.features:
+        d = bdist.init_from_env()
+        store = FeatureStore.open(args.features)
+    else:
+        if not args.encoder:
+            raise BadInputError(f"--{given[0]} needs --encoder NAME (python -m bench_suite.cli.prepare_encoders "
+                                "lists them)")
+        store = features_of(args)
+        d = bdist.init_from_env()  # the extraction's Accelerator already joined the process group, if any
+    n = store.total_rows
+    budget = check_budget(args.budget, n) if args.budget is not None else budget_from_ratio(args.ratio, n)
+    cache = None if args.features else selection_path(args, store, config, budget)
+    if cache is not None and not args.force and cache.exists():
+        sel = Selection.load(cache)
+        log.info("selection cached in %s", cache)
+    else:
+        labels = load_labels(args.labels, store)
+        sel = run_selection(store, args.method, budget, args.seed, config, labels, dist=d)
+        if cache is not None and d.is_main:
+            sel.save(cache)
     if d.is_main:
-        sel.save(args.out)
-        log.info("%s selected %d ids in %.2fs -> %s", args.method, budget, sel.seconds, args.out)
+        out = sel.to_json()
+        names = sample_names(store, sel.ids, required=bool(args.out_list))
+        if names is not None:
+            out["paths"] = names
+            out["source"] = args.images or store.meta.get("shards")
+        atomic.write_json(args.out, out)
+        if args.out_list:
+            atomic.write_text(args.out_list, "".join(name + "\n" for name in names))
+        log.info("%s selected %d ids in %.2fs -> %s%s", args.method, budget, sel.seconds, args.out,
+                 f" and {args.out_list}" if args.out_list else "")
     return bdist.exit_process(0)  # ends a distributed run without the gloo-at-exit abort
+
+
+def features_of(args) -> FeatureStore:
+    """The stages before the selection, each cached under ``--work``: the folder's shards (--images), then the
+    features (bench_suite.extract: its fingerprint decides whether the cached store is current)."""
+    from bench_suite.extract import extract_features
+    from bench_suite.runtime import make_accelerator
+
+    work = Path(args.work)
+    acc = make_accelerator()
+    if args.images:
+        images = Path(args.images)
+        shard_dir = work / "shards" / f"images-{images.resolve().name}-{wshards.folder_key(images)}"
+        if acc.process_index == 0:
+            with locks.held(shard_dir.with_name(shard_dir.name + ".lock"), "writing shards"):
+                if not (shard_dir / wshards.MANIFEST).exists():
+                    manifest = wshards.write_folder_shards(images, shard_dir, shard_size=args.shard_size)
+                    log.info("%s: %d images -> %d shards in %s", images, manifest["count"], len(manifest["shards"]),
+                             shard_dir)
+                else:
+                    log.info("shards of %s cached in %s", images, shard_dir)
+        acc.wait_for_everyone()
+    else:
+        shard_dir = Path(args.shards)
+    manifest = wshards.load_manifest(shard_dir)
+    tag = "-".join(str(v) for v in (args.encoder, args.image_size or "default", args.pooling or "default",
+                                    args.precision))
+    feat_dir = work / "features" / f"{shard_dir.name}-{manifest['checksum'][:8]}-{tag}"
+    lock = feat_dir.with_name(feat_dir.name + ".lock")
+    with locks.held(lock, "extracting features") if acc.process_index == 0 else contextlib.nullcontext():
+        return extract_features(shard_dir, feat_dir, encoder=args.encoder, pooling=args.pooling,
+                                image_size=args.image_size, batch_size=args.batch_size, accelerator=acc,
+                                weights=args.weights, num_workers=args.workers, precision=args.precision,
+                                force=args.force)
+
+
+def selection_path(args, store: FeatureStore, config: dict, budget: int) -> Path:
+    """Where the selection of these features, method, budget, seed and options is cached."""
+    key = json_digest({"features": store.meta.get("fingerprint") or store.checksum(), "method": args.method,
+                       "budget": budget, "seed": args.seed, "config": config, "labels": args.labels})
+    return Path(args.work) / "selections" / f"{args.method}-{budget}-{key}.json"
+
+
+def sample_names(store: FeatureStore, ids, *, required: bool) -> list[str] | None:
+    """The selected samples' paths relative to the image folder (or ``<shard>/<id>``), from the manifest of
+    the store's shard folder; None when the store records none (an .npy), an error if ``required``."""
+    shard_dir = (store.meta or {}).get("shards")
+    if not shard_dir or not (Path(shard_dir) / wshards.MANIFEST).exists():
+        if required:
+            raise BadInputError("--out-list needs a feature store that records its shard folder (made by "
+                                "--images, --shards or bench_suite.cli.features)")
+        return None
+    return wshards.sample_names(wshards.load_manifest(shard_dir), ids)
 
 
 if __name__ == "__main__":

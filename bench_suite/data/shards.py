@@ -6,7 +6,9 @@ Layout of a shard folder::
     shard-000000.tar ...     samples: __key__ = 9-digit global id, png|jpg image, cls label (, seg.png mask)
 
 Global ids are indices into the original split, so a selection always names the same images whatever
-subset of the split was sharded. Rank r of W reads shards r, r+W, ... (round robin); feature extraction
+subset of the split was sharded. A folder of images (``write_folder_shards``, for ``python -m
+bench_suite.cli.select --images DIR``) is sharded in sorted path order: id i is the i-th image, its label is
+-1 (unknown), and the manifest's ``paths`` lists each id's path relative to the folder. Rank r of W reads shards r, r+W, ... (round robin); feature extraction
 never runs collectives per batch, so uneven shard counts per rank cannot hang it.
 """
 
@@ -103,6 +105,98 @@ def write_shards(dataset: str, split: str, out_dir, *, source=None, limit: int |
         manifest["checksum"] = hashlib.sha256("".join(s["sha256"] for s in shards).encode()).hexdigest()[:16]
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
+
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+
+
+def list_images(image_dir) -> list[Path]:
+    """The image files under ``image_dir`` (recursively, hidden files and folders skipped), in sorted order of
+    their relative paths."""
+    root = Path(image_dir)
+    if not root.is_dir():
+        raise MissingDataError(f"--images {root}: not a folder")
+    files = sorted((p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+                    and not any(part.startswith(".") for part in p.relative_to(root).parts)),
+                   key=lambda p: p.relative_to(root).as_posix())
+    if not files:
+        raise BadInputError(f"--images {root}: no image files ({', '.join(IMAGE_SUFFIXES)}) in it")
+    return files
+
+
+def folder_key(image_dir) -> str:
+    """A digest of a folder's images as listed by ``list_images``: relative path, size and modification time
+    of each (what decides whether its shards are still current, without reading every image)."""
+    root = Path(image_dir)
+    entries = []
+    for p in list_images(root):
+        st = p.stat()
+        entries.append((p.relative_to(root).as_posix(), st.st_size, st.st_mtime_ns))
+    return json_digest({"images": entries})
+
+
+def write_blob_shards(samples, out_dir, *, dataset: str, split: str = "all", count: int, shard_size: int = 1000,
+                      classes=(), extra: dict | None = None, progress=None) -> dict:
+    """Write encoded images as shards + manifest: ``samples`` yields (id, blob, label) in increasing id order;
+    the blob (JPEG, PNG or any format PIL reads) is stored as is, under ``jpg`` when it is a JPEG and
+    ``png`` otherwise. ``extra`` goes into the manifest."""
+    import webdataset as wds
+
+    if shard_size <= 0:
+        raise BadInputError(f"--shard-size must be positive, got {shard_size}")
+    out_dir = Path(out_dir)
+    shards, label_counts = [], {}
+    it = iter(samples)
+    with atomic.atomic_dir(out_dir) as tmp:
+        for s in range(max(1, math.ceil(count / shard_size))):
+            name = f"shard-{s:06d}.tar"
+            gids = []
+            with wds.TarWriter(str(tmp / name), encoder=False, mtime=0.0) as sink:
+                for gid, blob, label in (next(it) for _ in range(min(shard_size, count - s * shard_size))):
+                    ext = "jpg" if blob[:3] == b"\xff\xd8\xff" else "png"
+                    sink.write({"__key__": f"{gid:09d}", ext: blob, "cls": str(int(label)).encode()})
+                    gids.append(int(gid))
+                    label_counts[int(label)] = label_counts.get(int(label), 0) + 1
+            shards.append({"name": name, "count": len(gids), "sha256": sha256_file(tmp / name),
+                           "first_id": gids[0] if gids else -1, "last_id": gids[-1] if gids else -1})
+            if progress:
+                progress(len(gids))
+        manifest = {"dataset": dataset, "split": split, "task": "classification", "count": int(count),
+                    "classes": list(classes), "num_classes": len(classes),
+                    "label_counts": {str(k): v for k, v in sorted(label_counts.items())}, **(extra or {}),
+                    "shards": shards}
+        manifest["checksum"] = hashlib.sha256("".join(s["sha256"] for s in shards).encode()).hexdigest()[:16]
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def write_folder_shards(image_dir, out_dir, *, shard_size: int = 1000, progress=None) -> dict:
+    """Shard a folder of images (``list_images`` order; id = position, label -1, ``paths`` in the manifest)."""
+    root = Path(image_dir)
+    files = list_images(root)
+    paths = [p.relative_to(root).as_posix() for p in files]
+    samples = ((i, p.read_bytes(), -1) for i, p in enumerate(files))
+    return write_blob_shards(samples, out_dir, dataset=f"folder:{root.name}", split="all", count=len(files),
+                             shard_size=shard_size, extra={"source": str(root.resolve()), "paths": paths},
+                             progress=progress)
+
+
+def sample_names(manifest: dict, ids) -> list[str]:
+    """What to call the samples ``ids`` of a shard folder: their paths relative to the image folder when the
+    manifest has them (``write_folder_shards``), else ``<shard>/<key>`` (where the sample is in the shards)."""
+    ids = [int(i) for i in ids]
+    paths = manifest.get("paths")
+    if paths is not None:
+        return [paths[i] for i in ids]
+    where = {}
+    for s in manifest["shards"]:
+        if s.get("count"):
+            where[(s["first_id"], s["last_id"])] = s["name"]
+    out = []
+    for i in ids:
+        name = next((n for (a, b), n in where.items() if a <= i <= b), "?")
+        out.append(f"{name}/{i:09d}")
+    return out
 
 
 def load_manifest(shard_dir) -> dict:
