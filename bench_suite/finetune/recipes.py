@@ -74,9 +74,10 @@ SEG_DEFAULTS = {
     # The data pipeline (bench_suite/finetune/segmentation.py, seg_pipeline.py). mmseg: mmsegmentation's ADE20K
     # protocol of the Segmenter configs - random resize (ratio_range of `scale`, aspect kept), an image_size
     # crop with cat_max_ratio, flip, photometric distortion; evaluation resized to fit `scale`, image_size
-    # windows every slide_stride pixels (image_size null: the encoder's size). resize: images and labels squashed to image_size, no augmentation,
-    # whole-image evaluation (cheap: a frozen backbone prefix runs once per image).
-    "pipeline": "mmseg",
+    # windows every slide_stride pixels (image_size null: the encoder's size). resize: images and labels squashed
+    # to image_size, no augmentation, whole-image evaluation (cheap: a frozen backbone prefix runs once per
+    # image). The default stays resize (what seg recipes did before); segmenter_paper says mmseg.
+    "pipeline": "resize",
     "scale": [2048, 512],
     "ratio_range": [0.5, 2.0],
     "cat_max_ratio": 0.75,
