@@ -30,6 +30,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from bench_suite.tables.cells import CELL_VERSION
+
 ROOT = Path(__file__).resolve().parents[1]
 KILL_SEED = int(os.environ.get("KILL_SEED", random.SystemRandom().randrange(1 << 30)))
 
@@ -188,12 +190,13 @@ def test_kill_during_a_selection_resumes_the_table_part_way(tmp_path, reference)
     rng = random.Random(KILL_SEED + 2)
     seed_work(reference, tmp_path, "shards", "features")
     ref_cells = {json.loads(p.read_text())["method"]: p.name for p in cell_files(reference)}
-    activeft_cell = tmp_path / "work" / "cells" / "v3" / ref_cells["activeft"]
+    activeft_cell = tmp_path / "work" / "cells" / f"v{CELL_VERSION}" / ref_cells["activeft"]
 
-    def checkpoints() -> int:
-        return len(list((tmp_path / "work" / "finetune").rglob("checkpoint.pt")))
+    def checkpoints() -> int:  # finetunings started: a checkpoint, or the metrics a finished one keeps
+        return len({p.parent for p in (tmp_path / "work" / "finetune").rglob("*")
+                    if p.name in ("checkpoint.pt", "metrics.json")})
 
-    def ready():  # the ActiveFT cell is claimed and its finetuning has not started (one checkpoint per done cell)
+    def ready():  # the ActiveFT cell is claimed and its finetuning has not started (one per done cell)
         return activeft_cell.with_suffix(".lock").exists() and checkpoints() == len(cell_files(tmp_path))
 
     def finished():  # its result is written, or its finetuning has written a checkpoint

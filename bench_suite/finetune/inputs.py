@@ -16,6 +16,7 @@ import numpy as np
 
 from bench_suite.data import shards as wshards
 from bench_suite.digest import ids_digest
+from bench_suite.encoders.assets import cache_root
 from bench_suite.errors import BadInputError, MissingDataError, unknown
 from bench_suite.finetune.recipes import TASK_OF_KIND, epochs_for, get_recipe, resolve
 from bench_suite.finetune.samples import check_ids_in_manifest
@@ -106,8 +107,11 @@ def _check_shards(task: str, train_shards, test_shards) -> tuple[dict, dict, lis
 
 
 def _check_files(weights, resume_from) -> None:
-    if weights is not None and not Path(weights).exists():
-        raise MissingDataError(f"encoder weights not found: {weights}")
+    """The weights file exists: as given, or (a bare relative name) in the cache folder, where the encoders
+    look too (``encoders.checkpoints.locate``)."""
+    if weights is not None and weights != "hub" and not Path(weights).exists() \
+            and not (cache_root() / weights).is_file():
+        raise MissingDataError(f"encoder weights not found: {weights} (nor in {cache_root()})")
     if resume_from is not None and not Path(resume_from).exists():
         raise MissingDataError(f"checkpoint not found: {resume_from} (pass an existing checkpoint.pt to --resume)")
 
