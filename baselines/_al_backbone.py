@@ -35,6 +35,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -45,7 +46,7 @@ from baselines._al_head import LossNet, forked_rng, loss_pred_loss
 from baselines._al_images import PoolImages
 from bench_suite import trainers
 from bench_suite.encoders import get_encoder
-from bench_suite.errors import BadInputError
+from bench_suite.errors import BadInputError, MissingDataError
 from bench_suite.options import opt
 
 TRAINER = "finetune"  # the finetuning engine's entry in bench_suite.trainers
@@ -212,23 +213,38 @@ class BackboneContext:
         self.batch = int(o.task_batch)
 
     def _encoder(self, store, weights, recipe_size):
+        """The pretrained encoder the store's features came from: its registry name and image size (the recipe's
+        image size wins, as in the tables' finetuning) from ``meta["encoder"]``; its weights from ``task_weights``,
+        else the encoder's default location, else the file named in the store's meta (relative to the working
+        folder, as a profile's ``encoder.weights``) - the first whose sha256 is the store's."""
         meta = dict((store.meta or {}).get("encoder") or {})
         if not meta.get("name"):
-            raise BadInputError(f"{self.name}: task_model finetune needs the store's encoder (meta['encoder']['name']); "
-                                "use a store made by `python -m bench_suite.extract`")
+            raise BadInputError(f"{self.name}: task_model finetune needs the store's encoder "
+                                "(meta['encoder']['name']); use a store made by `python -m bench_suite.extract`")
         size = recipe_size or meta.get("image_size")
-        enc = get_encoder(meta["name"], image_size=size, weights=weights, device=str(self.device))
         want = (meta.get("weights") or {}).get("sha256")
-        got = ((getattr(enc, "meta", None) or {}).get("weights") or {}).get("sha256")
-        if want and got and want != got:
-            raise BadInputError(f"{self.name}: the task model's weights ({got[:12]}...) are not the weights the store's "
-                                f"features came from ({want[:12]}...); set task_weights to that file")
-        return enc
+        named = (meta.get("weights") or {}).get("file")
+        candidates = [weights] if weights else [None] + ([named] if named and Path(named).is_file() else [])
+        problem = None
+        for cand in candidates:
+            try:
+                enc = get_encoder(meta["name"], image_size=size, weights=cand, device=str(self.device))
+            except MissingDataError as exc:
+                problem = exc
+                continue
+            got = ((getattr(enc, "meta", None) or {}).get("weights") or {}).get("sha256")
+            if not (want and got and want != got):
+                return enc
+            problem = BadInputError(
+                f"{self.name}: the task model's weights ({got[:12]}...) are not the weights the store's features came "
+                f"from ({want[:12]}...); set task_weights to that file")
+        raise problem
 
     def describe(self) -> dict:
         return {"task_model": "finetune", "task_recipe": self.recipe_name, "recipe": self.recipe,
                 "encoder": (getattr(self.encoder, "meta", None) or {}).get("name"),
-                "image_size": getattr(self.encoder, "image_size", None), "pool_images_cached": self.images.cache is not None}
+                "image_size": getattr(self.encoder, "image_size", None),
+                "pool_images_cached": self.images.cache is not None}
 
     def _taps(self, clf) -> tuple[list, list[int]]:
         """The blocks LearnLoss taps and their (pooled) widths, from one forward pass."""

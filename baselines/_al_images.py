@@ -80,6 +80,8 @@ def to_unit_range(images_u8: np.ndarray, device) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- the finetuned task model's images
 IMAGE_BUDGET = int(os.environ.get("BENCH_SUITE_AL_IMAGE_BUDGET_MB", "8192")) << 20  # keep the pool decoded below
+# reader processes of a streamed pass (a pool too large to keep: ImageNet's 1.28M JPEGs per round)
+STREAM_WORKERS = int(os.environ.get("BENCH_SUITE_AL_IMAGE_WORKERS", str(max(1, min(8, (os.cpu_count() or 2) // 2)))))
 
 
 class PoolImages:
@@ -89,7 +91,8 @@ class PoolImages:
     Read from the store's shard folder (``meta["shards"]``, as ``load_pool_images``); the shards' labels are
     never kept. A pool whose decoded images fit ``BENCH_SUITE_AL_IMAGE_BUDGET_MB`` (default 8192; CIFAR's
     50,000 32x32 images are 150 MB) is decoded once and kept; a larger one (ImageNet) is streamed from the
-    shards on every pass, and only the labelled samples' images are kept between rounds.
+    shards on every pass (``BENCH_SUITE_AL_IMAGE_WORKERS`` reader processes, default half the cores up to 8),
+    and only the labelled samples' images are kept between rounds.
     """
 
     def __init__(self, store, method: str, budget: int | None = None):
@@ -104,11 +107,11 @@ class PoolImages:
         self.cache: list | None = None
         self.kept: dict[int, np.ndarray] = {}
         budget = IMAGE_BUDGET if budget is None else int(budget)
-        first = next(self._stream(np.arange(min(1, len(self.ids))), 1), None)
+        first = next(self._stream(np.arange(min(1, len(self.ids))), 1, workers=0), None)
         per_image = first[1][0].nbytes if first is not None else 0
         if per_image * len(self.ids) <= budget:
             self.cache = [None] * len(self.ids)
-            for rows, images in self._stream(np.arange(len(self.ids)), 256):
+            for rows, images in self._stream(np.arange(len(self.ids)), 256, workers=0):
                 for r, im in zip(rows.tolist(), images):
                     self.cache[r] = im
             if any(im is None for im in self.cache):
@@ -118,15 +121,18 @@ class PoolImages:
     def _rows_of(self, ids: np.ndarray) -> np.ndarray:
         return self._order[np.searchsorted(self._sorted, ids)]
 
-    def _stream(self, rows: np.ndarray, batch: int):
-        """(rows, images) batches of the given rows, in shard order, read from the shards."""
+    def _stream(self, rows: np.ndarray, batch: int, workers: int | None = None):
+        """(rows, images) batches of the given rows, read from the shards (in shard order with one reader; with
+        ``workers`` reader processes, each reads whole shards)."""
         rows = np.asarray(rows, dtype=np.int64)
         if len(rows) == 0:
             return
         want = self.ids[rows]
         got_rows, got = [], []
         n_seen = 0
-        for b_ids, b_imgs, *_ in wshards.iter_samples(self.shard_dir, self.names, batch_size=1, ids=want):
+        workers = STREAM_WORKERS if workers is None else int(workers)
+        for b_ids, b_imgs, *_ in wshards.iter_samples(self.shard_dir, self.names, batch_size=1, ids=want,
+                                                      num_workers=workers):
             got_rows.append(int(self._rows_of(np.asarray(b_ids[:1]))[0]))
             got.append(np.asarray(b_imgs[0]))
             n_seen += 1
@@ -151,7 +157,7 @@ class PoolImages:
 
     def batches(self, rows, batch: int):
         """``(positions, images)`` batches covering ``rows``: ``images[j]`` is the image of
-        ``rows[positions[j]]``; in ``rows`` order from the cache, in shard order when streamed."""
+        ``rows[positions[j]]``; in ``rows`` order from the cache, in reading order when streamed."""
         rows = np.asarray(rows, dtype=np.int64)
         if self.cache is not None:
             for s in range(0, len(rows), batch):

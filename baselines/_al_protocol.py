@@ -27,8 +27,9 @@ Options shared by the five (``ProtocolOptions``): init_ratio, batch_ratio, init_
 project's one rule: ``auto`` = the rank's local GPU, else the CPU), cpu_threads (0: leave the thread pools
 alone; n: torch and the OpenMP/BLAS pools of numpy and scikit-learn use n threads during the selection,
 restored after; 1 is the right value on a busy CPU box); the methods with a task model add its choice
-(``task_model``, ``task_recipe``, ``task_epochs``, ``task_weights``, ``task_batch``) and the head_* recipe (``LearnerOptions``:
-hidden, epochs, lr, optimizer, momentum, weight_decay, batch_size, lr_step; used by ``task_model: head``).
+(``task_model``, ``task_recipe``, ``task_epochs``, ``task_weights``, ``task_batch``) and the head_* recipe
+(``LearnerOptions``: hidden, epochs, lr, optimizer, momentum, weight_decay, batch_size, lr_step; used by
+``task_model: head``).
 
 A method is an ``ActiveLearner`` (a ``Selector`` with ``label_free = False``) that implements
 ``query(state, k, ctx) -> rows`` for one round (and optionally ``prepare(store, seed) -> ctx`` once). The
@@ -37,9 +38,10 @@ and runs the whole protocol on rank 0 under a distributed launch (the AL methods
 process; the other ranks receive the selection and never query the oracle).
 
 After ``select``, ``learner.last_round_models`` holds the models the last round trained and selected with
-(``head`` and ``ranker`` when trained through ``RoundState.train_head``; ``model`` - the finetuned classifier -
-and ``ranker`` with ``task_model: finetune``; VAAL / TA-VAAL add ``vae`` and ``disc``), so a selection can be checked against its models; only the last round's are kept (empty on the
-ranks that did not run the protocol).
+(``head`` and ``ranker`` when trained through ``RoundState.train_head``; ``model`` - the finetuned classifier
+- and ``ranker`` with ``task_model: finetune``; VAAL / TA-VAAL add ``vae`` and ``disc``), so a selection can be
+checked against its models; only the last round's are kept (empty on the ranks that did not run the
+protocol).
 """
 
 from __future__ import annotations

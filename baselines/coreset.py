@@ -1,13 +1,19 @@
 """CoreSet (Sener & Savarese, "Active Learning for Convolutional Neural Networks: A Core-Set Approach",
 ICLR 2018), transplanted with the ActiveFT paper's batch protocol (appendix B.3; see baselines/_al_protocol.py).
 
-Each round: retrain the task model on all labels bought so far, embed the whole pool with it (the
-penultimate layer - here the head's last hidden layer, 256-d by default), then pick the batch by k-center
-greedy (the paper's Algorithm 1): repeatedly take the unlabelled sample farthest (Euclidean) from its
-nearest labelled-or-picked sample, and make it a centre.
+Each round: retrain the task model on all labels bought so far, embed the whole pool with it (its
+penultimate layer), then pick the batch by k-center greedy (the paper's Algorithm 1): repeatedly take the
+unlabelled sample farthest (Euclidean) from its nearest labelled-or-picked sample, and make it a centre.
 
-Hyper-parameters: Euclidean distance in the task model's embedding as in the paper; the head recipe of
-baselines/_al_head.py (Adam, lr 1e-2, 100 epochs, one hidden layer of 256); sizes from the protocol.
+The task model (``task_model``):
+- paper profile, ``finetune`` (appendix B.3): DINO DeiT-S finetuned from its pretrained weights every round
+  by the finetuning engine (recipe ``task_recipe``, al_deit_round: B.2's recipe, 1000 epochs per round;
+  baselines/_al_backbone.py); the embedding is the backbone's pooled feature (the CLS token, 384-d), the
+  layer before its linear classifier;
+- cpu profile, ``head`` (the default): the frozen encoder + an MLP head (baselines/_al_head.py: Adam, lr
+  1e-2, 100 epochs, one hidden layer of 256); the embedding is the head's last hidden layer.
+
+Hyper-parameters: Euclidean distance in the task model's embedding as in the paper; sizes from the protocol.
 
 Implementation: the N-vector of distances to the nearest centre is initialised in blocks (rows x centres,
 ``block`` rows at a time), then updated in O(N) per pick with ||a||^2 + ||b||^2 - 2ab - memory O(N) besides
@@ -18,8 +24,8 @@ Departures from the original, and why:
 - Only the greedy 2-approximation, not the robust mixed-integer refinement of Sec. 4.2 (needs a MIP solver
   and hours per round; the greedy version is what the public re-implementations - and, as far as the
   ActiveFT paper says, its transplant - use).
-- The task model is the frozen encoder + a retrained head (cpu profile), not a CNN trained end to end; the
-  embedding is the head's last hidden layer.
+- The task model is the pretrained DeiT-S finetuned (paper profile), not a CNN trained from scratch (the
+  ActiveFT paper's transplant); on the cpu profile it is the frozen encoder + a retrained head.
 - The whole pool is the candidate set (Sener & Savarese use the whole pool too; some re-implementations use
   a random 10k subset).
 """

@@ -7,8 +7,14 @@ random subset of the unlabelled pool, predict every subset sample's loss, and bu
 
 The loss prediction module (as in the paper, Fig. 2, and the widely used reference code): one branch per
 intermediate feature map - global average pooling, FC to 128, ReLU - concatenated and mapped by FC to one
-scalar. Here the taps are the task model's intermediate features on the cpu profile: the frozen encoder's
-feature vector (the head's input) and each hidden layer of the head (GAP is the identity on vectors).
+scalar. The taps are the task model's intermediate features:
+- paper profile (``task_model: finetune``, appendix B.3): DINO DeiT-S finetuned from its pretrained weights
+  every round by the finetuning engine (recipe ``task_recipe``: al_deit_round, B.2's recipe, 1000 epochs
+  per round), jointly with the module in the same training loop; the taps are four evenly spaced blocks
+  (after blocks 3, 6, 9, 12, as the original taps ResNet's four stages), each averaged over its tokens
+  (baselines/_al_backbone.py);
+- cpu profile (``task_model: head``, the default): the frozen encoder's feature vector (the head's input)
+  and each hidden layer of an MLP head (GAP is the identity on vectors; baselines/_al_head.py).
 
 Hyper-parameters (the paper / reference code): margin xi = 1, loss weight lambda = 1, the pairwise
 "split batch" ranking loss (a batch of 2B is split into B pairs (i, 2B-1-i); loss
@@ -18,10 +24,14 @@ module into the target model is stopped; the unlabelled subset is 10000 samples 
 code); selection = top predicted loss in the subset.
 
 Departures from the original, and why:
-- Task model = frozen encoder + MLP head (cpu profile) instead of ResNet-18 trained end to end; the taps
-  are the head's input and hidden layers, so "stop gradient" stops the module shaping the head only.
-- The head is retrained from scratch every round (as the ActiveFT protocol and TA-VAAL's code do; the
-  LearnLoss reference code keeps training the same network across cycles).
+- Task model = the pretrained DeiT-S finetuned (paper profile) instead of a ResNet-18 trained from scratch
+  (the ActiveFT paper's transplant); with one optimiser (the recipe's) for the model and the module, whose
+  step sees mean CE + weight x the batch's ranking loss (the original: two SGD optimisers with the same
+  settings, so the same update). cpu profile: frozen encoder + MLP head; the taps are the head's input and
+  hidden layers, so "stop gradient" stops the module shaping the head only.
+- The task model is retrained from its starting point (the pretrained backbone / a fresh head) every round
+  (as the ActiveFT protocol and TA-VAAL's code do; the LearnLoss reference code keeps training the same
+  network across cycles).
 - When a batch is large, the subset is raised to at least 10 x batch (the reference code's
   SUBSET / ADDENDUM ratio): e.g. ImageNet's 2.5% batches (32k) exceed 10000, and a subset no larger than the
   batch would make the method random.

@@ -5,8 +5,8 @@ Each round:
 1. the task model is trained jointly with a LearnLoss ranker (loss prediction module on its intermediate
    features; see baselines/learnloss.py, baselines/_al_head.py) on all labels bought so far;
 2. a random subset of the unlabelled pool is drawn (10000, as SUBSET in the original code);
-3. a fresh VAAL VAE + discriminator (baselines/vaal.py, baselines/_al_vae.py) are trained on labelled + subset images, where the
-   ranker's predicted loss r of each image is fed in as in the original code: the decoder gets
+3. a fresh VAAL VAE + discriminator (baselines/vaal.py, baselines/_al_vae.py) are trained on labelled + subset
+   images, where the ranker's predicted loss r of each image is fed in as in the original code: the decoder gets
    [z, sigmoid(r)] (the latent is conditioned on the rank) and the discriminator gets [mu, r]; in the
    first iteration r is uniform noise, as in the original;
 4. the batch = the subset samples the discriminator scores lowest (most surely unlabelled) given [mu, r].
@@ -17,13 +17,18 @@ ranking loss = the released code's BCE(sigmoid(p_i - p_j), [l_i > l_j]) (``ranki
 the LearnLoss paper's hinge, as the TA-VAAL paper writes it); VAE latent 32, widths 128..1024, Adam 5e-4
 for VAE and discriminator, batch 128, beta 1, adversary weight 1, ONE VAE step and one discriminator step
 per iteration, KL averaged (torch.mean, unlike VAAL's sum), iterations = (labelled + subset) * 100 epochs
-// batch. On the cpu profile set ``vae_epochs`` / ``vae_width`` lower (as for vaal) and say so.
+// batch (EPOCHV = 100). The paper profile runs them (width 128, 100 epochs); the cpu profile sets ``vae_epochs`` 1
+/ ``vae_width`` 16 (as for vaal) and says so.
 
 What is simplified / departs from the original, and why:
-- Task model = frozen encoder + MLP head (cpu profile) instead of ResNet-18; the ranker taps the head's input
-  and hidden layers. The ranker's outputs are computed once per round for the labelled and subset samples
-  (the task model and ranker are frozen while the VAE trains - the original recomputes them per batch in
-  eval mode, which gives the same numbers).
+- Task model (``task_model``): in the paper profile the pretrained DINO DeiT-S finetuned every round with the
+  ranker, as for learnloss (baselines/_al_backbone.py; the ActiveFT paper says only that VAAL and TA-VAAL
+  select with their original light VAE - the VAE here is the original's size - and not which task model
+  TA-VAAL's ranker lived on; the original's is a ResNet-18 trained from scratch, and in this transplant the
+  task model of the other methods is DeiT-S); on the cpu profile the frozen encoder + an MLP head, whose
+  input and hidden layers the ranker taps. The ranker's outputs are computed once per round for the
+  labelled and subset samples (the task model and ranker are frozen while the VAE trains - the original
+  recomputes them per batch in eval mode, which gives the same numbers).
 - Images are 32x32 from the shard folder (as vaal); mini-batches are shuffled (the original reads labelled
   and subset in a fixed order).
 - Scoring runs the VAE in eval mode (BatchNorm running statistics), as in vaal.py.

@@ -18,8 +18,9 @@ here: latent 32, encoder widths 128-256-512-1024 (``vae_width`` = 128), Adam lr 
 batch 128, beta 1, adversary weight 1, 2 VAE steps and 1 discriminator step per iteration, KL summed over
 the batch (as in solver.vae_loss), kaiming-normal init, iterations per round = N * epochs // batch with 100
 epochs over the pool.
-On the cpu profile those are hours per round on 2 cores, so the profile sets ``vae_epochs`` (e.g. 2) and
-``vae_width`` (e.g. 16) - say so when reporting; ``vae_iters`` sets the iteration count directly.
+The paper profile runs them (width 128, 100 epochs per round, stated in bench_suite/profiles/paper.yaml).
+On the cpu profile those are hours per round on 2 cores, so the profile sets ``vae_epochs`` (1) and
+``vae_width`` (16) - say so when reporting; ``vae_iters`` sets the iteration count directly.
 
 Departures from the original, and why:
 - No task model is trained inside the selection (VAAL's own task model - VGG16 - never influences which
