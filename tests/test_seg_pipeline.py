@@ -87,6 +87,14 @@ def test_segmenter_paper_recipe_is_the_mmseg_protocol():
     r = get_recipe("segmenter_paper")
     assert (r["pipeline"], r["image_size"], r["scale"], r["ratio_range"], r["cat_max_ratio"], r["flip_prob"],
             r["photometric"], r["slide_stride"]) == ("mmseg", 512, [2048, 512], [0.5, 2.0], 0.75, 0.5, True, 341)
+    from bench_suite.finetune.recipes import resolve_named
+    from bench_suite.profiles import load_profile
+
+    paper = load_profile("paper")  # Table 2 of the paper profile runs it as is
+    assert paper.tables["2"].recipe == "segmenter_paper" and resolve_named("segmenter_paper", paper.recipes) == r
+    cpu = load_profile("cpu")  # the cpu profile scales it down, and says so in the table's note
+    assert resolve_named(cpu.tables["2"].recipe, cpu.recipes)["pipeline"] == "resize"
+    assert "scaled down" in cpu.tables["2"].note and "sliding-window" in cpu.tables["2"].note
     assert get_recipe("cpu_segmenter")["pipeline"] == "resize"
     with pytest.raises(BadInputError, match="pipeline must be mmseg or resize"):
         resolve({**r, "pipeline": "squash"})
