@@ -117,7 +117,7 @@ JobCompLoc=$DIR/log/jobcomp.txt
 JobRequeue=1
 MinJobAge=3600
 KillWait=5
-SchedulerParameters=sched_interval=2,bf_interval=2
+SchedulerParameters=sched_interval=1,bf_interval=1
 MpiDefault=none
 ReturnToService=2
 SlurmctldTimeout=30

@@ -4,7 +4,7 @@ The cluster: slurm-wlm from apt, one controller, nodes n1 and n2 at 127.0.0.1 (2
 CR_Core_Memory, DefMemPerCPU=1024, no accounting database (job states from ``scontrol show job``). The tests
 skip, with the script's one-line reason, only where apt cannot install slurm-wlm.
 
-1. a tiny cpu-profile table through ``--launcher slurm`` (stage 1 on 2 nodes, a job array, the report job)
+1. a tiny cpu-profile table through ``--launcher slurm`` (stage 1 on 2 nodes, a 2-task array, the report job)
    gives the local run's numbers and report;
 2. ``srun`` over 2 nodes runs the distributed ActiveFT selector (``launchers/select.sbatch``: rank and world
    from the SLURM variables) and its ids equal the one-process selection's;
@@ -51,7 +51,7 @@ PROFILE = {
                             "schedule": "cosine", "trainable_blocks": 1, "image_size": 64, "eval_every": 0,
                             "best_or_last": "last", "checkpoint_every": 1}},
     "methods": {"activeft": {"iters": 100}},
-    "tables": {"1": {"recipe": "linear_probe", "methods": ["random", "kmeans", "activeft"],
+    "tables": {"1": {"recipe": "linear_probe", "methods": ["random", "activeft"],
                      "cells": {"digits": [0.03]}},
                "6": {"recipe": "tiny_ft", "methods": [{"label": "tau = 0.07", "method": "activeft",
                                                         "config": {"temperature": 0.07}}],
@@ -160,19 +160,19 @@ def test_table_through_slurm_equals_the_local_run(through_slurm, local):
     for name in ("features.sbatch", "cells.sbatch", "report.sbatch", "plan.json", "submit.sh"):
         assert (sub / name).exists(), name
     cells_sbatch = (sub / "cells.sbatch").read_text()
-    assert "#SBATCH --array=0-2" in cells_sbatch and "#SBATCH --requeue" in cells_sbatch
+    assert "#SBATCH --array=0-1" in cells_sbatch and "#SBATCH --requeue" in cells_sbatch
     assert "#SBATCH --signal=B:USR1@120" in cells_sbatch
     assert f"--dependency=afterok:{ids['features']}" in (sub / "submit.sh").read_text()
     logs = sorted(p.name for p in (sub / "logs").iterdir())
     assert logs == sorted([f"features-{ids['features']}.out", f"report-{ids['report']}.out"]
-                          + [f"cell-{ids['cells']}_{i}.out" for i in range(3)])
+                          + [f"cell-{ids['cells']}_{i}.out" for i in range(2)])
     feat_log = (sub / "logs" / f"features-{ids['features']}.out").read_text()
     assert "stage 1 done" in feat_log and "process(es)" in feat_log
     assert numbers(tmp / "results") == numbers(local / "results")
     assert body((tmp / "results" / "table1.md").read_text()) == body((local / "results" / "table1.md").read_text())
     # the same command again: everything cached, the report is written here and nothing is submitted
     again = slurm(tmp)
-    assert again.returncode == 0 and "all 3 cells are cached" in again.stderr and "jobs:" not in again.stdout
+    assert again.returncode == 0 and "all 2 cells are cached" in again.stderr and "jobs:" not in again.stdout
     print(f"table through SLURM from empty: {seconds:.1f} s")
 
 
@@ -180,7 +180,7 @@ def test_table_through_slurm_equals_the_local_run(through_slurm, local):
 def test_srun_distributed_selection_equals_one_process(cluster, through_slurm, tmp_path):
     feats = next((through_slurm[0] / "work" / "features").glob("digits-pool-*"))
     nodes = ["--nodes=2", "--ntasks-per-node=1"] if cluster["two_nodes"] else ["--nodes=1", "--ntasks=2"]
-    args = ["--features", str(feats), "--ratio", "0.05", "--method", "activeft", "--seed", "3", "--set", "iters=60"]
+    args = ["--features", str(feats), "--ratio", "0.05", "--method", "activeft", "--seed", "3", "--set", "iters=20"]
     sub = subprocess.run(["sbatch", "--wait", "--parsable", *nodes, "--cpus-per-task=1",
                           f"--output={tmp_path}/select-%j.out", "launchers/select.sbatch", *args,
                           "--out", str(tmp_path / "two.json")], cwd=ROOT, capture_output=True, text=True,
@@ -205,7 +205,7 @@ def _drop_cell(tmp: Path, method: str) -> None:
 @pytest.mark.slow
 def test_cancelled_cell_is_reported_failed_then_resubmitted(through_slurm, local, tmp_path):
     shutil.copytree(through_slurm[0] / "work", tmp_path / "work", ignore=shutil.ignore_patterns("slurm"))
-    _drop_cell(tmp_path, "kmeans")
+    _drop_cell(tmp_path, "random")
     sub = slurm(tmp_path, "--no-wait")
     assert sub.returncode == 0, sub.stderr[-3000:]
     ids = job_ids(sub.stdout)
@@ -215,16 +215,16 @@ def test_cancelled_cell_is_reported_failed_then_resubmitted(through_slurm, local
     subprocess.run(["scancel", task], check=True)
     res = slurm(tmp_path)  # the same command: waits for the submission in the queue, then reports
     assert res.returncode == 1, res.stderr[-3000:]
-    assert re.search(rf"FAILED digits 0.03 K-Means seed 0: CANCELLED \(job {task}\), log \S+cell-{task}.out",
+    assert re.search(rf"FAILED digits 0.03 Random seed 0: CANCELLED \(job {task}\), log \S+cell-{task}.out",
                      res.stderr), res.stderr
     md = (tmp_path / "results" / "table1.md").read_text()
-    assert "## Failed cells" in md and f"| digits 0.03 K-Means seed 0 | CANCELLED | {task} |" in md
+    assert "## Failed cells" in md and f"| digits 0.03 Random seed 0 | CANCELLED | {task} |" in md
     failed = [c for c in json.loads((tmp_path / "results" / "table1.json").read_text())["cells"] if c.get("failed")]
-    assert [c["method"] for c in failed] == ["kmeans"] and failed[0]["failed"]["log"].endswith(f"cell-{task}.out")
-    assert re.search(r"\| K-Means \| - \|", md)  # left out of the means: its only seed failed
+    assert [c["method"] for c in failed] == ["random"] and failed[0]["failed"]["log"].endswith(f"cell-{task}.out")
+    assert re.search(r"\| Random \| - \|", md)  # left out of the means: its only seed failed
     res = slurm(tmp_path)  # resubmits the failed cell alone, and the table completes
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "(1 cells of 3; 2 cached)" in res.stderr
+    assert "(1 cells of 2; 1 cached)" in res.stderr
     assert numbers(tmp_path / "results") == numbers(local / "results")
     assert "Failed cells" not in (tmp_path / "results" / "table1.md").read_text()
 

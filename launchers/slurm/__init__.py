@@ -104,39 +104,38 @@ def _job_ids(sub: dict) -> list[str]:
 
 # --------------------------------------------------------------------------- the launcher (run.py)
 def launch(args, profile, tables, sources: dict) -> int | None:
-    """Submit (or wait for, or collect) each table. Returns the exit status, or None when every cell of
-    every table is cached: run.py then writes the reports here, as a local run would."""
+    """Submit (or find in the queue) every table first, then wait for them (unless ``--no-wait``) and collect.
+    Returns the exit status, or None when every cell of every table is cached: run.py then writes the
+    reports here, as a local run would."""
     check_arguments(args)
     jobs.need("sbatch")
     work, out = Path(args.work).resolve(), Path(args.out).resolve()
-    results = [_launch_table(args, profile, t.name, work, out, sources) for t in tables]
-    if all(r is None for r in results):
+    found = {t.name: _submit_or_find(args, profile, t.name, work, out, sources) for t in tables}
+    if all(sub is None for sub in found.values()):
         return None
-    if any(r is None for r in results):
-        log.info("some tables are complete in the cache: `run.py --table N` (no --launcher) writes their reports")
-    return max(r or 0 for r in results)
+    if any(sub is None for sub in found.values()):
+        say("the tables complete in the cache get their reports from `run.py --table N` (no --launcher)")
+    if args.no_wait:
+        say(f"`{_same_command()}` again waits for the jobs, then collects and resubmits what failed")
+        return 0
+    return max(_wait_and_report(sub, out, name) for name, sub in found.items() if sub is not None)
 
 
-def _launch_table(args, profile, table: str, work: Path, out: Path, sources: dict) -> int | None:
+def _submit_or_find(args, profile, table: str, work: Path, out: Path, sources: dict) -> dict | None:
+    """The table's submission that is still in the queue, else a new one of its missing cells; None when
+    every cell is cached."""
     subs = submissions(work, table)
     if subs:
         active = jobs.queued(_job_ids(subs[-1]))
         if active:
             say(f"table {table}: submission {subs[-1]['dir']} is still in the queue "
                 f"({_summary(active)}); not submitting again")
-            if args.no_wait:
-                return 0
-            return _wait_and_report(subs[-1], out, table)
+            return subs[-1]
     plan = plan_table(profile, table, work, sources)
     if not plan.to_compute and not plan.missing_features:
         say(f"table {table}: all {len(plan.cells)} cells are cached; writing the report here")
         return None
-    sub = _submit(args, profile, plan, work, out, sources)
-    if args.no_wait:
-        say(f"table {table}: submitted; `{_same_command()}` again waits for the jobs, then collects "
-            "and resubmits what failed")
-        return 0
-    return _wait_and_report(sub, out, table)
+    return _submit(args, profile, plan, work, out, sources)
 
 
 def _submit(args, profile, plan, work: Path, out: Path, sources: dict) -> dict:

@@ -152,6 +152,7 @@ def main(argv=None) -> int:
                    "other sizes) when not measuring")
     p.add_argument("--infer-ips", type=float, help="inference images/s per GPU at 224 px when not measuring")
     p.add_argument("--steps", type=int, default=20, help="timed steps per size with --measure")
+    p.add_argument("--batch", type=int, help="micro batch with --measure (default 64, the paper recipes' micro_batch_size)")
     p.add_argument("--json", action="store_true")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
@@ -162,9 +163,7 @@ def main(argv=None) -> int:
     counts = {t: count(profile, t, seen) for t in tables}
     sizes = sorted({s for c in counts.values() for k in ("train", "infer", "extract") for s in c[k]})
     if args.measure:
-        micro = max(int(r.get("micro_batch_size") or 64) for r in [profile.recipes.get(n, {}) or {}
-                                                                     for n in profile.recipes] or [{}])
-        measured = measure(sizes, micro_batch=min(micro, 64), steps=args.steps)
+        measured = measure(sizes, micro_batch=args.batch or 64, steps=args.steps)
         rates, source = measured["rates"], f"measured on {measured['device']}"
     elif args.train_ips and args.infer_ips:
         rates = {s: {"train_ips": args.train_ips * (224 / s) ** 2, "infer_ips": args.infer_ips * (224 / s) ** 2}

@@ -6,7 +6,7 @@
 ``features``: each task joins the process group from the SLURM variables (``SLURM_PROCID`` /
 ``SLURM_NTASKS`` / ``SLURM_LOCALID`` -> RANK / WORLD_SIZE / LOCAL_RANK; MASTER_ADDR and MASTER_PORT from the
 batch script), rank 0 writes the shards, every rank extracts its part of each feature store the table needs.
-``cell``: one process; the cell goes through the same cached, locked path as a local run
+``cell``: one process; the cell goes through the same cached, locked path as a local run (its feature stores opened as stage 1 left them)
 (``tables.cells.run_cells``), so its result lands in the same cache file and a finetune resumes from its
 checkpoint after a requeue.
 """
@@ -25,12 +25,13 @@ from pathlib import Path
 from bench_suite import locks, report
 from bench_suite import runtime as bdist
 from bench_suite.cli import main_guard, setup_logging
+from bench_suite.digest import json_digest
 from bench_suite.errors import BadInputError
 from bench_suite.profiles import EncoderRef, load_profile
-from bench_suite.digest import json_digest
+from bench_suite.store import FeatureStore
 from bench_suite.tables.cells import CELL_VERSION, cell_key, run_cells
 from bench_suite.tables.common import Context, prepare_split
-from launchers.slurm.plan import encoders_of
+from launchers.slurm.plan import encoders_of, feature_dir
 
 log = logging.getLogger("bench_suite.slurm.stage")
 
@@ -73,14 +74,24 @@ def cell(plan_path: Path, task: int) -> int:
     log.info("cell %d of %d: %s %g %s seed %d (%s, recipe %s)", task, len(spec["cells"]), c["dataset"], c["ratio"],
              c.get("variant") or c["method"], c["seed"], enc.name, c["recipe"])
     t0 = time.perf_counter()
-    stores = {c["dataset"]: (prepare_split(ctx, c["dataset"], "pool", encoder=enc),
-                             prepare_split(ctx, c["dataset"], "test", encoder=enc))}
+    stores = {c["dataset"]: _stores(ctx, c["dataset"], enc)}
     _take_over_own_lock(ctx, c, stores[c["dataset"]])
     result = run_cells(ctx, [c], stores, encoder=enc)[0]
     metric = next((m for m in ("top1", "miou") if m in result), None)
     log.info("cell done in %.0f s: %s", time.perf_counter() - t0,
              result.get("skipped") or (f"{metric} {result[metric]:.2f}" if metric else "no metric"))
     return 0
+
+
+def _stores(ctx, dataset: str, enc: EncoderRef):
+    """The cell's pool and test feature stores. Stage 1 of this submission extracted them (or they were there
+    when it was submitted): open them as they are, without ``prepare_split``'s check, which builds the
+    encoder to recompute the fingerprint while holding the store's lock, so hundreds of array tasks starting
+    together would queue on it for seconds each. A store not there yet goes through ``prepare_split``."""
+    dirs = [feature_dir(ctx.profile, ctx.work, ctx.sources, dataset, part, enc) for part in ("pool", "test")]
+    if all((d / "features.npy").exists() and (d / "meta.json").exists() for d in dirs):
+        return tuple(FeatureStore.open(d) for d in dirs)
+    return prepare_split(ctx, dataset, "pool", encoder=enc), prepare_split(ctx, dataset, "test", encoder=enc)
 
 
 def _take_over_own_lock(ctx, c: dict, stores) -> None:
