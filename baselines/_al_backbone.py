@@ -54,14 +54,18 @@ TRAINER = "finetune"  # the finetuning engine's entry in bench_suite.trainers
 
 @dataclass
 class TaskModelOptions:
-    """Which task model an AL method retrains every round (a mixin of the protocol's ``LearnerOptions``)."""
+    """Which task model an AL method retrains every round (a mixin: the FIRST base of each such method's Options)."""
 
-    task_model: str = opt("head", choices=("head", "finetune"),
+    # the paper's transplant (B.3) finetunes the backbone: "head" is the departure the reports list
+    task_model: str = opt("head", choices=("head", "finetune"), original="finetune",
                           doc="head: MLP on the frozen features (cpu profile); finetune: the backbone, finetuned")
     task_recipe: str = opt("al_deit_round", doc="finetune: the catalogue recipe of each round's finetuning")
+    task_recipe_fields: dict = opt(default_factory=dict,
+                                   doc="finetune: fields over the catalogue recipe, as a profile's recipes: entry")
     task_epochs: int = opt(0, minimum=0, doc="finetune: epochs per round (0 = the recipe's)")
-    task_weights: str | None = opt(None, doc="finetune: the encoder's weights file (default: its own location)")
-    task_batch: int = opt(256, minimum=1, doc="finetune: images per forward pass over the pool")
+    task_weights: str | None = opt(None, role="runtime",
+                                   doc="finetune: the encoder's weights file (default: found by the store's sha256)")
+    task_batch: int = opt(256, minimum=1, role="runtime", doc="finetune: images per forward pass over the pool")
 
 
 def tap_positions(n_blocks: int, n_taps: int = 4) -> list[int]:
@@ -189,9 +193,12 @@ class FinetunedTaskModel:
 
 def round_recipe(method: str, o: TaskModelOptions) -> dict:
     """The fully resolved recipe of each round's finetuning: the catalogue's ``task_recipe`` (through the
-    finetuning engine's resolver), with ``task_epochs`` when set."""
+    finetuning engine's resolver), with ``task_recipe_fields`` over it field by field, then ``task_epochs``
+    when set. (A profile's ``recipes:`` entry does not reach a selector by itself: the selector sees only its
+    options, so a profile scales the round recipe through ``task_recipe_fields`` / ``task_epochs``.)"""
     trainer = trainers.get(TRAINER)
-    recipe = trainer.recipe(o.task_recipe, {"epochs": int(o.task_epochs)} if o.task_epochs else None)
+    fields = {**dict(o.task_recipe_fields or {}), **({"epochs": int(o.task_epochs)} if o.task_epochs else {})}
+    recipe = trainer.recipe(o.task_recipe, fields or None)
     if recipe["kind"] != "finetune":
         raise BadInputError(f"{method}: task_recipe {o.task_recipe!r} is a {recipe['kind']} recipe; the task model "
                             "needs a classification finetuning recipe (kind: finetune)")

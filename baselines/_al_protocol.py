@@ -55,7 +55,7 @@ import numpy as np
 import torch
 from threadpoolctl import threadpool_limits
 
-from baselines._al_backbone import BackboneContext, TaskModelOptions, round_recipe
+from baselines._al_backbone import BackboneContext, TaskModelOptions, round_recipe  # noqa: F401 (re-exported)
 from baselines._al_head import HeadOptions, HeadRecipe, HeadTaskModel, RankerOptions, take_rows, train_head
 from bench_suite.errors import BadInputError
 from bench_suite.methods import Pool, Selector
@@ -72,12 +72,15 @@ def _ratio(v) -> str | None:
 class ProtocolOptions:
     """The B.3 protocol's options (every AL method)."""
 
-    init_ratio: float | None = opt(0.01, check=_ratio, doc="initial random set, fraction of the pool")
-    batch_ratio: float | None = opt(None, check=_ratio, doc="batch per round, fraction of the pool (default: init_ratio)")
-    init_size: int | None = opt(None, minimum=1, doc="initial random set, samples (overrides init_ratio)")
-    batch_size: int | None = opt(None, minimum=1, doc="batch per round, samples (overrides batch_ratio)")
-    device: str = "auto"
-    cpu_threads: int = opt(0, minimum=0, doc="threads of torch / OpenMP / BLAS during the selection (0 = as is)")
+    init_ratio: float | None = opt(0.01, check=_ratio, role="protocol", doc="initial random set, fraction of the pool")
+    batch_ratio: float | None = opt(None, check=_ratio, role="protocol",
+                                    doc="batch per round, fraction of the pool (default: init_ratio)")
+    init_size: int | None = opt(None, minimum=1, role="protocol",
+                                doc="initial random set, samples (overrides init_ratio)")
+    batch_size: int | None = opt(None, minimum=1, role="protocol", doc="batch per round, samples (overrides batch_ratio)")
+    device: str = opt("auto", role="runtime", doc="auto (the rank's local GPU, else cpu) | cpu | cuda | cuda:N")
+    cpu_threads: int = opt(0, minimum=0, role="runtime",
+                           doc="threads of torch / OpenMP / BLAS during the selection (0 = as is)")
 
     def validate(self) -> str | None:
         if self.init_ratio is None and self.init_size is None:
@@ -86,9 +89,10 @@ class ProtocolOptions:
 
 
 @dataclass
-class LearnerOptions(HeadOptions, TaskModelOptions, ProtocolOptions):
-    """The protocol's options, the task model's choice (``task_*``) and the head's recipe (``head_*``): every AL
-    method with a task model."""
+class LearnerOptions(HeadOptions, ProtocolOptions):
+    """The protocol's options and the head's recipe (``head_*``); every AL method with a task model adds
+    ``TaskModelOptions`` (``task_*``) as the FIRST base of its Options, so those fields come last (after the
+    method's own, e.g. TA-VAAL's VAE sizes, in the reports' list of departures)."""
 
 
 class cpu_threads:

@@ -43,7 +43,7 @@ class VAEOptions:
     adversary_param: float = opt(1.0, minimum=0)
     num_vae_steps: int = opt(2, minimum=1)
     num_adv_steps: int = opt(1, minimum=1)
-    score_batch: int = opt(1024, minimum=1)
+    score_batch: int = opt(1024, minimum=1, role="runtime")
 
     def validate(self) -> str | None:
         if self.vae_epochs <= 0 and self.vae_iters <= 0:

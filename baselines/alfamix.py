@@ -56,7 +56,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from baselines._al_protocol import ActiveLearner, LearnerOptions, fill_random
+from baselines._al_protocol import ActiveLearner, LearnerOptions, TaskModelOptions, fill_random
 from bench_suite.methods import register
 from bench_suite.options import opt
 
@@ -169,7 +169,7 @@ class ALFAMix(ActiveLearner):
     version = 2  # 2: defaults are the authors' main command (learned alpha, cap 0.03125), was closed form, cap 0.2
 
     @dataclass
-    class Options(LearnerOptions):
+    class Options(TaskModelOptions, LearnerOptions):
         alpha_cap: float = opt(0.03125, check=_cap, doc="eps; the cap grows by this up to 1 until > K candidates")
         alpha_mode: str = opt("learned", choices=("learned", "closed_form"))
         alpha_learning_iters: int = opt(5, minimum=1)
@@ -177,7 +177,7 @@ class ALFAMix(ActiveLearner):
         alpha_clf_coef: float = 1.0
         alpha_l2_coef: float = 0.01
         kmeans_n_init: int = opt(10, minimum=1)
-        kmeans_backend: str = opt("auto", choices=("auto", "sklearn", "faiss"))
+        kmeans_backend: str = opt("auto", choices=("auto", "sklearn", "faiss"), role="runtime")
 
     def candidates(self, state, out_u, anchors, fc, k) -> tuple[np.ndarray, list]:
         """The label-changing candidates (mask over the unlabelled rows), growing the cap until > k are found;

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from baselines._al_protocol import ActiveLearner, LearnerOptions
+from baselines._al_protocol import ActiveLearner, LearnerOptions, TaskModelOptions
 from bench_suite.errors import BadInputError
 from bench_suite.methods import register
 from bench_suite.options import opt
@@ -86,8 +86,8 @@ class CoreSet(ActiveLearner):
     description = "CoreSet (Sener & Savarese 2018): k-center greedy in the task model's embedding, B.3 batch protocol"
 
     @dataclass
-    class Options(LearnerOptions):
-        block: int = opt(65536, minimum=1, doc="rows per block in the distance passes")
+    class Options(TaskModelOptions, LearnerOptions):
+        block: int = opt(65536, minimum=1, role="runtime", doc="rows per block in the distance passes")
 
     def query(self, state, k, ctx):
         model = state.train_task_model()

@@ -45,7 +45,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from baselines._al_head import RankerOptions
-from baselines._al_protocol import ActiveLearner, LearnerOptions
+from baselines._al_protocol import ActiveLearner, LearnerOptions, TaskModelOptions
 from bench_suite.methods import register
 
 
@@ -56,7 +56,7 @@ class LearnLoss(ActiveLearner):
     description = "LearnLoss (Yoo & Kweon 2019): highest predicted loss in a random unlabelled subset, B.3 batch protocol"
 
     @dataclass
-    class Options(RankerOptions, LearnerOptions):
+    class Options(TaskModelOptions, RankerOptions, LearnerOptions):
         """The protocol's and the head's options, and the loss prediction module's (baselines/_al_head.py)."""
 
     def query(self, state, k, ctx):

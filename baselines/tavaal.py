@@ -45,7 +45,7 @@ import torch
 
 from baselines._al_head import RankerOptions, forked_rng
 from baselines._al_images import load_pool_images, to_unit_range
-from baselines._al_protocol import ActiveLearner, LearnerOptions
+from baselines._al_protocol import ActiveLearner, LearnerOptions, TaskModelOptions
 from baselines._al_vae import Batch, VAEOptions, adversarial_training, build_models, endless, score
 from bench_suite.methods import register
 from bench_suite.options import opt
@@ -90,7 +90,7 @@ class TAVAAL(ActiveLearner):
     quick_options = {"vae_width": 8, "vae_iters": 6, "vae_batch_size": 64}  # contract tests only
 
     @dataclass
-    class Options(RankerOptions, VAEOptions, LearnerOptions):
+    class Options(TaskModelOptions, RankerOptions, VAEOptions, LearnerOptions):
         num_vae_steps: int = opt(1, minimum=1)  # TA-VAAL: one VAE step per iteration (VAAL: 2)
         kl: str = opt("mean", choices=("mean", "sum"))
         ranking_loss: str = opt("bce", choices=("bce", "margin"))

@@ -286,3 +286,20 @@ def test_paper_profile_finetunes_the_task_model_and_keeps_the_original_vaes():
         d = registry.get(m).options
         assert (o.vae_width, o.vae_epochs, o.latent_dim, o.vae_batch_size) == (128, 100.0, 32, 128)
         assert (d.vae_width, d.vae_epochs) == (o.vae_width, o.vae_epochs)
+
+
+def test_reports_see_the_task_model_and_a_profile_can_scale_the_round_recipe():
+    from bench_suite.options import departures
+
+    paper, cpu = load_profile("paper"), load_profile("cpu")
+    for m in ("coreset", "learnloss", "alfamix", "tavaal", "vaal"):
+        assert departures(registry.get(m, **paper.method_options(m)).options) == []  # the paper's settings
+    for m in ("coreset", "learnloss", "alfamix", "tavaal"):  # the head is the cpu profile's departure
+        assert ("task_model", "head", "finetune") in departures(registry.get(m, **cpu.method_options(m)).options)
+    # a trimmed profile scales the round recipe through the method's options (task_recipe_fields / task_epochs)
+    sel = registry.get("coreset", task_model="finetune", task_recipe_fields={"image_size": 32, "batch_size": 8},
+                       task_epochs=2)
+    r = sel.config()["task_recipe_settings"]
+    assert (r["image_size"], r["batch_size"], r["epochs"], r["lr"]) == (32, 8, 2, 0.001)
+    with pytest.raises(BadInputError, match="no_such_field"):
+        registry.get("coreset", task_model="finetune", task_recipe_fields={"no_such_field": 1}).config()
