@@ -38,10 +38,11 @@ if [ "$WITH_MMSEG" = 1 ]; then
       if [ -z "${BENCH_SUITE_MMCV_WHEEL:-}" ]; then
         echo "e47a1fec9bcfec7a5b7cbcd3630ea9033b861a5128e395db61c68970f4aa3d6e  $WHEEL" | sha256sum -c --quiet -
       fi
+      say "installing the prebuilt mmcv 2.1.0 wheel $WHEEL"
       .venv/bin/python -m pip install -q --no-deps "$WHEEL"
     else
       # Build it: the sdist's setup.py asks for -std=c++14/17, torch 2.14's headers need C++20.
-      echo "building mmcv 2.1.0 from source (about 14 min on 2 cores)"
+      say "building mmcv 2.1.0 from its sdist (no wheel for torch 2.14; about 14 min on 2 cores, needs g++)"
       BUILD=$(mktemp -d)
       .venv/bin/python -m pip install -q "setuptools<81" wheel ninja
       .venv/bin/python -m pip download -q --no-deps --no-binary :all: --no-build-isolation mmcv==2.1.0 -d "$BUILD"
@@ -55,7 +56,15 @@ if [ "$WITH_MMSEG" = 1 ]; then
     fi
   fi
   # mmcv is installed now, so the extra's mmcv==2.1.0 pin is met without a build; the rest comes from PyPI.
+  say "installing the [mmseg] extra (mmsegmentation 1.2.2, mmengine 0.10.7, opencv-python, ...)"
   .venv/bin/python -m pip install -q -e ".[test,mmseg]"
+  # opencv-python (the name mmcv's and mmengine's wheels require) loads libGL / libgthread from the system
+  if ! .venv/bin/python -c "import cv2" 2>/dev/null; then
+    say "installing libgl1 and libglib2.0-0 for opencv-python (apt-get; sudo when not root)"
+    SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+    $SUDO apt-get install -y -q libgl1 libglib2.0-0 >/dev/null || {
+      $SUDO apt-get update -q >/dev/null && $SUDO apt-get install -y -q libgl1 libglib2.0-0 >/dev/null; }
+  fi
   .venv/bin/python -c "import mmseg, mmcv.ops; from mmseg.utils import register_all_modules; register_all_modules()"
 fi
 # Convert and verify the offline encoder weights once (cached; a no-op afterwards).
