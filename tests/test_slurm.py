@@ -94,6 +94,18 @@ def slurm(tmp: Path, *extra: str, table: str = "1", timeout: int = 600) -> subpr
     return run_py(tmp, "--launcher", "slurm", *extra, table=table, timeout=timeout)
 
 
+def start_slurm(tmp: Path, table: str) -> tuple[subprocess.Popen, dict]:
+    """``run.py --launcher slurm`` in the background (it submits, then waits); returns it and its job ids."""
+    prof = tmp / "profile.yaml"
+    prof.write_text(yaml.safe_dump(PROFILE))
+    proc = subprocess.Popen([sys.executable, "bench_suite/run.py", "--table", table, "--profile", str(prof), "--out",
+                             str(tmp / "results"), "--work", str(tmp / "work"), "--quiet", "--launcher", "slurm"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env())
+    subs = tmp / "work" / "slurm" / f"table{table}" / "submissions.json"
+    jobs = wait_for(lambda: subs.exists() and json.loads(subs.read_text())[-1]["jobs"], 120, "the submission")
+    return proc, jobs
+
+
 def numbers(results: Path, table: str = "1") -> list[dict]:
     cells = json.loads((results / f"table{table}.json").read_text())["cells"]
     return sorted(({k: c.get(k) for k in NUMBERS} for c in cells), key=lambda c: (c["method"], c["seed"]))
@@ -206,25 +218,25 @@ def _drop_cell(tmp: Path, method: str) -> None:
 def test_cancelled_cell_is_reported_failed_then_resubmitted(through_slurm, local, tmp_path):
     shutil.copytree(through_slurm[0] / "work", tmp_path / "work", ignore=shutil.ignore_patterns("slurm"))
     _drop_cell(tmp_path, "random")
-    sub = slurm(tmp_path, "--no-wait")
-    assert sub.returncode == 0, sub.stderr[-3000:]
-    ids = job_ids(sub.stdout)
-    assert ids["features"] == "-" and "stage 1 not needed" in sub.stderr  # features cached: no stage 1
+    proc, ids = start_slurm(tmp_path, "1")  # submits, then waits for the jobs
     task = f"{ids['cells']}_0"
     wait_for(lambda: squeue(task).get(task) == "RUNNING", 60, f"array task {task} to run")
     subprocess.run(["scancel", task], check=True)
-    res = slurm(tmp_path)  # the same command: waits for the submission in the queue, then reports
-    assert res.returncode == 1, res.stderr[-3000:]
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 1, err[-3000:]
+    assert ids["features"] is None and "stage 1 not needed" in err  # features cached: no stage 1
     assert re.search(rf"FAILED digits 0.03 Random seed 0: CANCELLED \(job {task}\), log \S+cell-{task}.out",
-                     res.stderr), res.stderr
+                     err), err
     md = (tmp_path / "results" / "table1.md").read_text()
     assert "## Failed cells" in md and f"| digits 0.03 Random seed 0 | CANCELLED | {task} |" in md
     failed = [c for c in json.loads((tmp_path / "results" / "table1.json").read_text())["cells"] if c.get("failed")]
     assert [c["method"] for c in failed] == ["random"] and failed[0]["failed"]["log"].endswith(f"cell-{task}.out")
     assert re.search(r"\| Random \| - \|", md)  # left out of the means: its only seed failed
-    res = slurm(tmp_path)  # resubmits the failed cell alone, and the table completes
+    sub = slurm(tmp_path, "--no-wait")  # resubmits the failed cell alone; prints the job ids and returns
+    assert sub.returncode == 0 and "(1 cells of 2; 1 cached)" in sub.stderr, sub.stderr[-3000:]
+    assert job_ids(sub.stdout)["cells"] != ids["cells"]
+    res = slurm(tmp_path)  # a later run collects: waits for that submission (or finds it done), the report
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "(1 cells of 2; 1 cached)" in res.stderr
     assert numbers(tmp_path / "results") == numbers(local / "results")
     assert "Failed cells" not in (tmp_path / "results" / "table1.md").read_text()
 
@@ -240,9 +252,8 @@ def test_finetune_cell_checkpoints_on_usr1_and_resumes_after_requeue(through_slu
     local = subprocess.Popen([sys.executable, "bench_suite/run.py", "--table", "6", "--profile", str(ref / "profile.yaml"),
                               "--out", str(ref / "results"), "--work", str(ref / "work"), "--quiet"], cwd=ROOT,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env())
-    sub = slurm(tmp_path, "--no-wait", table="6")
-    assert sub.returncode == 0, sub.stderr[-3000:]
-    task = f"{job_ids(sub.stdout)['cells']}_0"
+    proc, ids = start_slurm(tmp_path, "6")  # submits, then waits for the jobs
+    task = f"{ids['cells']}_0"
     ckpt = tmp_path / "work" / "finetune"
     wait_for(lambda: list(ckpt.glob("*/checkpoint.pt")), 240, "the first epoch's checkpoint")
     # what SLURM sends --signal-lead seconds before the time limit: the batch shell forwards it, Python
@@ -255,10 +266,11 @@ def test_finetune_cell_checkpoints_on_usr1_and_resumes_after_requeue(through_slu
     # then requeued from outside while the resumed run trains (SIGTERM: it checkpoints at the next step, goes)
     wait_for(lambda: log.read_text().count("finetune cls:") >= 2, 120, "the resumed run to train")
     subprocess.run(["scontrol", "requeue", task], check=True)
-    res = slurm(tmp_path, table="6")  # waits for it; the report
-    assert res.returncode == 0, res.stderr[-3000:] + log.read_text()[-3000:]
+    out, err = proc.communicate(timeout=600)  # the launcher waited for the task and the report
+    assert proc.returncode == 0, err[-3000:] + log.read_text()[-3000:]
     text = log.read_text()
-    assert text.count("start ") >= 2 and re.search(r"resumed from \S+checkpoint.pt at epoch \d+", text), text
+    assert "start 2 (restarts after requeue)" in text and text.count("resumed from") >= 2, text
+    assert re.search(r"resumed from \S+checkpoint.pt at epoch \d+", text), text
     cell = json.loads((tmp_path / "results" / "table6.json").read_text())["cells"][0]
     assert cell["resumed_from_epoch"] is not None and cell["epochs_this_run"] < cell["epochs"]
     _, err = local.communicate(timeout=600)
