@@ -79,6 +79,22 @@ def test_active_learning_protocol(paper_plan):
     assert skipped == {("cifar10", 0.005), ("cifar100", 0.01), ("imagenet", 0.01)}
 
 
+def test_active_learning_task_models(paper_plan):
+    """Appendix B.3: CoreSet, LearnLoss and ALFA-Mix select with DINO DeiT-S, finetuned in every round (B.2's
+    optimiser); VAAL and TA-VAAL keep their VAE at the original width 128 and 100 epochs; ALFA-Mix runs the
+    authors' main command (learned alpha, cap 0.03125)."""
+    cells = [c for t in ("1", "3") for c in paper_plan[t]]
+    for c in cells:
+        if c["method"] in ("coreset", "learnloss", "alfamix", "tavaal"):
+            assert c["task_model"]["model"] == "finetune", c["method"]
+            recipe = c["task_model"]["recipe"]
+            assert {k: recipe[k] for k in DEIT} == DEIT and recipe["trainable_blocks"] == "all"
+        if c["method"] in ("vaal", "tavaal"):
+            assert c["options"]["vae_width"] == 128 and c["options"]["vae_epochs"] == 100
+        if c["method"] == "alfamix":
+            assert c["options"]["alpha_mode"] == "learned" and c["options"]["alpha_cap"] == 0.03125
+
+
 def test_activeft_settings(paper_plan):
     for table in ("1", "3", "5"):
         for c in paper_plan[table]:

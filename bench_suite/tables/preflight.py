@@ -211,6 +211,11 @@ def plan(profile: Profile, table: str, work: Path, sources: dict) -> list[dict]:
                  "cached": state == "cached", "state": state}
         if entry["recipe"]["kind"] != "linear_probe":  # the epochs this cell trains (ImageNet: by ratio)
             entry["epochs"] = epochs_for(entry["recipe"], budget / n if n else cell["ratio"])
+        opts = entry["options"]
+        if "task_model" in opts:  # the AL methods' model of each round: DeiT-S finetuned, or a head on features
+            entry["task_model"] = {"model": opts["task_model"], "recipe": opts.get("task_recipe_settings") if
+                                   opts["task_model"] == "finetune" else
+                                   {k: v for k, v in opts.items() if k.startswith("head_")}}
         if not selector.label_free and n:
             init = selector.initial_set(n)
             entry["al_initial_set"] = init
