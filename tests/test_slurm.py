@@ -231,7 +231,7 @@ def test_cancelled_cell_is_reported_failed_then_resubmitted(through_slurm, local
     assert "## Failed cells" in md and f"| digits 0.03 Random seed 0 | CANCELLED | {task} |" in md
     failed = [c for c in json.loads((tmp_path / "results" / "table1.json").read_text())["cells"] if c.get("failed")]
     assert [c["method"] for c in failed] == ["random"] and failed[0]["failed"]["log"].endswith(f"cell-{task}.out")
-    assert re.search(r"\| Random \| - \|", md)  # left out of the means: its only seed failed
+    assert re.search(r"\| Random \| failed \|", md)  # left out of the means: its only seed failed
     sub = slurm(tmp_path, "--no-wait")  # resubmits the failed cell alone; prints the job ids and returns
     assert sub.returncode == 0 and "(1 cells of 2; 1 cached)" in sub.stderr, sub.stderr[-3000:]
     assert job_ids(sub.stdout)["cells"] != ids["cells"]

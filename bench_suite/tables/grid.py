@@ -96,13 +96,16 @@ def header(profile: Profile, table: str, cells: list[dict], first: str = "Method
 
 
 def metric_rows(profile: Profile, table: str, cells: list[dict], fmt) -> list[list[str]]:
-    """One row per method/variant; ``fmt(cells of one column)`` -> the column's text ("-" when empty)."""
+    """One row per method/variant; ``fmt(cells of one column)`` -> the column's text ("-" when empty). Cells that
+    failed (a SLURM run's, ``"failed"``) are left out of ``fmt`` and counted: "71.0±0.5 (1 failed)", "failed"."""
     rows = []
     for row in rows_of(profile, table):
         line = [row["label"]]
         for d, r in columns(profile, table):
             got = pick(cells, d, r, row["label"])
-            line.append(fmt(got) if got and all(c.get("skipped") is None for c in got) else "-")
+            ok = [c for c in got if not c.get("failed")]
+            text = fmt(ok) if ok and all(c.get("skipped") is None for c in ok) else "-"
+            line.append(text if len(ok) == len(got) else f"{text} ({len(got) - len(ok)} failed)" if ok else "failed")
         rows.append(line)
     return rows
 

@@ -294,29 +294,20 @@ class FailureLookup:
                            "state_from": "no submission of this table had this cell"}}
 
 
-def without_failed(out: dict) -> dict:
-    """The table's output without its failed cells (the report's numbers leave them out)."""
-    res = dict(out)
-    if "cells" in out:
-        res["cells"] = [c for c in out["cells"] if not c.get("failed")]
-    if "parts" in out:
-        res["parts"] = [{**p, "cells": [c for c in p["cells"] if not c.get("failed")]} for p in out["parts"]]
-    return res
-
-
 def markdown_with_failures(table, profile, prov: dict, out: dict) -> str:
-    """The table's markdown; with failed cells (a SLURM run), computed without them, and a section listing
-    each with its SLURM state and log."""
+    """The table's markdown; with failed cells (a SLURM run: the grid leaves them out of its means and marks
+    them), a provenance line and a section listing each with its SLURM state and log."""
     failed = [c for c in _cells(out) if c.get("failed")]
     if not failed:
         return table.markdown(profile, prov, out)
     total = len(_cells(out))
     prov = {**prov, "failed_cells": f"{len(failed)} of {total} cells FAILED and are left out of every mean "
             "(see 'Failed cells' at the end); rerunning the same --launcher slurm command resubmits them"}
-    lines = [table.markdown(profile, prov, without_failed(out)), "",
+    lines = [table.markdown(profile, prov, out), "",
              "## Failed cells (left out of the means above)\n",
-             "A mean over fewer seeds than the setting says, or a '-' where every seed failed, comes from these. "
-             "Rerun the same `--launcher slurm` command: it resubmits exactly these cells.\n",
+             "In the tables above, \"(k failed)\" marks a mean over fewer seeds than the setting says, and "
+             "\"failed\" a column where every seed failed. Rerun the same `--launcher slurm` command: it resubmits "
+             "exactly these cells.\n",
              "| cell | SLURM state | job (array task) | exit code | log |", "|---|---|---|---|---|"]
     for c in failed:
         f = c["failed"]
