@@ -272,8 +272,8 @@ def _chw(image: np.ndarray) -> torch.Tensor:
 class ShardBatches(torch.utils.data.IterableDataset):
     """Batches of whole shards from a WebDataset split by worker: dicts with the shard's name, the first row
     within the shard, ids, labels and the images (``inputs``: preprocessed float (B,3,S,S) when the workers
-    preprocess; else a list of uint8 (C,H,W) tensors, or with ``decode="device"`` the JPEG bytes as 1-D uint8
-    tensors where ``encoded`` says so)."""
+    preprocess; else uint8 (B,C,H,W) when the images share a shape, else a list of uint8 (C,H,W) tensors, or
+    with ``decode="device"`` the JPEG bytes as 1-D uint8 tensors where ``encoded`` says so)."""
 
     def __init__(self, shard_dir, names: list[str], batch_size: int, prep, *, preprocess: str, decode: str):
         self.urls = [str(Path(shard_dir) / n) for n in names]
@@ -316,6 +316,8 @@ class ShardBatches(torch.utils.data.IterableDataset):
                "labels": np.asarray(labels, np.int64)}
         if self.preprocess == "workers" and not any(encoded):
             out["inputs"] = preprocess_images(self.prep, images)
+        elif not any(encoded) and all(im.shape == images[0].shape for im in images):
+            out["inputs"] = torch.stack([_chw(im) for im in images])  # uint8 (B,C,H,W): one copy to the device
         else:
             out["inputs"] = [im if enc else _chw(im) for im, enc in zip(images, encoded)]
             out["encoded"] = encoded
@@ -325,6 +327,8 @@ class ShardBatches(torch.utils.data.IterableDataset):
 def _device_inputs(batch: dict, prep, device: torch.device, non_blocking: bool) -> torch.Tensor:
     """The encoder's (B,3,S,S) input on ``device`` from a worker's batch."""
     inputs = batch["inputs"]
+    if torch.is_tensor(inputs) and inputs.dtype == torch.uint8:
+        return preprocess_tensor(inputs.to(device, non_blocking=non_blocking), prep.image_size, prep.mean, prep.std)
     if torch.is_tensor(inputs):
         return inputs.to(device, non_blocking=non_blocking)
     encoded = batch["encoded"]

@@ -1,5 +1,6 @@
-"""Feature extraction: 1 process and 2 real processes (accelerate launch, gloo) give identical stores; the 3 shards
-of the digits pool fall 2 + 1 on the two ranks (uneven), and every sample is seen once."""
+"""Feature extraction: 1 process without DataLoader workers and 2 real processes (accelerate launch, gloo) with
+2 workers each give identical stores; the 3 shards of the digits pool fall 2 + 1 on the two ranks (uneven),
+and every sample is seen once."""
 
 import json
 import os
@@ -16,12 +17,12 @@ ROOT = Path(__file__).resolve().parents[1]
 ACCELERATE = Path(sys.executable).with_name("accelerate")
 
 
-def _launch(nproc, shards, out, encoder="efficientnet_lite0", size=64):
+def _launch(nproc, shards, out, encoder="efficientnet_lite0", size=64, workers=0):
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     dist = ["--multi_gpu", "--num_processes", str(nproc), "--main_process_port", str(_port())] if nproc > 1 else ["--num_processes", "1"]
     cmd = [str(ACCELERATE), "launch", *dist, "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "-m", "bench_suite.cli.features", "--shards", str(shards), "--encoder", encoder, "--image-size", str(size),
-           "--batch-size", "50", "--out", str(out)]
+           "--batch-size", "50", "--workers", str(workers), "--out", str(out)]
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     return res
@@ -36,9 +37,10 @@ def _port():
 @pytest.mark.slow
 def test_two_processes_equal_one(digits_shards, tmp_path):
     _launch(1, digits_shards, tmp_path / "one")
-    res = _launch(2, digits_shards, tmp_path / "two")
+    res = _launch(2, digits_shards, tmp_path / "two", workers=2)
     one, two = FeatureStore.open(tmp_path / "one"), FeatureStore.open(tmp_path / "two")
     assert two.meta["processes"] == 2 and one.meta["processes"] == 1, res.stderr[-2000:]
+    assert two.meta["extraction"]["workers"] == 2 and one.meta["extraction"]["workers"] == 0
     assert len(one) == 1297 and np.array_equal(one.ids, np.arange(1297))
     assert np.array_equal(one.ids, two.ids) and np.array_equal(one.labels, two.labels)
     np.testing.assert_array_equal(np.asarray(one.features), np.asarray(two.features))

@@ -90,3 +90,38 @@ def test_a_dead_writers_temporaries_are_swept_by_the_next_write(tmp_path):
     assert json.loads(target.read_text()) == {"ok": 1}
     assert not dead_file.exists() and not dead_dir.exists()
     assert live_file.exists() and other_host.exists()
+
+
+def test_streaming_write_is_byte_identical_to_save(tmp_path, monkeypatch):
+    """``write_streaming`` (feature extraction's writer, block by block) writes the files ``save`` writes,
+    with the same checksum; the checksum read in small blocks equals the one-shot one."""
+    from bench_suite import store as store_mod
+
+    feats, ids, labels = unit(37, 5, seed=3), np.arange(37) * 3, np.arange(37) % 4
+    FeatureStore(feats, ids, labels, {"x": 1}).save(tmp_path / "saved")
+    blocks = (feats[i:i + 8] for i in range(0, 37, 8))
+    FeatureStore.write_streaming(tmp_path / "streamed", blocks, 37, 5, ids, labels, {"x": 1})
+    for name in ("features.npy", "ids.npy", "labels.npy", "meta.json"):
+        assert (tmp_path / "saved" / name).read_bytes() == (tmp_path / "streamed" / name).read_bytes(), name
+    monkeypatch.setattr(store_mod, "BLOCK_BYTES", 3 * 5 * 4)  # 3 rows a block
+    assert FeatureStore.open(tmp_path / "streamed").checksum() == json.loads(
+        (tmp_path / "saved" / "meta.json").read_text())["checksum"]
+
+
+def test_shard_folder_survives_moving_the_work_folder(tmp_path):
+    """The store records its shard folder relative to itself too: after the work folder moves, ``meta["shards"]``
+    points at the moved shards; a store that records only an absolute path (made before) opens as it was."""
+    import shutil
+
+    from bench_suite.store import shards_meta
+
+    work = tmp_path / "work"
+    (work / "shards" / "pool").mkdir(parents=True)
+    FeatureStore.from_array(unit(4, 3), meta=shards_meta(work / "shards" / "pool", work / "features" / "s")).save(
+        work / "features" / "s")
+    assert FeatureStore.open(work / "features" / "s").meta["shards"] == str((work / "shards" / "pool").resolve())
+    shutil.move(work, tmp_path / "moved")
+    meta = FeatureStore.open(tmp_path / "moved" / "features" / "s").meta
+    assert meta["shards"] == str((tmp_path / "moved" / "shards" / "pool").resolve())
+    FeatureStore.from_array(unit(4, 3), meta={"shards": "/old/place"}).save(tmp_path / "old")
+    assert FeatureStore.open(tmp_path / "old").meta["shards"] == "/old/place"
