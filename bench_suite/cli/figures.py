@@ -232,7 +232,8 @@ def main(argv=None) -> int:
     out_dir = Path(args.out)
     ctx = Context(profile, Path(args.work), out_dir, bdist.make_accelerator(), sources, quiet=True,
                   revision=report.git_revision())
-    stores = {d: prepare_split(ctx, d, "pool") for d in dict.fromkeys(
+    encoder = profile.encoder_of("1") if "1" in profile.tables else profile.encoder  # Table 1's features
+    stores = {d: prepare_split(ctx, d, "pool", encoder=encoder) for d in dict.fromkeys(
         (fig3_sets if args.figure in ("3", "all") else []) + (fig4_sets if args.figure in ("4", "all") else []))}
     if ctx.rank != 0:
         return bdist.exit_process(0)
@@ -268,7 +269,7 @@ def figure3(profile, stores, datasets, ratios, tau, out_dir: Path, data: dict) -
             rows.append([label, f"{r * 100:g}% (B={b})", f"{m[0]:.4g}", f"{m[1]:.4g}", f"{m[-1]:.4g} (k={len(m)})",
                          f"{m[0] / m[1]:.2f}", f"{np.median(v['median_ratio_1_2']):.2f}"])
     plots.figure3_plot(out_dir / "figure3.png", panels, tau=tau,
-                       title=f"Figure 3 - exp. similarity of each sample to its top-{TOP_K} parameters "
+                       title=f"Figure 3 - each sample's top-{TOP_K} parameters, drawn from the pool "
                              f"({profile.name} profile)")
     lines += ["## Figure 3: similarity between features and parameters (Assumption 1)\n",
               "![Figure 3](figure3.png)\n",

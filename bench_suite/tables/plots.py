@@ -147,7 +147,7 @@ def figure3_plot(path, pools: dict, *, tau: float, title: str) -> Path:
     of each sample to its k-th most similar parameter, k = 1..K, as bars (log scale), one bar group per budget.
     ``pools``: ``{panel: {budget label: (mean per k, std per k over draws)}}``."""
     panels = list(pools)
-    fig = _figure(5.0 * len(panels) + 0.5, 3.8)
+    fig = _figure(max(7.0, 5.0 * len(panels) + 0.5), 3.8)
     axes = fig.subplots(1, len(panels), squeeze=False).ravel()
     for ax, panel in zip(axes, panels):
         budgets = list(pools[panel])
