@@ -33,7 +33,6 @@ from bench_suite.errors import BadInputError
 from bench_suite.profiles import load_profile
 from bench_suite.tables.preflight import plan
 from bench_suite.tables.registry import table_names
-from launchers.slurm.plan import IDENTITY
 
 log = logging.getLogger("bench_suite.gpu_hours")
 TEST_SIZES = {"cifar10": 10_000, "cifar100": 10_000, "imagenet": 50_000, "ade20k": 2_000}
