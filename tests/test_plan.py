@@ -39,6 +39,10 @@ RESNET = {"optimizer": "sgd", "lr": 0.01, "weight_decay": 0.0001, "momentum": 0.
           "schedule": "cosine", "epochs": 100}
 # Appendix B.2, Table 2: Segmenter, SGD lr 1e-3 momentum 0.9, batch 8, poly decay, 127 epochs
 SEGMENTER = {"optimizer": "sgd", "lr": 0.001, "momentum": 0.9, "batch_size": 8, "schedule": "poly", "epochs": 127}
+# ... with mmsegmentation's Segmenter ADE20K data protocol: random resize 0.5-2.0 of 2048 x 512, 512 crops with
+# cat_max_ratio 0.75, flip, photometric distortion; sliding-window evaluation 512 / stride 341
+SEG_PIPELINE = {"pipeline": "mmseg", "image_size": 512, "scale": [2048, 512], "ratio_range": [0.5, 2.0],
+                "cat_max_ratio": 0.75, "flip_prob": 0.5, "photometric": True, "slide_stride": 341}
 
 
 @pytest.fixture(scope="module")
@@ -121,6 +125,7 @@ def test_table2_segmenter_protocol(paper_plan):
     for c in cells:
         assert c["recipe"]["kind"] == "seg_finetune" and c["recipe"]["decoder"] == "mask_transformer"
         assert {k: c["recipe"][k] for k in SEGMENTER} == SEGMENTER
+        assert {k: c["recipe"][k] for k in SEG_PIPELINE} == SEG_PIPELINE
         assert c["encoder"] == {"name": "dino_vits16", "image_size": 224, "pooling": "cls+mean",
                                 "weights": "dino_deitsmall16_pretrain.pth"}  # Sec. 4.2: CLS + mean patch token
 
