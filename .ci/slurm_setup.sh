@@ -21,6 +21,13 @@ CONF=$DIR/slurm.conf
 say() { echo "slurm_setup: $*" >&2; }
 
 stop() {
+  # the jobs still queued or running on this test cluster first (their processes would outlive slurmd)
+  if [ -f "$CONF" ] && SLURM_CONF=$CONF scontrol ping 2>/dev/null | grep -q UP; then
+    if [ -n "$(SLURM_CONF=$CONF squeue -h -o %i 2>/dev/null)" ]; then
+      SLURM_CONF=$CONF scancel --full -u "$(id -un)" 2>/dev/null || true
+      for _ in $(seq 50); do [ -z "$(SLURM_CONF=$CONF squeue -h -o %i 2>/dev/null)" ] && break; sleep 0.2; done
+    fi
+  fi
   for pidfile in "$DIR"/run/slurmd-*.pid "$DIR"/run/slurmctld.pid; do
     [ -f "$pidfile" ] || continue
     pid=$(cat "$pidfile")
