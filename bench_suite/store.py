@@ -186,11 +186,19 @@ class FeatureStore:
         """sha256 of the features' float32 bytes then the ids' int64 bytes (first 16 hex digits), read in
         blocks: a memmapped store is never copied whole."""
         h = hashlib.sha256()
-        rows = max(1, BLOCK_BYTES // max(1, 4 * self.dim))
+        rows, src = max(1, BLOCK_BYTES // max(1, 4 * self.dim)), self._rows()
         for start in range(0, len(self), rows):
-            h.update(np.ascontiguousarray(self.features[start:start + rows], dtype=np.float32).tobytes())
+            h.update(np.ascontiguousarray(src[start:start + rows], dtype=np.float32).tobytes())
         h.update(self.ids.astype(np.int64).tobytes())
         return h.hexdigest()[:16]
+
+    def _rows(self):
+        """What to read the rows from in blocks: the file itself when the features are a memmap of a whole
+        store (plain reads: pages read for a check never pile up in this process's memory), else the array."""
+        f = self.features
+        if isinstance(f, np.memmap) and getattr(f, "filename", None) and len(f) == self.total_rows:
+            return FileRows(f.filename, f.offset, f.shape)
+        return f
 
     def validate(self, *, normalize: bool = False) -> None:
         """Reject empty, non-finite or zero rows; check (or enforce) unit norm."""
@@ -199,7 +207,10 @@ class FeatureStore:
             raise BadInputError("feature store is empty (N = 0)")
         if len(np.unique(self.ids)) != n:
             raise BadInputError("feature store ids are not unique")
-        self.features, n_off = check_rows(self.features, normalize=normalize)
+        rows = self._rows()
+        checked, n_off = check_rows(rows, normalize=normalize, block=max(1, BLOCK_BYTES // max(1, 4 * self.dim)))
+        if checked is not rows:
+            self.features = checked
         if n_off:
             log.warning("features were not L2-normalised (%d rows); normalising them", n_off)
 
@@ -217,6 +228,36 @@ class FeatureStore:
             missing = ids[~found][:5].tolist()
             raise BadInputError(f"ids not in the feature store: {missing}{' ...' if (~found).sum() > 5 else ''}")
         return order[pos]
+
+
+class FileRows:
+    """Read-only row blocks of a C-ordered float32 .npy file by plain reads (``rows[a:b]``), never mapped."""
+
+    def __init__(self, filename, offset: int, shape):
+        self.filename, self.offset, self.shape = str(filename), int(offset), tuple(shape)
+        self.ndim, self.dtype = 2, np.dtype(np.float32)
+
+    @classmethod
+    def of_npy(cls, path) -> "FileRows":
+        mm = np.load(path, mmap_mode="r")
+        if mm.dtype != np.float32 or mm.ndim != 2 or not mm.flags.c_contiguous:
+            raise CorruptDataError(f"{path}: not a C-ordered N x d float32 array")
+        return cls(path, mm.offset, mm.shape)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, sl):
+        if not isinstance(sl, slice) or sl.step not in (None, 1):
+            raise TypeError("FileRows takes a contiguous slice of rows")
+        start, stop, _ = sl.indices(self.shape[0])
+        count = max(0, stop - start) * self.shape[1]
+        with open(self.filename, "rb") as fh:
+            fh.seek(self.offset + start * self.shape[1] * 4)
+            out = np.fromfile(fh, dtype=np.float32, count=count)
+        if out.size != count:
+            raise CorruptDataError(f"{self.filename}: truncated ({out.size} of {count} values)")
+        return out.reshape(-1, self.shape[1])
 
 
 def shards_meta(shard_dir, store_dir) -> dict:
