@@ -10,13 +10,17 @@ epochs resolved, cells the paper leaves out ("-") dropped):
   length) at the recipe's image size, at ``train_ips`` images per second per GPU;
 - evaluation: per cell, the test split once per ``eval_every`` epochs and after the last, at ``infer_ips``;
 - feature extraction: pool + test split once per dataset and encoder, at ``infer_ips``;
+- the active-learning baselines whose task model is a finetuned backbone (the paper profile's CoreSet,
+  LearnLoss, TA-VAAL, ALFA-Mix): each round trains the round recipe on the labelled set (``task_epochs``, else
+  the recipe's epochs) and scores the unlabelled rest of the pool once, rounds as ``baselines/_al_protocol``
+  runs them (initial set, then batches up to the budget);
 - time per epoch of a cell = its images per epoch / ``train_ips``; GPU-hours = the sum over cells / 3600.
 
 ``--measure`` measures ``train_ips`` (forward + backward + SGD step, the recipe's micro batch and AMP, every
 layer trainable) and ``infer_ips`` (forward, batch 256) of the profile's ViT-S/16 backbone at each image size
 the profile's recipes use, on this process's device, with random weights (the speed does not depend on
-them), after warm-up steps. Not counted: the selection itself (ActiveFT: seconds to minutes on a GPU; the
-active-learning baselines' training rounds: Table 3 reports them), data loading stalls, queue time. A cell
+them), after warm-up steps. Not counted: the label-free selections (ActiveFT: seconds to minutes on a GPU),
+VAAL's and TA-VAAL's VAE and discriminator training, data loading stalls, job start-up, queue time. A cell
 that two tables share is computed once: the second table's "new" column leaves it out.
 """
 
@@ -52,6 +56,23 @@ def _test_size(profile, dataset: str) -> int:
     return int(limit or TEST_SIZES.get(dataset, 10_000))
 
 
+def al_rounds(c: dict) -> list[int]:
+    """The labelled-set size at each round of an active-learning cell (``_al_protocol.sizes`` and its loop)."""
+    o, n, budget = c["options"], int(c["pool_size"]), int(c["budget"])
+    init = int(o["init_size"]) if o.get("init_size") is not None else max(1, int(round(float(o["init_ratio"]) * n)))
+    if o.get("batch_size") is not None:
+        batch = int(o["batch_size"])
+    else:
+        ratio = o["batch_ratio"] if o.get("batch_ratio") is not None else (
+            o["init_ratio"] if o.get("init_size") is None else None)
+        batch = max(1, int(round(float(ratio) * n))) if ratio is not None else init
+    sizes, labelled = [], init
+    while labelled < budget:
+        sizes.append(labelled)
+        labelled += min(batch, budget - labelled)
+    return sizes
+
+
 def count(profile, table: str, seen: set) -> dict:
     """Images trained and evaluated per image size for ``table``; ``seen``: cells of earlier tables (updated)."""
     cells = [c for c in plan(profile, table, Path("/nonexistent-work"), {}) if not c.get("skipped")]
@@ -64,6 +85,14 @@ def count(profile, table: str, seen: set) -> dict:
         per_epoch = epoch_images(int(c["budget"]), int(r.get("repeated_aug") or 1))
         train = c.get("epochs", 0) * per_epoch
         infer = n_evals(c.get("epochs", 0), int(r.get("eval_every") or 0)) * _test_size(profile, c["dataset"])
+        task = c.get("task_model") or {}
+        if task.get("model") == "finetune" and c.get("pool_size"):  # an AL baseline's rounds
+            tr = task["recipe"]
+            epochs_r = int(c["options"].get("task_epochs") or tr.get("epochs") or 0)
+            sizes = al_rounds(c)
+            al_train = sum(epochs_r * epoch_images(m, int(tr.get("repeated_aug") or 1)) for m in sizes)
+            train, infer = train + al_train, infer + sum(int(c["pool_size"]) - m for m in sizes)
+            out["al_train"] = out.get("al_train", 0) + al_train
         ident = json.dumps([c["dataset"], c["ratio"], c["method"], c["options"], c["seed"], c["recipe"],
                             c["encoder"]], sort_keys=True, default=str)
         new = ident not in seen
@@ -174,7 +203,7 @@ def main(argv=None) -> int:
     for t, c in counts.items():
         epoch_s = [n / rates[s]["train_ips"] for s, n in c["epoch_seconds"]]
         rows.append({"table": t, "cells": c["cells"], "new_cells": c["new_cells"],
-                     "train_images": sum(c["train"].values()), "eval_images": sum(c["infer"].values()),
+                     "train_images": sum(c["train"].values()), "al_train_images": c.get("al_train", 0), "eval_images": sum(c["infer"].values()),
                      "extract_images": sum(c["extract"].values()),
                      "seconds_per_epoch": [round(min(epoch_s), 2), round(max(epoch_s), 2)] if epoch_s else None,
                      "gpu_hours": round(hours(c, rates), 1), "gpu_hours_new": round(hours(c, rates, new=True), 1)})
@@ -183,12 +212,12 @@ def main(argv=None) -> int:
         return 0
     print(f"rates ({source}): " + ", ".join(f"{s} px train {r['train_ips']:.0f} / inference {r['infer_ips']:.0f} "
                                            "img/s" for s, r in rates.items()))
-    print("| table | cells | new cells | train images (epochs x images) | eval + extraction images | "
-          "time per epoch of a cell | GPU-hours | GPU-hours of its new cells |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| table | cells | new cells | train images (epochs x images) | of which AL task models | "
+          "eval + scoring + extraction images | time per epoch of a cell | GPU-hours | GPU-hours of its new cells |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         ep = r["seconds_per_epoch"]
-        print(f"| {r['table']} | {r['cells']} | {r['new_cells']} | {r['train_images']:,} | "
+        print(f"| {r['table']} | {r['cells']} | {r['new_cells']} | {r['train_images']:,} | {r['al_train_images']:,} | "
               f"{r['eval_images'] + r['extract_images']:,} | {ep[0]:g}-{ep[1]:g} s | {r['gpu_hours']:,} | "
               f"{r['gpu_hours_new']:,} |")
     return 0
