@@ -93,6 +93,8 @@ def test_active_learning_task_models(paper_plan):
             assert c["task_model"]["model"] == "finetune", c["method"]
             recipe = c["task_model"]["recipe"]
             assert {k: recipe[k] for k in DEIT} == DEIT and recipe["trainable_blocks"] == "all"
+            # B.2's epochs for the labelled set's size: 1000 on CIFAR, ImageNet's rule (>= 2.5%) 300
+            assert recipe["epochs"] == (300 if c["dataset"] == "imagenet" else 1000)
         if c["method"] in ("vaal", "tavaal"):
             assert c["options"]["vae_width"] == 128 and c["options"]["vae_epochs"] == 100
         if c["method"] == "alfamix":
@@ -157,3 +159,15 @@ def test_dry_run_json_cli(tmp_path, capsys):
     assert run_main(["--table", "6", "--profile", "paper", "--dry-run", "--json", "--work", str(tmp_path)]) == 0
     cells = json.loads(capsys.readouterr().out)
     assert len(cells) == 4 * 3 * 3 and not any(Path(tmp_path).iterdir())  # nothing written
+
+
+def test_a_profile_recipe_entry_reaches_the_al_task_model(tmp_path):
+    """A profile's ``recipes:`` entry overrides the catalogue wherever the name is used, the AL task model's
+    round recipe included (through the method's ``task_recipe_fields``)."""
+    f = tmp_path / "p.yaml"
+    f.write_text("extends: paper\nrecipes:\n  al_deit_round: {epochs: 3, image_size: 32}\n"
+                 "methods:\n  coreset: {task_recipe_fields: {image_size: 64}}\n")
+    cells = plan(load_profile(str(f)), "3", tmp_path, {})
+    recipes = {c["method"]: c["task_model"]["recipe"] for c in cells if "task_model" in c}
+    assert recipes["learnloss"]["epochs"] == 3 and recipes["learnloss"]["image_size"] == 32
+    assert recipes["coreset"]["epochs"] == 3 and recipes["coreset"]["image_size"] == 64  # the method's own wins

@@ -20,6 +20,7 @@ from __future__ import annotations
 from bench_suite import report
 from bench_suite.data.registry import get_dataset
 from bench_suite.methods import registry
+from bench_suite.methods.base import options_of
 from bench_suite.options import departures
 from bench_suite.profiles import Profile
 from bench_suite.progress import duration
@@ -37,6 +38,19 @@ def rows_of(profile: Profile, table: str) -> list[dict]:
              "config": profile.method_options(row.method, row.config)} for row in profile.table(table).methods]
 
 
+def _with_profile_recipe(profile: Profile, method: str, config: dict) -> dict:
+    """A method that trains with a named recipe (the AL task model's ``task_recipe``) gets the profile's
+    ``recipes:`` entry of that name as ``task_recipe_fields`` (under the method's own), as every other use of a
+    recipe name in a profile does: the profile overrides the catalogue field by field."""
+    fields = {f.name: f for f in options_of(registry.selector_class(method))}
+    if "task_recipe" not in fields:
+        return config
+    entry = profile.recipes.get(config.get("task_recipe", fields["task_recipe"].default))
+    if not entry:
+        return config
+    return {**config, "task_recipe_fields": {**entry, **(config.get("task_recipe_fields") or {})}}
+
+
 def build_cells(profile: Profile, table: str) -> list[dict]:
     """Every (dataset, ratio, row, seed); active-learning rows get the dataset's ``al`` protocol (init/batch ratio)."""
     t = profile.table(table)
@@ -49,6 +63,7 @@ def build_cells(profile: Profile, table: str) -> list[dict]:
                 config = profile.method_options(row.method, row.config, dataset)
                 if al and not registry.selector_class(row.method).label_free:
                     config = {**al, **config}
+                config = _with_profile_recipe(profile, row.method, config)
                 for seed in profile.seeds_of(table):
                     cells.append({"dataset": dataset, "ratio": float(ratio), "method": row.method,
                                   "variant": row.label or registry.label(row.method), "seed": seed,
