@@ -137,35 +137,39 @@ def job_ids(stdout: str) -> dict[str, str]:
     return dict(re.findall(r"(features|cells|report)=(\S+)", stdout))
 
 
+def run_local(tmp: Path, table: str) -> subprocess.Popen:
+    """``run.py --table TABLE`` here, one process, in the background."""
+    (tmp / "profile.yaml").write_text(yaml.safe_dump(PROFILE))
+    return subprocess.Popen([sys.executable, "bench_suite/run.py", "--table", table, "--profile",
+                             str(tmp / "profile.yaml"), "--out", str(tmp / "results"), "--work", str(tmp / "work"),
+                             "--quiet"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env())
+
+
 @pytest.fixture(scope="module")
 def through_slurm(cluster, tmp_path_factory):
-    """Table 1 through --launcher slurm from an empty work folder: stage 1 on 2 nodes, 3 array tasks, report."""
-    tmp = tmp_path_factory.mktemp("slurm")
+    """Table 1 through --launcher slurm from an empty work folder (stage 1 on 2 nodes, 2 array tasks, the report),
+    and meanwhile the same table run locally from its own empty work folder (one process)."""
+    tmp, here = tmp_path_factory.mktemp("slurm"), tmp_path_factory.mktemp("local")
+    local = run_local(here, "1")
     t0 = time.perf_counter()
     res = slurm(tmp, "--nodes", "2" if cluster["two_nodes"] else "1")
+    seconds = time.perf_counter() - t0
+    _, err = local.communicate(timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
-    return tmp, res, time.perf_counter() - t0
-
-
-def _local(through_slurm, tmp: Path, table: str) -> Path:
-    """A local run of ``table`` (features copied from the SLURM run: extraction on 1 or 2 processes gives the
-    same features, tests/test_features_dist.py)."""
-    if not (tmp / "work" / "features").exists():
-        shutil.copytree(through_slurm[0] / "work" / "features", tmp / "work" / "features")
-    res = run_py(tmp, table=table)
-    assert res.returncode == 0, res.stderr[-3000:]
-    return tmp
+    assert local.returncode == 0, err[-3000:]
+    return tmp, res, seconds, here
 
 
 @pytest.fixture(scope="module")
-def local(through_slurm, tmp_path_factory):
+def local(through_slurm):
     """The local run of Table 1."""
-    return _local(through_slurm, tmp_path_factory.mktemp("local"), "1")
+    return through_slurm[3]
 
 
 @pytest.mark.slow
 def test_table_through_slurm_equals_the_local_run(through_slurm, local):
-    tmp, res, seconds = through_slurm
+    tmp, res, seconds, _ = through_slurm
     ids = job_ids(res.stdout)
     assert set(ids) == {"features", "cells", "report"} and "-" not in ids.values(), res.stdout
     sub = sorted((tmp / "work" / "slurm" / "table1").glob("2*"))[-1]
@@ -248,10 +252,7 @@ def test_finetune_cell_checkpoints_on_usr1_and_resumes_after_requeue(through_slu
     # the uninterrupted local run, for comparison, runs meanwhile (the SLURM job spends seconds queued)
     ref = tmp_path_factory.mktemp("local6")
     shutil.copytree(through_slurm[0] / "work" / "features", ref / "work" / "features")
-    (ref / "profile.yaml").write_text(yaml.safe_dump(PROFILE))
-    local = subprocess.Popen([sys.executable, "bench_suite/run.py", "--table", "6", "--profile", str(ref / "profile.yaml"),
-                              "--out", str(ref / "results"), "--work", str(ref / "work"), "--quiet"], cwd=ROOT,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env())
+    local = run_local(ref, "6")
     proc, ids = start_slurm(tmp_path, "6")  # submits, then waits for the jobs
     task = f"{ids['cells']}_0"
     ckpt = tmp_path / "work" / "finetune"
