@@ -14,6 +14,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import re
 import socket
 import sys
 from dataclasses import dataclass, field
@@ -175,8 +176,16 @@ def _map_slurm_env() -> None:
         os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
         os.environ.setdefault("MASTER_PORT", "29512")
         if "MASTER_ADDR" not in os.environ:
-            nodes = os.environ.get("SLURM_JOB_NODELIST", socket.gethostname())
-            os.environ["MASTER_ADDR"] = nodes.split(",")[0].split("[")[0]
+            os.environ["MASTER_ADDR"] = first_host(os.environ.get("SLURM_JOB_NODELIST", socket.gethostname()))
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list: ``n[1-2],m3`` -> ``n1``, ``gpu[007,009-010]`` -> ``gpu007``."""
+    head = re.match(r"[^,\[]*(\[[^\]]*\])?", nodelist.strip()).group(0)
+    if "[" not in head:
+        return head
+    prefix, ranges = head[:-1].split("[", 1)
+    return prefix + ranges.split(",")[0].split("-")[0]
 
 
 def make_accelerator():

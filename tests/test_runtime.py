@@ -94,3 +94,12 @@ def test_device_rule():
     if not torch.cuda.is_available():
         with pytest.raises(BadInputError, match="torch sees no CUDA GPU"):
             runtime.resolve_device("cuda:0", what="kmeans: option device")
+
+
+@pytest.mark.parametrize("nodelist,host", [("n[1-2]", "n1"), ("n[1-2],m3", "n1"), ("gpu[007,009-010]", "gpu007"),
+                                           ("node12", "node12"), ("a1,b2", "a1"), ("x[3]", "x3")])
+def test_rendezvous_host_from_a_slurm_node_list(nodelist, host):
+    """MASTER_ADDR for a bare srun: the first host of SLURM_JOB_NODELIST, brackets expanded."""
+    from bench_suite.runtime import first_host
+
+    assert first_host(nodelist) == host
