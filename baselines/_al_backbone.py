@@ -18,7 +18,8 @@ the selected samples". With ``task_model: finetune`` (the paper profile) each ro
 
 LearnLoss (and TA-VAAL's ranker): the loss prediction module is trained jointly with the backbone, in the
 same training loop: its taps are four evenly spaced transformer blocks (after blocks 3, 6, 9 and 12 of
-DeiT-S, as LearnLoss taps ResNet's four stages), each averaged over its tokens (the GAP of the original);
+DeiT-S, as LearnLoss taps ResNet's four stages; on a ResNet, those stages), each averaged over its tokens or
+positions (the GAP of the original);
 the loss is mean CE + weight x the pairwise ranking loss over each batch; after ``stop_grad_frac`` of the
 epochs the taps are detached, as in the original. The module's optimiser is the recipe's.
 
@@ -254,12 +255,18 @@ class BackboneContext:
                 "pool_images_cached": self.images.cache is not None}
 
     def _taps(self, clf) -> tuple[list, list[int]]:
-        """The blocks LearnLoss taps and their (pooled) widths, from one forward pass."""
+        """The blocks LearnLoss taps and their (pooled) widths, from one forward pass: a ViT's evenly spaced
+        blocks, or a ResNet's four stages (``layer1``-``layer4``, the original's taps; Table 4's ResNet-50)."""
         body = getattr(clf.backbone, "model", clf.backbone)
         blocks = list(getattr(body, "blocks", []) or [])
-        if not blocks:
-            raise BadInputError(f"{self.name}: the backbone has no `blocks` to tap for the loss prediction module")
-        mods = [blocks[i] for i in tap_positions(len(blocks))]
+        stages = [getattr(body, f"layer{i}", None) for i in range(1, 5)]
+        if blocks:
+            mods = [blocks[i] for i in tap_positions(len(blocks))]
+        elif all(s is not None for s in stages):
+            mods = stages
+        else:
+            raise BadInputError(f"{self.name}: the backbone has neither transformer `blocks` nor ResNet stages "
+                                "(layer1-4) to tap for the loss prediction module")
         seen: list = []
         hooks = [m.register_forward_hook(lambda _m, _i, out: seen.append(out)) for m in mods]
         try:
