@@ -8,7 +8,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-os.environ.setdefault("OMP_NUM_THREADS", "2")
+# Two pytest-xdist workers share the 2 cores (pyproject addopts: -n 2): one thread each; alone, two.
+os.environ.setdefault("OMP_NUM_THREADS", "1" if os.environ.get("PYTEST_XDIST_WORKER") else "2")
 
 
 @pytest.fixture(scope="session")

@@ -60,8 +60,8 @@ def digits():
 
 
 def test_names_unknown_and_description():
-    assert encoder_names() == ["dino_vits16", "dinov2_vits14", "efficientnet_lite0"]
-    with pytest.raises(UnknownNameError, match="unknown encoder 'resnet9'; known: dino_vits16, dinov2_vits14"):
+    assert encoder_names() == ["dino_resnet50", "dino_vits16", "dinov2_vits14", "efficientnet_lite0", "ibot_vits16"]
+    with pytest.raises(UnknownNameError, match="unknown encoder 'resnet9'; known: dino_resnet50, dino_vits16"):
         get_encoder("resnet9")
     desc = {d["name"]: d for d in describe_encoders()}
     assert desc["dinov2_vits14"]["poolings"] == {"cls": 384, "cls+mean": 768, "gap": 384}

@@ -46,8 +46,7 @@ def build_vit(name: str, arch: str, path: Path, how: str, note: str, image_size:
     """A timm ViT-S/16 from a DINO-shaped checkpoint (also iBOT's: ``ibot_vit``), position embedding resized."""
     import timm
 
-    if image_size % PATCH:
-        raise BadInputError(f"{name}: image_size must be a multiple of {PATCH}, got {image_size}")
+    check_size(name, image_size)
     state = checkpoints.backbone_state(checkpoints.read_checkpoint(path, name), path, drop)
     if "pos_embed" in state:
         state["pos_embed"] = resize_pos_embed(state["pos_embed"], image_size // PATCH)
@@ -59,7 +58,13 @@ def build_vit(name: str, arch: str, path: Path, how: str, note: str, image_size:
                    meta=checkpoints.provenance(path, how, note), device=device)
 
 
+def check_size(name: str, image_size: int) -> None:
+    if image_size % PATCH:
+        raise BadInputError(f"{name}: image_size must be a multiple of {PATCH}, got {image_size}")
+
+
 def build(image_size: int, weights=None, cache_dir=None, device: str = "cpu") -> Encoder:
+    check_size(NAME, image_size)  # before looking for the file: a bad size is the first error
     path, how = locate(weights, cache_dir)
     return build_vit(NAME, ARCH, path, how, NOTE, image_size, device)
 

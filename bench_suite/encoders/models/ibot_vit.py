@@ -10,7 +10,7 @@ objective, which feature extraction never uses: it is dropped with the projectio
 from __future__ import annotations
 
 from bench_suite.encoders import checkpoints
-from bench_suite.encoders.models.dino_vit import ARCH, DIM, build_vit
+from bench_suite.encoders.models.dino_vit import ARCH, DIM, build_vit, check_size
 from bench_suite.encoders.registry import EncoderSpec, register
 
 NAME = "ibot_vits16"
@@ -20,6 +20,7 @@ NOTE = "iBOT self-supervised ViT-S/16 (Zhou et al. 2022), Table 4(a) of the Acti
 
 
 def build(image_size: int, weights=None, cache_dir=None, device: str = "cpu"):
+    check_size(NAME, image_size)
     path = checkpoints.locate(weights, cache_dir, CHECKPOINT, "iBOT ViT-S/16", URL)
     return build_vit(NAME, ARCH, path, "local file", NOTE, image_size, device, drop=("head.", "masked_embed"))
 
