@@ -19,7 +19,7 @@ from pathlib import Path
 
 from bench_suite import report
 from bench_suite import runtime as bdist
-from bench_suite.cli import main_guard, setup_logging
+from bench_suite.cli import main_guard, parse_sources, setup_logging
 from bench_suite.errors import BadInputError
 from bench_suite.profiles import load_profile
 from bench_suite.progress import Tracker
@@ -104,12 +104,7 @@ def main(argv=None) -> int:
             profile = dataclasses.replace(profile, seeds=[int(s) for s in args.seeds.split(",")])
         except ValueError as exc:
             raise BadInputError(f"--seeds must be comma-separated integers, got {args.seeds!r}") from exc
-    sources = {}
-    for spec in args.source:
-        if "=" not in spec:
-            raise BadInputError(f"--source expects DATASET=PATH, got {spec!r}")
-        name, path = spec.split("=", 1)
-        sources[name] = Path(path).expanduser()
+    sources = parse_sources(args.source)
     for table in tables:  # every name of every table first: a typo fails before any work
         check_names(profile, table.name)
     if args.dry_run and args.json:

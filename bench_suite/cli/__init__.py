@@ -7,11 +7,12 @@ import functools
 import logging
 import os
 import sys
+from pathlib import Path
 
 from rich.logging import RichHandler
 
 from bench_suite import heartbeat
-from bench_suite.errors import BenchError
+from bench_suite.errors import BadInputError, BenchError
 
 
 PROJECT_LOGGERS = ("bench_suite", "baselines", "launchers")
@@ -54,3 +55,13 @@ def main_guard(fn):
 
     return wrapper
 
+
+def parse_sources(specs: list[str]) -> dict[str, Path]:
+    """``--source DATASET=PATH`` flags -> {dataset: path} (``~`` expanded); a flag without ``=`` is one line."""
+    sources = {}
+    for spec in specs:
+        if "=" not in spec:
+            raise BadInputError(f"--source expects DATASET=PATH, got {spec!r}")
+        name, path = spec.split("=", 1)
+        sources[name] = Path(path).expanduser()
+    return sources

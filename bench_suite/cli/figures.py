@@ -36,9 +36,9 @@ from pathlib import Path
 
 import numpy as np
 
-from bench_suite import atomic, report
+from bench_suite import report
 from bench_suite import runtime as bdist
-from bench_suite.cli import main_guard, setup_logging
+from bench_suite.cli import main_guard, parse_sources, setup_logging
 from bench_suite.digest import ids_digest, json_digest
 from bench_suite.errors import BadInputError
 from bench_suite.methods import budget_from_ratio, registry, run_selection
@@ -209,12 +209,7 @@ def main(argv=None) -> int:
     setup_logging(args.verbose)
     t_start = time.perf_counter()
     profile = load_profile(args.profile)
-    sources = {}
-    for spec in args.source:
-        if "=" not in spec:
-            raise BadInputError(f"--source expects DATASET=PATH, got {spec!r}")
-        name, path = spec.split("=", 1)
-        sources[name] = Path(path).expanduser()
+    sources = parse_sources(args.source)
     pools = list(profile.table("1").cells) if "1" in profile.tables else list(profile.datasets)
     datasets = _csv(args.datasets) if args.datasets else None
     for d in datasets or []:
