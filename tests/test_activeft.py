@@ -52,6 +52,7 @@ def _fast(x, budget, **cfg):
 def _same_run(x, budget, **cfg):
     fast = _fast(x, budget, verify=True, **dict(cfg))
     cfg.pop("candidates", None)
+    cfg.pop("prune", None)
     ref = reference_select(x, budget, dtype=torch.float64, **cfg)
     np.testing.assert_allclose(fast["losses"], ref["losses"], rtol=2e-6, atol=2e-6)
     assert math.isclose(fast["final_loss"], ref["final_loss"], rel_tol=2e-6, abs_tol=2e-6)
@@ -61,17 +62,33 @@ def _same_run(x, budget, **cfg):
 
 
 # ---------------------------------------------------------------------------- fast path == naive reference
+@pytest.mark.parametrize("prune", [True, False])
 @pytest.mark.parametrize("objective", ["official", "paper"])
-def test_fast_equals_naive_reference_on_digits(digits, objective):
-    fast, _ = _same_run(digits, 40, objective=objective, iters=60, seed=1)
-    assert fast["assign_stats"]["certified"] > fast["assign_stats"]["refreshed"]  # the pruning did prune
+def test_fast_equals_naive_reference_on_digits(digits, objective, prune):
+    fast, _ = _same_run(digits, 40, objective=objective, iters=60, seed=1, prune=prune)
+    assert fast["pruned"] is prune
+    if prune:
+        assert fast["assign_stats"]["certified"] > fast["assign_stats"]["refreshed"]  # the pruning did prune
+    else:
+        assert fast["assign_stats"]["refreshed"] == len(digits) * 61  # the full product, every iteration
 
 
+@pytest.mark.parametrize("prune", [True, False])
 @pytest.mark.parametrize("objective", ["official", "paper"])
-def test_fast_equals_naive_reference_on_clustered_sphere(sphere, objective):
+def test_fast_equals_naive_reference_on_clustered_sphere(sphere, objective, prune):
     # K=4 candidates: the non-candidate bound and the full refresh path are exercised too
-    fast, _ = _same_run(sphere, 60, objective=objective, iters=40, seed=2, candidates=4)
+    fast, _ = _same_run(sphere, 60, objective=objective, iters=40, seed=2, candidates=4, prune=prune)
     assert fast["assign_stats"]["refreshed"] > len(sphere)
+
+
+def test_prune_auto_resolves_by_budget_and_device():
+    """None (auto): pruned on a CPU from PRUNE_MIN_B_CPU parameters (where it pays there), never on a GPU."""
+    from bench_suite.activeft.optimize import PRUNE_MIN_B_CPU, resolve_prune
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert not resolve_prune(None, PRUNE_MIN_B_CPU - 1, cpu) and resolve_prune(None, PRUNE_MIN_B_CPU, cpu)
+    assert not resolve_prune(None, 10 ** 5, gpu)
+    assert resolve_prune(True, 5, gpu) and not resolve_prune(False, 10 ** 5, cpu)
 
 
 @pytest.mark.parametrize("cfg", [
@@ -79,8 +96,9 @@ def test_fast_equals_naive_reference_on_clustered_sphere(sphere, objective):
     {"update_assign": False}, {"subset": 700}, {"init": "fps"}, {"temperature": 0.2, "lr": 3e-3},
     {"scheduler": "cosine", "balance": 0.5},
 ], ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
-def test_ablation_switches_equal_naive_reference(digits, cfg):
-    _same_run(digits, 30, iters=25, seed=4, **cfg)
+@pytest.mark.parametrize("prune", [True, False], ids=["pruned", "full"])
+def test_ablation_switches_equal_naive_reference(digits, cfg, prune):
+    _same_run(digits, 30, iters=25, seed=4, prune=prune, **cfg)
 
 
 def test_certified_assignments_equal_full_argmax_under_random_motion(sphere):

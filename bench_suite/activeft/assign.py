@@ -138,11 +138,12 @@ class Assigner:
         self.per_iter[-1][key] += int(value)
         self.totals[key] += int(value)
 
-    def iterate(self, rows: torch.Tensor | None = None, *, update: bool = True):
+    def iterate(self, rows: torch.Tensor | None = None, *, update: bool = True, with_key: bool = False):
         """Yield ``(F_block, p_block, a_block)`` over ``rows`` (sorted local indices; None = all rows).
 
         ``a_block`` is the float32 similarity to the assigned parameter. With ``update=False`` the stored
-        assignments are kept (rows never assigned are assigned exactly first).
+        assignments are kept (rows never assigned are assigned exactly first). ``with_key``: yield
+        ``(key, F_block, p_block, a_block)``, ``key`` the block's local rows (a slice, or an index tensor).
         """
         n_rows = self.n if rows is None else int(rows.numel())
         for s in range(0, n_rows, self.block):
@@ -163,7 +164,8 @@ class Assigner:
                     self._full(idx[mi], fr[mi])
                     p_r = self.p[idx]
                 a_r = self._dot_params(fr, p_r)
-            yield fr, p_r, a_r
+            key = (slice(s, e) if rows is None else idx) if with_key else None
+            yield (key, fr, p_r, a_r) if with_key else (fr, p_r, a_r)
 
     def assign_all(self) -> None:
         """Exact assignment of every row with the current parameters (used for frozen assignments)."""
@@ -172,6 +174,12 @@ class Assigner:
 
     # ------------------------------------------------------------------ internals
     def _assign_block(self, idx: torch.Tensor, fr: torch.Tensor, key):
+        if not self.prune:  # one N x B product and its top-2, on the caller's threads (timed as a refresh)
+            t0 = time.perf_counter()
+            try:
+                return self._assign_block_impl(idx, fr, key)
+            finally:
+                self.timing["refresh"] += time.perf_counter() - t0
         t0 = time.perf_counter()
         r0 = self.timing["refresh"]
         # The bookkeeping is dozens of small gather/compare/scatter ops per block: run them on one thread.

@@ -23,6 +23,7 @@ import torch.nn.functional as tnf
 
 from bench_suite.activeft import objectives as obj
 from bench_suite.activeft.assign import Assigner, decision_eps
+from bench_suite.activeft.groupsum import GroupSums
 from bench_suite.activeft.init import gather_rows, initial_rows
 from bench_suite.activeft.options import Options
 from bench_suite.activeft.snap import snap
@@ -59,10 +60,28 @@ class _InfoNCE:
         return gm + torch.log(s), w / s[:, None]
 
 
-def auto_block(b: int, requested: int = 0) -> int:
-    """Rows per block: small enough for the cache-bound per-row work, block x B float32 <= 256 MiB."""
+# On 2 CPU cores the pruned search beats the full N x B product from about B = 500-1000 (measured at T = 20,
+# the pruning's first iterations are its dearest: 10k x 1280, B = 500: 0.49 vs 0.38 s per iteration,
+# B = 2000: 0.94 vs 1.51; 50k x 384, B = 250: 0.33 vs 0.32, B = 1000: 0.53 vs 1.01). On a GPU the
+# pruning's many small ops and host syncs cost more than the product (issue 10: 7.8 s vs 0.65 s at
+# 50k x 384, B = 1000, H200), so there the exact full product runs.
+PRUNE_MIN_B_CPU = 512
+
+
+def resolve_prune(prune: bool | None, b: int, device: torch.device) -> bool:
+    """The ``prune`` option as run: None (auto) prunes on a CPU from ``PRUNE_MIN_B_CPU`` parameters."""
+    if prune is not None:
+        return bool(prune)
+    return device.type == "cpu" and b >= PRUNE_MIN_B_CPU
+
+
+def auto_block(b: int, requested: int = 0, device: torch.device | None = None) -> int:
+    """Rows per block. CPU: small enough for the cache-bound per-row work, block x B float32 <= 256 MiB.
+    GPU: block x B float32 <= 1 GiB, so a pass is a few large products (each block costs a host sync)."""
     if requested:
         return requested
+    if device is not None and device.type != "cpu":
+        return int(max(4096, (2 ** 30) // (4 * max(b, 1))))
     return int(max(256, min(8192, (64 * 2 ** 20) // max(b, 1))))
 
 
@@ -120,13 +139,15 @@ class _Run:
         local_max = float(feats.norm(dim=1).max()) if feats.shape[0] else 0.0
         fnorm = float(dist.all_reduce(torch.tensor([local_max], dtype=torch.float64, device=self.dev), "max")[0])
         self.eps = decision_eps(self.d, fnorm)
-        self.block = auto_block(self.b, cfg.block_size)
+        self.block = auto_block(self.b, cfg.block_size, self.dev)
+        self.prune = resolve_prune(cfg.prune, self.b, self.dev)
         self.bb_dtype = (torch.float64 if cfg.bb_dtype == "float64" or (cfg.bb_dtype == "auto" and self.b <= 512)
                          else torch.float32)
         self._initialise(seed)
         self.t_init = time.perf_counter() - self.t_start
-        self.assigner = Assigner(feats, self.b, candidates=cfg.candidates, block=self.block, prune=cfg.prune,
+        self.assigner = Assigner(feats, self.b, candidates=cfg.candidates, block=self.block, prune=self.prune,
                                  max_steps=cfg.iters + 1, fnorm_max=fnorm, verify=cfg.verify)
+        self.groups = GroupSums(feats, self.b)
         self.sub_gen, self.n_act = subset_generator(cfg.subset, n_total, seed)
         self.losses: list[float] = []
         self.final_loss = float("nan")
@@ -198,24 +219,21 @@ class _Run:
         Returns ``S`` (B x d: sum of the (weighted) features assigned to each parameter), ``g`` (B: their
         weights), the summed per-sample loss, and the InfoNCE accumulator (S2 only, else None).
         """
-        b, d, tau, ws = self.b, self.d, self.tau, self.assigner.ws
-        buf = torch.zeros(b * d + b + 1, dtype=torch.float64, device=self.dev)
-        s_sum, g_sum = buf[: b * d].view(b, d), buf[b * d: b * d + b]
+        b, d, tau = self.b, self.d, self.tau
+        buf = torch.zeros(b * (d + 1) + 1, dtype=torch.float64, device=self.dev)
+        sums = buf[: b * (d + 1)].view(b, d + 1)  # [S | g]: one CSR product per block fills both
         loss_acc = torch.zeros((), dtype=torch.float64, device=self.dev)
         nce = _InfoNCE(b, d, self.dev) if self.cfg.regularizer == "infonce" else None
-        for fr, p_r, a_r in self.assigner.iterate(rows, update=self.cfg.update_assign):
+        for key, fr, p_r, a_r in self.assigner.iterate(rows, update=self.cfg.update_assign, with_key=True):
             t_acc = time.perf_counter()
             a64 = a_r.double() / tau
             if self.fused:
                 z = shift[p_r] - a64
                 loss_acc += tnf.softplus(z).sum()
-                w = torch.sigmoid(z)
-                s_sum.index_add_(0, p_r, ws.get("acc", tuple(fr.shape), torch.float64).copy_(fr).mul_(w[:, None]))
-                g_sum += torch.bincount(p_r, weights=w, minlength=b)
+                self.groups.add(sums, key, fr, p_r, torch.sigmoid(z))
             else:
                 loss_acc -= a64.sum()
-                s_sum.index_add_(0, p_r, ws.get("acc", tuple(fr.shape), torch.float64).copy_(fr))
-                g_sum += torch.bincount(p_r, minlength=b).double()
+                self.groups.add(sums, key, fr, p_r, None)
             if nce is not None:
                 nce.add(fr, self.assigner, tau)
             self.timing["accumulate"] += time.perf_counter() - t_acc
@@ -223,7 +241,7 @@ class _Run:
         t_red = time.perf_counter()
         self.dist.all_reduce(buf)  # the one O(B d) reduction of the iteration
         self.timing["reduce"] += time.perf_counter() - t_red
-        return s_sum, g_sum, float(buf[-1]), nce
+        return sums[:, :d], sums[:, d], float(buf[-1]), nce
 
     def _gradient(self, s_sum, g_sum, loss_sum: float, nce, c64, qc) -> tuple[float, torch.Tensor]:
         """The loss of the pass and its gradient with respect to c (equations: ``objectives``)."""
@@ -284,6 +302,7 @@ class _Run:
                                   **{k: round(v, 3) for k, v in self.assigner.timing.items()}},
             "n_active": self.n_act,
             "block_size": self.block,
+            "pruned": self.prune,
             "bb_dtype": str(self.bb_dtype).replace("torch.", ""),
             "eps": self.eps,
             **snap_info,

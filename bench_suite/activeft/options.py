@@ -32,7 +32,9 @@ class Options:
                          doc="lambda: weight of the repulsion (paper) / of R in the log-ratio (official)")
     scheduler: str = opt("none", choices=("none", "cosine"), doc="learning-rate schedule (the released --scheduler)")
     subset: int = opt(0, role="protocol", minimum=0, doc="M random samples per iteration, Sec. 3.5 (0: the whole pool)")
-    prune: bool = opt(True, role="runtime", doc="certified candidate pruning of the nearest-parameter search")
+    prune: bool | None = opt(None, role="runtime",
+                             doc="certified candidate pruning of the nearest-parameter search (None: auto, "
+                                 "on a CPU when B >= 512, where it beats the full product; off on a GPU)")
     candidates: int = opt(16, role="runtime", minimum=1, doc="K: candidates kept per sample by the pruning")
     block_size: int = opt(0, role="runtime", minimum=0,
                           doc="rows per block (0: auto, block x B float32 near 256 MiB)")

@@ -126,6 +126,7 @@ class ActiveFT(Selector):
             "snap_collisions": res["snap_collisions"],
             "renormalised_rows": n_fixed,
             "block_size": res["block_size"],  # as resolved (the option's 0 = auto)
+            "pruned": res["pruned"],  # as resolved (the option's None = auto)
             "bb_dtype": res["bb_dtype"],
         }
         return res["rows"], info
