@@ -344,11 +344,25 @@ def test_select_cli_writes_selection(digits, tmp_path):
 
 
 def test_benchmark_quick_run(tmp_path):
-    from bench_suite.bench import activeft_speed as bench
+    from bench_suite.bench import selector as bench
 
-    out = bench.main(["--n", "800", "--dim", "32", "--classes", "8", "--budget", "20", "--iters", "8",
-                      "--naive-iters", "4", "--blocked-iters", "3", "--threads", "1",
+    out = bench.main(["--device", "cpu", "--n", "800", "--dim", "32", "--classes", "8", "--budgets", "20,40",
+                      "--iters", "8", "--naive-iters", "4", "--paths", "auto,full,pruned", "--threads", "1",
                       "--json", str(tmp_path / "b.json")])
-    assert set(out["runs"]) == {"fast", "blocked", "naive"}
-    assert out["curve_max_rel"] < 1e-4
-    assert json.loads((tmp_path / "b.json").read_text())["runs"]["fast"]["iters"] == 8
+    assert set(out["budgets"]) == {"20", "40"}
+    for res in out["budgets"].values():
+        assert set(res["runs"]) == {"auto", "full", "pruned", "naive"}
+        assert res["runs"]["pruned"]["pruned"] and not res["runs"]["full"]["pruned"]
+        assert res["curve_max_rel"] < 1e-4 and res["ids_in_common"] == 1.0 and res["brute_pass_fp32_s"] > 0
+        assert res["runs"]["naive"]["extrapolated"] and not res["runs"]["auto"]["extrapolated"]
+    assert json.loads((tmp_path / "b.json").read_text())["budgets"]["20"]["runs"]["auto"]["iters"] == 8
+
+
+def test_benchmark_table3_mode_runs_the_select_cli(tmp_path):
+    """--table3 times the real select CLI (subprocesses) for ActiveFT and K-Means on a blobs pool."""
+    from bench_suite.bench import selector as bench
+
+    out = bench.main(["--device", "cpu", "--pool", "blobs", "--n", "600", "--dim", "16", "--classes", "6",
+                      "--table3", "--ratios", "0.05", "--json", str(tmp_path / "t3.json")])
+    row = out["table3"]["ratios"]["0.05"]
+    assert row["activeft_budget"] == row["kmeans_budget"] == 30 and row["activeft"] > 0 and row["kmeans"] > 0

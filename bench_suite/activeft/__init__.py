@@ -34,7 +34,7 @@ already taken - always B unique ids) are exact across ranks the same way.
 Input rows must be L2-normalised; each rank checks its rows with the store's one row check
 (``store.check_rows``): rows off by more than ``store.NORM_TOL`` are normalised with a warning, NaN/Inf and
 zero rows are errors (the same error on every rank). ``reference.reference_select`` is the naive
-released-code-style reference used by the tests and ``python -m bench_suite.bench.activeft_speed``.
+released-code-style reference used by the tests and ``python -m bench_suite.bench.selector``.
 Importing this package registers the selector.
 """
 

@@ -25,16 +25,16 @@ def reference_select(features, budget: int, *, seed: int = 0, objective: str = "
                      regularizer: str = "ours", temperature: float = 0.07, iters: int = 300, lr: float = 1e-3,
                      balance: float = 1.0, update_assign: bool = True, subset: int = 0, init: str = "random",
                      scheduler: str = "none", dtype=torch.float32, literal: bool = False,
-                     record_assign: bool = False) -> dict:
+                     record_assign: bool = False, device="cpu") -> dict:
     """Run the naive reference on an in-memory N x d array (rows unit norm). Returns rows/losses/timing."""
     t0 = time.perf_counter()
-    f = torch.as_tensor(np.asarray(features), dtype=torch.float32).to(dtype)
+    f = torch.as_tensor(np.asarray(features), dtype=torch.float32).to(device=device, dtype=dtype)
     n, d = f.shape
     tau = float(temperature)
     f32 = f.float()
     init_rows = initial_rows(init, f32, slice(0, n), n, budget, seed, Runtime(),
                              decision_eps(d, float(f32.norm(dim=1).max())))
-    theta = torch.nn.Parameter(f[torch.as_tensor(init_rows)].clone())
+    theta = torch.nn.Parameter(f[torch.as_tensor(init_rows, device=f.device)].clone())
     if objective == "paper":
         with torch.no_grad():
             theta.data = tnf.normalize(theta.data, dim=1)
@@ -51,7 +51,7 @@ def reference_select(features, budget: int, *, seed: int = 0, objective: str = "
             with torch.no_grad():
                 frozen = (f @ c.T).max(dim=1).indices
         if sub_gen is not None:
-            rows = torch.randperm(n, generator=sub_gen)[:subset].sort().values
+            rows = torch.randperm(n, generator=sub_gen)[:subset].sort().values.to(f.device)
             batch = f[rows]
         else:
             rows, batch = None, f
@@ -75,7 +75,7 @@ def reference_select(features, budget: int, *, seed: int = 0, objective: str = "
                 loss = tnf.softplus(log_r[pk] + math.log(balance) - a).mean()
         elif regularizer == "ours":  # paper Eq. 11
             g = c @ c.T / tau
-            eye = torch.eye(len(c), dtype=torch.bool)
+            eye = torch.eye(len(c), dtype=torch.bool, device=c.device)
             rep = torch.logsumexp(g.masked_fill(eye, -math.inf), dim=1).mean() if len(c) > 1 else g.sum() * 0
             loss = -a.mean() + balance * rep
         elif regularizer == "none":
@@ -96,6 +96,8 @@ def reference_select(features, budget: int, *, seed: int = 0, objective: str = "
         if objective == "paper":
             with torch.no_grad():
                 theta.data = tnf.normalize(theta.data, dim=1)
+    if f.device.type == "cuda":
+        torch.cuda.synchronize(f.device)
     t_opt = time.perf_counter() - t0
     with torch.no_grad():
         c = tnf.normalize(theta.detach(), dim=1)

@@ -1,1 +1,1 @@
-"""Benchmarks (run as modules, e.g. ``python -m bench_suite.bench.activeft_speed``); not part of the test suite."""
+"""Benchmarks (run as modules, e.g. ``python -m bench_suite.bench.selector``); not part of the test suite."""

@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench_suite.bench.activeft_speed import PeakMemory
+from bench_suite.bench.memory import PeakMemory
 from bench_suite.data.shards import write_blob_shards
 from bench_suite.encoders import get_encoder
 from bench_suite.encoders.assets import sample_photos
