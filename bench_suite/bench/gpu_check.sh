@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# The GPU figures of issues 10 (selector) and 11 (extraction), in ONE device run of about 8 minutes on an
+# H200 (the device tool: 15 minutes per session, start-up included). Nothing here runs in CI or the tests.
+#
+# Once, on the developer machine, in the repository root (the device has no webdataset/braceexpand/faiss):
+#   echo /.whl/ >> .git/info/exclude
+#   .venv/bin/python -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+#       -d .whl webdataset==1.0.2 braceexpand==0.1.7 faiss-cpu==1.15.1
+# Then: device run, carry [".whl"], timeout_s 590, command "bash bench_suite/bench/gpu_check.sh".
+# Every step has its own time limit, so one slow step cannot eat the others; the logs come back in $OUT.
+set -uo pipefail
+OUT=${OUT:-/tmp/gpu_check}
+mkdir -p "$OUT"
+if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    export PYTHONPATH=/tmp/site:.
+else
+    export PYTHONPATH=.
+fi
+export PYTHONUNBUFFERED=1
+PY=python3
+step() {  # step NAME SECONDS COMMAND...: run with a limit, log to $OUT/NAME.txt
+    local name=$1 limit=$2
+    shift 2
+    echo "== $name (limit ${limit}s): $*"
+    timeout "$limit" "$@" >"$OUT/$name.txt" 2>&1
+    echo "   exit $? after ${SECONDS}s in all"
+    tail -n 25 "$OUT/$name.txt"
+}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$OUT/gpu.txt" 2>&1
+cat "$OUT/gpu.txt"
+
+# issue 10: 50k pool at B = 1000 / 2500 / 5000, the naive loop for all T = 300 iterations in the same run
+step sel50k 140 $PY -m bench_suite.bench.selector --device cuda --budgets 1000,2500,5000 --naive-iters 300 \
+    --paths auto,pruned --json "$OUT/sel50k.json"
+# issue 10: the full ImageNet pool (1,281,167 x 384), B = 12,812: 20 iterations extrapolated to T = 300
+step selimnet 90 $PY -m bench_suite.bench.selector --device cuda --n 1281167 --classes 1000 --budgets 12812 \
+    --iters 20 --no-naive --no-emd --json "$OUT/selimnet.json"
+step selimnet_m 50 $PY -m bench_suite.bench.selector --device cuda --n 1281167 --classes 1000 --budgets 12812 \
+    --subset 100000 --iters 20 --no-naive --no-emd --json "$OUT/selimnet_m.json"
+# issue 10: the select CLI end to end (start-up included), ActiveFT vs K-Means at 2 / 5 / 10% of 50k
+step table3 90 $PY -m bench_suite.bench.selector --device cuda --table3 --json "$OUT/table3.json"
+# issue 11: extraction vs the bare forward, DINO ViT-S/16 at 224 px (random weights in the DINO file format:
+# the speed does not depend on the values)
+export BENCH_SUITE_CACHE=/tmp/bs_cache
+mkdir -p "$BENCH_SUITE_CACHE"
+$PY -c "import timm, torch; torch.save(timm.create_model('vit_small_patch16_224', num_classes=0).state_dict(), \
+'$BENCH_SUITE_CACHE/dino_deitsmall16_pretrain.pth')"
+step extract_fp32 90 $PY -m bench_suite.bench.extract --device cuda --encoder dino_vits16 --image-size 224 \
+    --images 12000 --batch-size 256 --workers 12
+step extract_bf16 90 $PY -m bench_suite.bench.extract --device cuda --encoder dino_vits16 --image-size 224 \
+    --images 12000 --batch-size 256 --workers 12 --precision bf16 --decode device
+echo "done in ${SECONDS}s"
