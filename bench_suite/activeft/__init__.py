@@ -23,8 +23,10 @@ none = S1 | infonce = S2, Table 5b), ``temperature`` (0.07), ``iters`` (300), ``
 Old names still accepted: ``tau``, ``T``, ``max_iter``, ``M``, ``K``, ``lambda_``.
 
 How it is fast and exact: the nearest-parameter search (N x B x d per iteration in the released code) is
-pruned with certified bounds (``assign``: assignments provably equal to the full argmax); gradients are
-closed-form B x d scatter sums, no autograd over N x B; memory O((N + B) d + block x B). Distributed
+either the full product in blocks (top-2 per row, float64 re-check of close calls) or, on a CPU from
+B = 512 (``prune=None``, auto; ``optimize.resolve_prune``), pruned with certified bounds (``assign``:
+assignments provably equal to the full argmax); gradients are closed-form B x d sums (one sorted sparse
+product per block, ``groupsum``), no autograd over N x B; memory O((N + B) d + block x B). Distributed
 (``ActiveFT.distributed``: every rank runs on its own shard of the pool; ``optimize``): one O(B d)
 all_reduce per iteration, B x B repulsion on every rank, float64 sums, so 1 and W ranks select the same
 ids. Initialisation (``init``: random rows, or farthest-point in float32 with float64 re-evaluation of close
