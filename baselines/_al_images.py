@@ -1,6 +1,8 @@
 """The pool's images for the baselines that train on pixels: read from the store's shards.
 
-``load_pool_images``: the whole pool at 32x32 for VAAL's and TA-VAAL's VAE. ``PoolImages``: the images at
+``load_pool_images``: the whole pool at 32x32 for VAAL's and TA-VAAL's VAE; decoded once per process and
+kept (read-only) for the next selection on the same pool (a table runs VAAL and TA-VAAL on one pool for
+every ratio and seed: 6-8 s of decoding each time on the cpu profile). ``PoolImages``: the images at
 their own size for a task model that finetunes the backbone (coreset, learnloss, tavaal, alfamix with
 ``task_model: finetune``; ``baselines/_al_backbone.py``).
 
@@ -11,6 +13,7 @@ are never kept (the methods buy labels from the oracle).
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -46,17 +49,49 @@ def _to_rgb_u8(image, size: int) -> np.ndarray:
     return np.asarray(im, dtype=np.uint8).transpose(2, 0, 1)
 
 
+# decoded pools kept between selections in this process: key -> read-only array (most recent last)
+POOL_CACHE_BYTES = int(os.environ.get("BENCH_SUITE_AL_POOL_CACHE_MB", "1024")) << 20
+_POOL_CACHE: dict = {}
+
+
+def _pool_cache_key(shard_dir: Path, manifest: dict, ids: np.ndarray, size: int):
+    """What decides the decoded pool: the shard files as they are now (path, size, mtime; the manifest's
+    sha256 of each), the pool's ids in row order and the size. A rewritten shard changes its mtime."""
+    files = []
+    for s in manifest["shards"]:
+        st = (shard_dir / s["name"]).stat()
+        files.append((s["name"], s.get("sha256"), st.st_size, st.st_mtime_ns))
+    ids_key = hashlib.sha256(np.ascontiguousarray(ids).tobytes()).hexdigest()
+    return str(shard_dir.resolve()), tuple(files), len(ids), ids_key, int(size)
+
+
 def load_pool_images(store, size: int = 32, method: str = "vaal") -> np.ndarray:
-    """The pool's images as ``N x 3 x size x size`` uint8, row-aligned with the store.
+    """The pool's images as ``N x 3 x size x size`` uint8, row-aligned with the store (read-only).
 
     Read from the WebDataset shard folder in ``store.meta["shards"]`` (recorded by bench_suite.extract),
     resized with PIL bilinear (antialiased when shrinking), grey repeated to 3 channels. Labels in the shards
     are never read. Images are decoded one by one, so pools with images of mixed sizes (ImageNet) work.
+    The decoded pool is kept for this process's next call on the same shards, ids and size (pools of at most
+    ``BENCH_SUITE_AL_POOL_CACHE_MB``, default 1024, in all; the least recently used one goes first).
     """
     shard_dir = _shard_dir(store, method)
     manifest = wshards.load_manifest(shard_dir)
-    wshards.verify_shards(shard_dir)  # a truncated or damaged shard is an error, never missing images
     ids = np.asarray(store.ids, dtype=np.int64)
+    key = _pool_cache_key(shard_dir, manifest, ids, size)
+    if key in _POOL_CACHE:
+        _POOL_CACHE[key] = _POOL_CACHE.pop(key)  # most recently used
+        return _POOL_CACHE[key]
+    out = _decode_pool(shard_dir, manifest, ids, size, method)
+    out.flags.writeable = False
+    if out.nbytes <= POOL_CACHE_BYTES:
+        _POOL_CACHE[key] = out
+        while sum(a.nbytes for a in _POOL_CACHE.values()) > POOL_CACHE_BYTES:
+            _POOL_CACHE.pop(next(iter(_POOL_CACHE)))
+    return out
+
+
+def _decode_pool(shard_dir: Path, manifest: dict, ids: np.ndarray, size: int, method: str) -> np.ndarray:
+    wshards.verify_shards(shard_dir)  # a truncated or damaged shard is an error, never missing images
     out = np.zeros((len(ids), 3, size, size), dtype=np.uint8)
     seen = np.zeros(len(ids), dtype=bool)
     names = [s["name"] for s in manifest["shards"]]

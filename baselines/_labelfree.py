@@ -19,8 +19,10 @@ faiss-gpu). See baselines/kmeans.py for the speed comparison that chose faiss.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
@@ -48,6 +50,50 @@ def pool_array(store) -> np.ndarray:
             or feats.dtype != np.float32 or not feats.flags.c_contiguous:
         return np.array(feats, dtype=np.float32, order="C", copy=True)
     return feats
+
+
+def content_key(x: np.ndarray, ids=None) -> str:
+    """A digest of the pool's features (and ids): what a per-process memo of pool-level results is keyed by."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(str((x.shape, str(x.dtype))).encode())
+    h.update(np.ascontiguousarray(x).data)
+    if ids is not None:
+        h.update(np.ascontiguousarray(np.asarray(ids, dtype=np.int64)).data)
+    return h.hexdigest()
+
+
+class ProcessMemo:
+    """Pool-level intermediate results kept for this process's next selection with the same inputs.
+
+    A table runs one method on one pool at several budgets and seeds; what does not depend on the budget
+    (ProbCover's k-means and delta-ball graph, BiLAF's ActiveFT cores) is the same computation every time.
+    The key must hold everything that decides the value (the pool's content digest, the seed, the options);
+    values are returned as stored (callers never modify them). At most ``max_bytes`` in all (``nbytes`` of
+    each value as its caller states it), least recently used first out; a larger value is not kept.
+    """
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = int(max_bytes)
+        self._items: OrderedDict = OrderedDict()  # key -> (value, nbytes)
+        self.hits = 0
+
+    def get(self, key):
+        if key not in self._items:
+            return None
+        self._items.move_to_end(key)
+        self.hits += 1
+        return self._items[key][0]
+
+    def put(self, key, value, nbytes: int) -> None:
+        if nbytes > self.max_bytes:
+            return
+        self._items[key] = (value, int(nbytes))
+        self._items.move_to_end(key)
+        while sum(n for _, n in self._items.values()) > self.max_bytes:
+            self._items.popitem(last=False)
+
+    def clear(self) -> None:
+        self._items.clear()
 
 
 def as_tensor(x: np.ndarray, device: torch.device) -> torch.Tensor:

@@ -42,6 +42,10 @@ Departures from the original, and why:
 - delta: the exact largest admissible value (same rule, no numerical search).
 - The original builds the graph in batches of 500 rows and silently drops the last partial batch
   (``range(N // batch_size)``); every sample is in the graph here.
+
+Speed: the k-means, delta and graph do not depend on the budget; they are kept (up to 256 MiB of graphs) for
+the next selection on the same pool (features and ids by content), seed and options in this process, so a
+table's cells at several ratios build them once (``info["graph_reused"]``).
 """
 
 from __future__ import annotations
@@ -53,13 +57,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from baselines._labelfree import (KMEANS_BACKENDS, KMEANS_INITS, _blocks, as_tensor, choose_backend, fraction,
-                                  max_sim_other_label, pool_array, spherical_kmeans)
+from baselines._labelfree import (KMEANS_BACKENDS, KMEANS_INITS, ProcessMemo, _blocks, as_tensor, choose_backend,
+                                  content_key, fraction, max_sim_other_label, pool_array, spherical_kmeans)
 from bench_suite.errors import BadInputError
 from bench_suite.methods import Pool, Selector, register
 from bench_suite.options import opt
 
 log = logging.getLogger(__name__)
+# the k-means, delta and graph of a pool (per seed), for the next selection on it in this process (budgets differ)
+_GRAPHS = ProcessMemo(256 << 20)
 
 
 def _positive_delta(delta) -> str | None:
@@ -188,23 +194,20 @@ class ProbCover(Selector):
         o, store, device = self.options, pool.store, pool.device
         backend = choose_backend(self.name, o.kmeans_backend, device)
         x_np = pool_array(store)
-        x = as_tensor(x_np, device)
         n = x_np.shape[0]
-        info = {}
-        if o.delta is None:
-            k = min(self._num_classes(store), n)
-            km = spherical_kmeans(x_np, k, seed=pool.seed, niter=o.niter, backend=backend, device=device, init=o.init)
-            max_other = max_sim_other_label(x, as_tensor(km.labels, device)).cpu().numpy()
-            thr = purity_threshold(max_other, o.alpha)
-            if not math.isfinite(thr):  # one pseudo-class only: every ball is pure
-                thr = -1.0 - 1e-6
-            purity = float(np.mean(max_other <= thr))
-            self.pseudo_labels_ = km.labels
-            info.update(pseudo_classes=k, backend=km.backend, kmeans_seconds=round(km.seconds, 4))
-        else:
-            thr = 1.0 - o.delta ** 2 / 2.0
-            purity = None
-        graph = delta_graph(x, thr, max_edges=o.max_edges)
+        # everything before the greedy is the same for every budget: kept for this process's next selection
+        key = (content_key(x_np, store.ids), None if o.delta is not None else pool.seed, self._num_classes(store),
+               o.alpha, o.delta, o.niter, o.init, backend, str(device), o.max_edges)
+        kept = _GRAPHS.get(key)
+        reused = kept is not None
+        if kept is None:
+            kept = self._graph(x_np, pool.seed, backend, device, store)
+            graph = kept[0]
+            _GRAPHS.put(key, kept, graph.indices.nbytes + graph.data.nbytes + graph.indptr.nbytes + 8 * n)
+        graph, thr, purity, info, pseudo = kept
+        info = {**info, "graph_reused": reused}
+        if pseudo is not None:
+            self.pseudo_labels_ = pseudo
         rows, curve, random_picks = greedy_cover(graph, pool.budget, np.random.default_rng(pool.seed))
         self.coverage_, self.threshold_ = curve, thr
         self.delta_ = sim_to_delta(thr) if o.delta is None else o.delta
@@ -213,3 +216,24 @@ class ProbCover(Selector):
         log.info("probcover: delta %.4f (purity %s), %d edges, coverage %.3f, %d random picks",
                  self.delta_, purity, graph.nnz, curve[-1], random_picks)
         return rows, info
+
+    def _graph(self, x_np, seed, backend, device, store):
+        """The delta-ball graph: (graph, similarity threshold, purity, info, pseudo-labels or None)."""
+        o = self.options
+        x = as_tensor(x_np, device)
+        info, pseudo = {}, None
+        if o.delta is None:
+            k = min(self._num_classes(store), x_np.shape[0])
+            km = spherical_kmeans(x_np, k, seed=seed, niter=o.niter, backend=backend, device=device, init=o.init)
+            max_other = max_sim_other_label(x, as_tensor(km.labels, device)).cpu().numpy()
+            thr = purity_threshold(max_other, o.alpha)
+            if not math.isfinite(thr):  # one pseudo-class only: every ball is pure
+                thr = -1.0 - 1e-6
+            purity = float(np.mean(max_other <= thr))
+            pseudo = km.labels
+            info.update(pseudo_classes=k, backend=km.backend, kmeans_seconds=round(km.seconds, 4))
+        else:
+            thr = 1.0 - o.delta ** 2 / 2.0
+            purity = None
+        graph = delta_graph(x, thr, max_edges=o.max_edges)
+        return graph, thr, purity, info, pseudo

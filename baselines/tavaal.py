@@ -86,6 +86,7 @@ def rank_conditioned_draws(images, lab, unl, r_of: dict, gen: torch.Generator, d
 class TAVAAL(ActiveLearner):
     name = "tavaal"
     label = "TA-VAAL"
+    version = 2  # 2: channels-last VAE on the CPU (float rounding: other picks)
     description = "TA-VAAL (Kim et al. 2021): VAAL conditioned on a LearnLoss ranker's predicted loss, B.3 batch protocol"
     quick_options = {"vae_width": 8, "vae_iters": 6, "vae_batch_size": 64}  # contract tests only
 
