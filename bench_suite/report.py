@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from bench_suite import atomic
+from bench_suite.digest import json_digest
 from bench_suite.progress import duration
 
 PACKAGES = ("torch", "torchvision", "timm", "accelerate", "webdataset", "numpy", "scikit-learn", "faiss-cpu")
@@ -131,6 +132,61 @@ def bold_best(rows: list[list[str]], cols: list[int]) -> list[list[str]]:
         for i in best_r:
             rows[i][c] = f"**{rows[i][c]}**"
     return rows
+
+
+REPORT_SECONDS = "<report seconds>"  # filled in once the report is written (run.py)
+
+
+def _per_row(cells: list[dict], top: int) -> str:
+    """Selection seconds summed per table row (the row's label), the largest ``top`` first, then the rest."""
+    per: dict = {}
+    for c in cells:
+        row = c.get("variant") or c.get("method")
+        per[row] = per.get(row, 0.0) + float(c.get("selection_seconds") or 0.0)
+    ranked = sorted(per.items(), key=lambda kv: -kv[1])
+    parts = [f"{row} {duration(sec)}" for row, sec in ranked[:top]]
+    if len(ranked) > top:
+        parts.append(f"{len(ranked) - top} others {duration(sum(sec for _, sec in ranked[top:]))}")
+    return ", ".join(parts)
+
+
+def time_by_stage(elapsed: float, timing: dict, cells: list[dict], top: int = 4) -> str:
+    """Where a table run's wall time went, one line from what the run recorded (``tables.common.Context.timing``
+    and the cells): shards, feature extraction, the cells (selection summed per row, the largest ``top``; the
+    finetune / probe; the rest: loading, EMD, waiting), the report (plot and markdown: ``REPORT_SECONDS``, filled
+    in by the caller once written). Cells found in the cache cost this run nothing; their recorded times are
+    shown as recorded earlier."""
+    def stage(name: str, made: str, cached: str, verb: str) -> str:
+        n_made, n_cached = int(timing.get(made, 0)), int(timing.get(cached, 0))
+        what = ", ".join(x for x in (f"{n_made} {verb}" if n_made else "", f"{n_cached} cached" if n_cached else "")
+                         if x)
+        return f"{name} {duration(float(timing.get(name, 0.0)))}" + (f" ({what})" if what else "")
+
+    done = timing.get("computed", set())
+    real = [c for c in cells if not c.get("skipped") and not c.get("failed") and "selection_seconds" in c]
+    here = [c for c in real if c.get("key") and json_digest(c["key"]) in done]
+    earlier = [c for c in real if not (c.get("key") and json_digest(c["key"]) in done)]
+
+    def train_seconds(cs):
+        return sum(float(c.get("wall_seconds", c.get("seconds")) or 0.0) for c in cs)
+
+    sel = sum(float(c["selection_seconds"]) for c in here)
+    cells_s = float(timing.get("cells", 0.0))
+    parts = [f"{duration(elapsed)} in all", stage("shards", "shards_made", "shards_cached", "written"),
+             stage("features", "features_made", "features_cached", "extracted")]
+    if here:
+        parts.append(f"cells {duration(cells_s)} for {len(here)} computed: selection {duration(sel)} "
+                     f"({_per_row(here, top)}), finetune/probe {duration(train_seconds(here))}, "
+                     f"rest {duration(max(0.0, cells_s - sel - train_seconds(here)))}")
+    else:
+        parts.append(f"cells {duration(cells_s)} (none computed)")
+    parts.append(f"report {REPORT_SECONDS}")
+    line = "; ".join(parts)
+    if earlier:
+        line += (f"; {len(earlier)} cells from the cache, recorded earlier: selection "
+                 f"{duration(sum(float(c['selection_seconds']) for c in earlier))} ({_per_row(earlier, top)}), "
+                 f"finetune/probe {duration(train_seconds(earlier))}")
+    return line
 
 
 def write_report(out_dir, stem: str, markdown: str, data: dict) -> tuple[Path, Path]:

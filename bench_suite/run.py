@@ -147,13 +147,18 @@ def run_table(table, ctx: Context, args, profile) -> dict:
     entry = {"name": table.name, "title": table.title, "report": f"table{table.name}.md", "seconds": elapsed,
              "revision": ctx.revision[:12], "profile": profile.name}
     if ctx.rank == 0:
+        t_report = time.perf_counter()
         prov = report.provenance(profile, profile.seeds, ctx.world,
                                  {"wall_time": f"{elapsed:.0f} s for this run: of {ctx.cells_total} cells, "
                                   f"{ctx.cells_computed} computed, {ctx.cells_cached} from the cache (--work), "
                                   f"{ctx.cells_skipped} skipped ('-')",
+                                  "time_by_stage": report.time_by_stage(elapsed, ctx.timing, cells_of(out)),
                                   "cell_revisions": ", ".join(revisions(cells_of(out))) + " (each cell records "
                                   "the revision it was computed at; --fresh recomputes them all)"})
         md = slurm_launcher.markdown_with_failures(table, profile, prov, out)  # table.markdown, + failed cells
+        spent = report.duration(ctx.timing.get("report", 0.0) + time.perf_counter() - t_report)  # plot + markdown
+        prov["time_by_stage"] = prov["time_by_stage"].replace(report.REPORT_SECONDS, spent)
+        md = md.replace(report.REPORT_SECONDS, spent)
         md_path, js_path = report.write_report(args.out, f"table{table.name}", md,
                                                {"provenance": prov, "profile": profile.to_dict(), **out})
         log.info("wrote %s and %s in %.0f s", md_path, js_path, elapsed)

@@ -92,21 +92,25 @@ def run_cells(ctx: Context, cells: list[dict], stores: dict, progress=None, enco
         return _collect(ctx, keyed, stores, encoder)
     rt = Runtime.of_accelerator(ctx.accelerator)
     mine = [(cell, path) for i, (cell, path) in enumerate(keyed) if i % ctx.world == ctx.rank]
-    computed = 0
+    t0 = time.perf_counter()
+    computed = []  # cache-file digests of the cells this rank computed
     while mine:  # a cell locked by another run is retried until its result appears (or its lock goes stale)
         waiting = []
         for cell, path in mine:
             done = _claim_and_compute(ctx, cell, path, stores, encoder, progress)
             if done is None:
                 waiting.append((cell, path))
-            else:
-                computed += done
+            elif done:
+                computed.append(path.stem)
         if waiting:
             time.sleep(POLL_S)
         mine = waiting
     ctx.accelerator.wait_for_everyone()
     results = [_load(path, cell) for cell, path in keyed]
-    computed = sum(rt.all_gather_object(computed))
+    ctx.add_time("cells", time.perf_counter() - t0)
+    everyone = [d for part in rt.all_gather_object(computed) for d in part]
+    ctx.timing.setdefault("computed", set()).update(everyone)
+    computed = len(everyone)
     skipped = sum(1 for r in results if r.get("skipped"))
     ctx.cells_computed += computed
     ctx.cells_skipped += skipped
@@ -170,6 +174,11 @@ def _load(path: Path, cell: dict) -> dict:
     except ValueError as exc:
         raise BadInputError(f"cell result {path} is damaged ({exc}); delete it and rerun") from exc
     return {**data, "variant": cell.get("variant")}  # the row label is not part of the key
+
+
+def computed_here(ctx, cell: dict) -> bool:
+    """True when this run computed ``cell`` (a result of ``run_cells``), False when it came from the cache."""
+    return json_digest(cell["key"]) in ctx.timing.get("computed", ()) if cell.get("key") else False
 
 
 def revisions(cells: list[dict]) -> list[str]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,6 +43,15 @@ class Context:
     # collect only (the SLURM report stage): a cell that is not cached is not computed; its record is the
     # cell's fields plus missing_cell(cell, encoder) (its failure: SLURM state and log)
     missing_cell: object = None
+    # where this run's wall time went (report.time_by_stage): seconds per stage ("shards", "features", "cells",
+    # "report"), how many shard folders / feature stores were made vs found cached, and the cache-file digests of
+    # the cells this run computed (every rank's). A dict, so a table's sub-contexts (Table 4) add to the same.
+    timing: dict = field(default_factory=dict)
+
+    def add_time(self, stage: str, seconds: float, count: str | None = None) -> None:
+        self.timing[stage] = self.timing.get(stage, 0.0) + float(seconds)
+        if count:
+            self.timing[count] = self.timing.get(count, 0) + 1
 
     @property
     def rank(self) -> int:
@@ -59,18 +69,25 @@ def prepare_split(ctx: Context, dataset: str, part: str, encoder: EncoderRef | N
     """
     split = dataclasses.asdict(getattr(ctx.profile.dataset(dataset), part))
     source = ctx.sources.get(dataset)
+    t0 = time.perf_counter()
     shard_dir = ensure_shards(dataset, part, split, ctx.work, source, write=False)
+    had = (shard_dir / "manifest.json").exists()
     if ctx.rank == 0:  # another run sharing --work may be writing the same shards: one writer at a time
         with locks.held(shard_dir.with_name(shard_dir.name + ".lock"), "writing shards"):
             ensure_shards(dataset, part, split, ctx.work, source, write=True)
     ctx.accelerator.wait_for_everyone()
+    ctx.add_time("shards", time.perf_counter() - t0, "shards_cached" if had else "shards_made")
     enc = encoder or ctx.profile.encoder
     feat_dir = ctx.work / "features" / f"{shard_dir.name}-{enc.name}-{enc.image_size}-{enc.pooling}"
     lock = feat_dir.with_name(feat_dir.name + ".lock")
+    t0 = time.perf_counter()
+    had = (feat_dir / "meta.json").exists()
     with locks.held(lock, "extracting features") if ctx.rank == 0 else contextlib.nullcontext():
-        return extract_features(shard_dir, feat_dir, encoder=enc.name, pooling=enc.pooling, image_size=enc.image_size,
-                                batch_size=ctx.profile.extraction.batch_size, accelerator=ctx.accelerator,
-                                weights=enc.weights, progress=not ctx.quiet)
+        store = extract_features(shard_dir, feat_dir, encoder=enc.name, pooling=enc.pooling,
+                                 image_size=enc.image_size, batch_size=ctx.profile.extraction.batch_size,
+                                 accelerator=ctx.accelerator, weights=enc.weights, progress=not ctx.quiet)
+    ctx.add_time("features", time.perf_counter() - t0, "features_cached" if had else "features_made")
+    return store
 
 
 def recipe_settings(profile: Profile, name: str) -> dict:

@@ -12,6 +12,7 @@ same numbers give the same bytes.
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 import numpy as np
@@ -218,12 +219,16 @@ def plotted(run, table: str, draw):
         out = run(ctx, progress_factory)
         if ctx.rank == 0:
             name = f"table{table}.png"
+            t0 = time.perf_counter()
             try:
                 draw(ctx.profile, out, Path(ctx.out) / name)
                 out["plot"] = name
             except Exception as exc:  # noqa: BLE001 - a plot is never worth an hour of cells
                 log.warning("table %s: the plot was not drawn (%s: %s); the report has no plot", table,
                             type(exc).__name__, exc)
+            timing = getattr(ctx, "timing", None)
+            if isinstance(timing, dict):  # the report's stage (report.time_by_stage)
+                timing["report"] = timing.get("report", 0.0) + time.perf_counter() - t0
         return out
     return run_table
 
