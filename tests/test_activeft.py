@@ -53,6 +53,7 @@ def _same_run(x, budget, **cfg):
     fast = _fast(x, budget, verify=True, **dict(cfg))
     cfg.pop("candidates", None)
     cfg.pop("prune", None)
+    cfg.pop("screen", None)
     ref = reference_select(x, budget, dtype=torch.float64, **cfg)
     np.testing.assert_allclose(fast["losses"], ref["losses"], rtol=2e-6, atol=2e-6)
     assert math.isclose(fast["final_loss"], ref["final_loss"], rel_tol=2e-6, abs_tol=2e-6)
@@ -123,6 +124,37 @@ def test_certified_assignments_equal_full_argmax_under_random_motion(sphere):
         c[:, :] += step_size * rng.standard_normal(c.shape) / math.sqrt(c.shape[1])
         c[5] = c[4]
     assert asg.totals["certified"] > 0 and asg.totals["pairs"] > 0
+
+
+@pytest.mark.parametrize("screen", ["bf16", "tf32"])
+def test_screened_full_pass_equals_the_float32_argmax(sphere, screen):
+    """The reduced-precision screening (bf16 really rounds on a CPU; tf32 there is the float32 product)
+    gives the exact argmax: rows within its rounding bound are redone in float32."""
+    rng = np.random.default_rng(5)
+    f = np.concatenate([sphere, sphere[:50]])  # duplicate rows: exact ties
+    feats = torch.from_numpy(np.ascontiguousarray(f))
+    c = f[rng.choice(len(sphere), 90, replace=False)].astype(np.float64)
+    c[7] = c[6]
+    asg = Assigner(feats, 90, block=700, prune=False, screen=screen, max_steps=12)
+    for step in range(12):
+        c64 = torch.from_numpy(c / np.linalg.norm(c, axis=1, keepdims=True))
+        asg.set_params(c64)
+        rows = None if step % 2 else torch.from_numpy(np.sort(rng.choice(len(f), 1200, replace=False)))
+        got_p, got_a = (torch.cat(t) for t in zip(*[(p, a) for _, p, a in asg.iterate(rows)]))
+        sims = f.astype(np.float64) @ c64.numpy().T
+        sel = np.arange(len(f)) if rows is None else rows.numpy()
+        np.testing.assert_array_equal(got_p.numpy(), sims.argmax(axis=1)[sel])
+        np.testing.assert_allclose(got_a.numpy(), sims[sel, got_p.numpy()], atol=1e-5)
+        c += 0.01 * rng.standard_normal(c.shape) / math.sqrt(c.shape[1])
+        c[7] = c[6]
+    assert asg.totals["screen_rechecked"] > 0  # the bound did send rows to the exact pass
+    if screen == "bf16":
+        assert asg.totals["screen_rechecked"] < asg.totals["refreshed"]  # and decided the others itself
+
+
+def test_screened_selection_equals_naive_reference(digits):
+    fast, _ = _same_run(digits, 40, iters=30, seed=3, prune=False, screen="bf16")
+    assert 0 < fast["assign_stats"]["screen_rechecked"] < fast["assign_stats"]["refreshed"]
 
 
 def test_assigner_output_independent_of_caller_threads_and_restores_them():

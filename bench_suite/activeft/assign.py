@@ -38,6 +38,8 @@ import time
 import torch
 
 U32 = 2.0 ** -24
+# relative rounding of an input in each screening precision of the full pass (conservative: truncation)
+SCREEN_UNIT = {"fp32": 0.0, "tf32": 2.0 ** -10, "bf16": 2.0 ** -8}
 
 
 def decision_eps(d: int, fnorm: float = 1.0) -> float:
@@ -80,7 +82,8 @@ class Assigner:
     """Nearest-parameter search over one rank's rows ``feats`` (n x d float32, rows about unit norm)."""
 
     def __init__(self, feats: torch.Tensor, n_params: int, *, candidates: int = 16, block: int = 8192,
-                 prune: bool = True, max_steps: int = 1, fnorm_max: float = 1.0, verify: bool = False):
+                 prune: bool = True, max_steps: int = 1, fnorm_max: float = 1.0, verify: bool = False,
+                 screen: str = "fp32"):
         self.F = feats
         self.n, self.d = int(feats.shape[0]), int(feats.shape[1])
         self.B = int(n_params)
@@ -88,6 +91,10 @@ class Assigner:
         self.block = max(1, int(block))
         self.prune = bool(prune)
         self.verify = bool(verify)
+        if screen not in SCREEN_UNIT:
+            raise ValueError(f"screen must be one of {sorted(SCREEN_UNIT)}, not {screen!r}")
+        self.screen = screen
+        self._f_low: torch.Tensor | None = None
         self.fnorm = float(fnorm_max)
         dev = feats.device
         self.device = dev
@@ -105,7 +112,8 @@ class Assigner:
         self.step = -1
         self._prev_c64 = None
         self.eps_base = decision_eps(self.d, self.fnorm)
-        self.totals = {"certified": 0, "refined": 0, "refreshed": 0, "pairs": 0, "verify_mismatches": 0}
+        self.totals = {"certified": 0, "refined": 0, "refreshed": 0, "pairs": 0, "screen_rechecked": 0,
+                       "verify_mismatches": 0}
         self.per_iter: list[dict] = []
         self.timing = {"certify": 0.0, "refresh": 0.0}
         self._mm_threads = 0  # inside _assign_block: the caller's torch threads, for the N x B products
@@ -200,7 +208,7 @@ class Assigner:
         """Rows ``idx`` (``key``: the same rows as a slice when contiguous, so block reads are views)."""
         nb = int(idx.numel())
         if not self.prune:
-            p_new, a_new = self._exact(fr)
+            p_new, a_new = self._exact(fr) if self.screen == "fp32" else self._screened(key, fr)
             self.p[idx] = p_new
             self._count("refreshed", nb)
             return p_new, a_new
@@ -326,6 +334,40 @@ class Assigner:
         tv, ti = s.topk(k, dim=1)
         p = self._resolve_ties(fr, s, tv, ti)
         return p, s.gather(1, p[:, None]).squeeze(1)
+
+    def _screened(self, key, fr: torch.Tensor):
+        """The full pass in reduced precision (``screen``), exact where it cannot decide.
+
+        Every screened similarity is within ``bound`` of the float32 one (the inputs' rounding, relative
+        ``u`` each, plus float32 accumulation; the output's rounding for bf16), so a row whose screened
+        top-2 margin exceeds ``2 bound + eps`` has the same (canonical) argmax; the other rows take the exact
+        float32 pass. The similarity to the winner is then one float32 row dot (the loss needs it exact).
+        """
+        u = SCREEN_UNIT[self.screen]
+        bound = self.fnorm * (2 * u + u * u + (self.d + 2) * U32) + (u if self.screen == "bf16" else 0.0)
+        s = self._low_sims(key, fr)
+        tv, ti = s.topk(min(2, self.B), dim=1)
+        p = ti[:, 0].clone()
+        if self.B > 1:
+            unsure = ((tv[:, 0] - tv[:, 1]) <= 2 * bound + self.eps).nonzero().squeeze(1)
+            self.totals["screen_rechecked"] += int(unsure.numel())
+            if unsure.numel():
+                p[unsure] = self._exact(fr.index_select(0, unsure))[0]
+        return p, self._dot_params(fr, p)
+
+    def _low_sims(self, key, fr: torch.Tensor) -> torch.Tensor:
+        """``fr @ c.T`` in the screening precision (float32 result)."""
+        if self.screen == "tf32":
+            before = torch.backends.cuda.matmul.allow_tf32
+            torch.backends.cuda.matmul.allow_tf32 = True
+            try:
+                return fr @ self.c32.T  # on a CPU there is no TF32: this is the float32 product
+            finally:
+                torch.backends.cuda.matmul.allow_tf32 = before
+        if self._f_low is None:  # the rank's rows in bfloat16, once (half the float32 pool's memory)
+            self._f_low = self.F.to(torch.bfloat16)
+        f_low = self._f_low[key] if key is not None else fr.to(torch.bfloat16)
+        return (f_low @ self.c32.to(torch.bfloat16).T).float()
 
     def _resolve_ties(self, fr, s, tv, ti):
         p = ti[:, 0].clone()

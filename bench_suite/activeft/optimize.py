@@ -28,7 +28,7 @@ from bench_suite.activeft.init import gather_rows, initial_rows
 from bench_suite.activeft.options import Options
 from bench_suite.activeft.snap import snap
 
-ASSIGN_STATS = ("certified", "refined", "refreshed", "pairs")
+ASSIGN_STATS = ("certified", "refined", "refreshed", "pairs", "screen_rechecked")
 
 
 class _InfoNCE:
@@ -146,7 +146,7 @@ class _Run:
         self._initialise(seed)
         self.t_init = time.perf_counter() - self.t_start
         self.assigner = Assigner(feats, self.b, candidates=cfg.candidates, block=self.block, prune=self.prune,
-                                 max_steps=cfg.iters + 1, fnorm_max=fnorm, verify=cfg.verify)
+                                 max_steps=cfg.iters + 1, fnorm_max=fnorm, verify=cfg.verify, screen=cfg.screen)
         self.groups = GroupSums(feats, self.b)
         self.sub_gen, self.n_act = subset_generator(cfg.subset, n_total, seed)
         self.losses: list[float] = []

@@ -35,6 +35,9 @@ class Options:
     prune: bool | None = opt(None, role="runtime",
                              doc="certified candidate pruning of the nearest-parameter search (None: auto, "
                                  "on a CPU when B >= 512, where it beats the full product; off on a GPU)")
+    screen: str = opt("fp32", role="runtime", choices=("fp32", "tf32", "bf16"),
+                      doc="precision of the full pass's screening product; rows it cannot decide (top-2 margin "
+                          "within its rounding bound) are redone in float32, so the assignments are the same")
     candidates: int = opt(16, role="runtime", minimum=1, doc="K: candidates kept per sample by the pruning")
     block_size: int = opt(0, role="runtime", minimum=0,
                           doc="rows per block (0: auto, block x B float32 near 256 MiB)")

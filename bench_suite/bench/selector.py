@@ -168,7 +168,7 @@ def bench_budget(feats: np.ndarray, pool: torch.Tensor, budget: int, args, con) 
     """Every run for one budget; prints its table and ratios; returns the numbers."""
     from rich.table import Table
 
-    kw = {"objective": args.objective, "subset": args.subset}
+    kw = {"objective": args.objective, "subset": args.subset, "screen": args.screen}
     snap = not args.no_snap
     runs: dict[str, dict] = {}
     # warm-up (lazy initialisation: CUDA context and library handles, first-use allocations), not timed
@@ -288,6 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--objective", default="official", choices=("official", "paper"))
     p.add_argument("--subset", type=int, default=0, help="M random samples per iteration (0 = all)")
     p.add_argument("--paths", default="auto", help="the project's paths to run: auto,full,pruned")
+    p.add_argument("--screen", default="fp32", choices=("fp32", "tf32", "bf16"),
+                   help="the full pass's screening precision (the selector's option screen)")
     p.add_argument("--naive-iters", type=int, default=20,
                    help="iterations of the naive loop (extrapolated to T when fewer)")
     p.add_argument("--no-naive", action="store_true")
