@@ -204,7 +204,9 @@ def init_from_env(backend: str | None = None) -> Runtime:
     _map_slurm_env()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not tdist.is_initialized():
-        backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        # BENCH_SUITE_DIST_BACKEND=gloo: several ranks on one GPU (NCCL refuses two ranks on one device)
+        backend = backend or os.environ.get("BENCH_SUITE_DIST_BACKEND") or (
+            "nccl" if torch.cuda.is_available() else "gloo")
         if backend == "nccl":  # NCCL needs each rank on its own GPU before the first collective
             torch.cuda.set_device(local_rank() % torch.cuda.device_count())
         tdist.init_process_group(backend=backend, timeout=collective_timeout())

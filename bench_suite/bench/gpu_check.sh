@@ -32,27 +32,36 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$OUT/gpu.
 cat "$OUT/gpu.txt"
 
 # issue 10: 50k pool at B = 1000 / 2500 / 5000, the naive loop for all T = 300 iterations in the same run
-step sel50k 110 $PY -m bench_suite.bench.selector --device cuda --budgets 1000,2500,5000 --naive-iters 300 \
+step sel50k 100 $PY -m bench_suite.bench.selector --device cuda --budgets 1000,2500,5000 --naive-iters 300 \
     --paths auto,pruned --json "$OUT/sel50k.json"
 step sel50k_tf32 40 $PY -m bench_suite.bench.selector --device cuda --budgets 1000,5000 --no-naive \
     --screen tf32 --json "$OUT/sel50k_tf32.json"
 # issue 10: the full ImageNet pool (1,281,167 x 384), B = 12,812: 20 iterations extrapolated to T = 300
 step selimnet 90 $PY -m bench_suite.bench.selector --device cuda --n 1281167 --classes 1000 --budgets 12812 \
     --iters 20 --no-naive --no-emd --json "$OUT/selimnet.json"
-step selimnet_tf32 60 $PY -m bench_suite.bench.selector --device cuda --n 1281167 --classes 1000 --budgets 12812 \
+step selimnet_tf32 50 $PY -m bench_suite.bench.selector --device cuda --n 1281167 --classes 1000 --budgets 12812 \
     --iters 20 --no-naive --no-emd --screen tf32 --json "$OUT/selimnet_tf32.json"
 step selimnet_m 40 $PY -m bench_suite.bench.selector --device cuda --n 1281167 --classes 1000 --budgets 12812 \
     --subset 100000 --iters 20 --no-naive --no-emd --json "$OUT/selimnet_m.json"
 # issue 10: the select CLI end to end (start-up included), ActiveFT vs K-Means at 2 / 5 / 10% of 50k
-step table3 80 $PY -m bench_suite.bench.selector --device cuda --table3 --json "$OUT/table3.json"
+step table3 70 $PY -m bench_suite.bench.selector --device cuda --table3 --json "$OUT/table3.json"
+# issue 10: 2 ranks sharing the one GPU over gloo select the ids of 1 rank (50k pool, B = 1000)
+$PY -c "from bench_suite.bench.pools import clustered_sphere; from bench_suite.store import FeatureStore; \
+FeatureStore.from_array(clustered_sphere(50000, 384, 100, seed=1)[0]).save('/tmp/pool50k')"
+step dist1 40 $PY -m bench_suite.cli.select --features /tmp/pool50k --budget 1000 --method activeft \
+    --set device=cuda progress=false --out "$OUT/dist1.json"
+step dist2 60 env BENCH_SUITE_DIST_BACKEND=gloo $PY -m torch.distributed.run --standalone --nproc_per_node 2 -m bench_suite.cli.select \
+    --features /tmp/pool50k --budget 1000 --method activeft --set device=cuda progress=false --out "$OUT/dist2.json"
+$PY -c "import json; a, b = (json.load(open('$OUT/dist%d.json' % k)) for k in (1, 2)); \
+print('2 ranks on one GPU (gloo) == 1 rank:', a['ids'] == b['ids'], 'world', b['info']['world'])"
 # issue 11: extraction vs the bare forward, DINO ViT-S/16 at 224 px (random weights in the DINO file format:
 # the speed does not depend on the values)
 export BENCH_SUITE_CACHE=/tmp/bs_cache
 mkdir -p "$BENCH_SUITE_CACHE"
 $PY -c "import timm, torch; torch.save(timm.create_model('vit_small_patch16_224', num_classes=0).state_dict(), \
 '$BENCH_SUITE_CACHE/dino_deitsmall16_pretrain.pth')"
-step extract_fp32 70 $PY -m bench_suite.bench.extract --device cuda --encoder dino_vits16 --image-size 224 \
+step extract_fp32 60 $PY -m bench_suite.bench.extract --device cuda --encoder dino_vits16 --image-size 224 \
     --images 12000 --batch-size 256 --workers 12
-step extract_bf16 70 $PY -m bench_suite.bench.extract --device cuda --encoder dino_vits16 --image-size 224 \
+step extract_bf16 60 $PY -m bench_suite.bench.extract --device cuda --encoder dino_vits16 --image-size 224 \
     --images 12000 --batch-size 256 --workers 12 --precision bf16 --decode device
 echo "done in ${SECONDS}s"
