@@ -244,10 +244,11 @@ def train_head(x, y, num_classes: int, recipe: HeadRecipe, *, seed: int, device,
 
 
 def take_rows(store, rows) -> np.ndarray:
-    """``store.features[rows]`` as float32 (one memmap slice when the rows are a contiguous run)."""
+    """``store.features[rows]`` as a writable float32 array (one memmap slice, copied, when the rows are a
+    contiguous run: torch warns on a read-only memmap view, "The given NumPy array is not writable")."""
     rows = np.asarray(rows)
     if len(rows) and np.all(np.diff(rows) == 1):
-        return np.asarray(store.features[rows[0]:rows[-1] + 1], dtype=np.float32)
+        return np.array(store.features[rows[0]:rows[-1] + 1], dtype=np.float32)
     return np.asarray(store.features[rows], dtype=np.float32)
 
 

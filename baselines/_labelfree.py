@@ -20,6 +20,7 @@ faiss-gpu). See baselines/kmeans.py for the speed comparison that chose faiss.
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import time
 from collections import OrderedDict
@@ -31,6 +32,10 @@ import torch
 from bench_suite.errors import BadInputError
 
 TILE = 1 << 24  # elements per similarity tile (64 MiB of float32)
+
+# faiss announces at INFO which of its SIMD builds it tried and loaded (five lines); quiet unless asked for
+if logging.getLogger("faiss.loader").level == logging.NOTSET:
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
 
 
 # --------------------------------------------------------------------------- options and the pool
