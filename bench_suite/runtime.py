@@ -188,10 +188,33 @@ def first_host(nodelist: str) -> str:
     return prefix + ranges.split(",")[0].split("-")[0]
 
 
+def use_the_cpu_cores() -> int:
+    """Torch's CPU threads for this process; returns the count set (0: left as it was).
+
+    ``accelerate launch`` exports OMP_NUM_THREADS=1 unless given ``--num_cpu_threads_per_process`` (its
+    "values were not passed" warning says so), so the default run used one of a 2-core laptop's cores.
+    On a machine without a GPU, under accelerate, each local process now takes cpu_count / local processes
+    threads. ``BENCH_SUITE_THREADS=N`` sets N instead (0: leave torch's setting, OMP_NUM_THREADS).
+    """
+    want = os.environ.get("BENCH_SUITE_THREADS")
+    if want is not None:
+        n = int(want)
+    elif (torch.cuda.is_available() or "ACCELERATE_MIXED_PRECISION" not in os.environ
+          or os.environ.get("OMP_NUM_THREADS") != "1"):
+        n = 0
+    else:
+        n = max(1, (os.cpu_count() or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    if n > 0 and n != torch.get_num_threads():
+        torch.set_num_threads(n)
+    return n
+
+
 def make_accelerator():
     """The ``accelerate`` Accelerator of a launch (CPU when torch sees no GPU), with the collective timeout."""
     from accelerate import Accelerator  # noqa: PLC0415 - accelerate is heavy; only the launches need it
     from accelerate.utils import InitProcessGroupKwargs  # noqa: PLC0415
+
+    use_the_cpu_cores()
 
     acc = Accelerator(cpu=not torch.cuda.is_available(),
                       kwargs_handlers=[InitProcessGroupKwargs(timeout=collective_timeout())])
