@@ -10,6 +10,9 @@ if str(ROOT) not in sys.path:
 
 # Two pytest-xdist workers share the 2 cores (pyproject addopts: -n 2): one thread each; alone, two.
 os.environ.setdefault("OMP_NUM_THREADS", "1" if os.environ.get("PYTEST_XDIST_WORKER") else "2")
+# ... and the runs the tests launch (accelerate launch would otherwise give each one every core: runtime.py)
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("BENCH_SUITE_THREADS", "1")
 
 # The longest test files first (pyproject addopts: --dist loadfile --no-loadscope-reorder hands out whole files in
 # this order), so the two workers start on them and the many short files fill the end. In xdist's default order
