@@ -38,7 +38,9 @@ import time
 import torch
 
 U32 = 2.0 ** -24
-# relative rounding of an input in each screening precision of the full pass (conservative: truncation)
+# relative rounding of an input in each screening precision of the full pass: tf32 2^-10 covers even a
+# truncation of its 10-bit mantissa (the GPU converts); bf16 2^-8 is round-to-nearest of its 8-bit significand
+# (torch's own conversion, done here, and of the product's bf16 output)
 SCREEN_UNIT = {"fp32": 0.0, "tf32": 2.0 ** -10, "bf16": 2.0 ** -8}
 
 
