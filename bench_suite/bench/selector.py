@@ -186,8 +186,9 @@ def bench_budget(feats: np.ndarray, pool: torch.Tensor, budget: int, args, con) 
         nt = min(args.naive_iters, args.iters)
         runs["naive"] = run_naive(feats, budget, nt, args.seed, pool.device, objective=args.objective,
                                   subset=args.subset)
-        equal_t = runs["auto"] if nt == args.iters or "auto" not in runs else \
-            run_project(pool, budget, nt, args.seed, snap=snap, **kw)
+        first = next(iter(runs))  # the first of --paths
+        equal_t = runs[first] if nt == args.iters else \
+            run_project(pool, budget, nt, args.seed, prune=PATHS[first], snap=snap, **kw)
     if not args.no_emd and snap:
         for run in runs.values():
             run["emd"] = selection_emd(feats, run["rows"])
@@ -206,7 +207,7 @@ def bench_budget(feats: np.ndarray, pool: torch.Tensor, budget: int, args, con) 
                       f"{tot:.2f}{' *' if extrap else ''}", f"{run['peak_above_mib']:.0f}",
                       f"{run['final_loss']:.6f}", f"{run['emd']:.5f}" if "emd" in run else "-")
     con.print(table)
-    first = next(k for k in runs if k in PATHS)
+    first = next(iter(runs))
     proj_total, _ = total_at(runs[first], args.iters)
     lines = [f"one N x B pass: {brute:.4f} s fp32"
              + (f", {extra['brute_pass_bf16_s']:.4f} s bf16" if "brute_pass_bf16_s" in extra else "")
