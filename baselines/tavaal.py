@@ -18,7 +18,7 @@ the LearnLoss paper's hinge, as the TA-VAAL paper writes it); VAE latent 32, wid
 for VAE and discriminator, batch 128, beta 1, adversary weight 1, ONE VAE step and one discriminator step
 per iteration, KL averaged (torch.mean, unlike VAAL's sum), iterations = (labelled + subset) * 100 epochs
 // batch (EPOCHV = 100). The paper profile runs them (width 128, 100 epochs); the cpu profile sets ``vae_epochs`` 1
-/ ``vae_width`` 16 (as for vaal) and says so.
+/ ``vae_width`` 8 (as for vaal) and says so.
 
 What is simplified / departs from the original, and why:
 - Task model (``task_model``): in the paper profile the pretrained DINO DeiT-S finetuned every round with the

@@ -20,7 +20,7 @@ the batch (as in solver.vae_loss), kaiming-normal init, iterations per round = N
 epochs over the pool.
 The paper profile runs them (width 128, 100 epochs per round, stated in bench_suite/profiles/paper.yaml).
 On the cpu profile those are hours per round on 2 cores, so the profile sets ``vae_epochs`` (1) and
-``vae_width`` (16) - say so when reporting; ``vae_iters`` sets the iteration count directly.
+``vae_width`` (8) - say so when reporting; ``vae_iters`` sets the iteration count directly.
 
 Departures from the original, and why:
 - No task model is trained inside the selection (VAAL's own task model - VGG16 - never influences which

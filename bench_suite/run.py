@@ -62,15 +62,17 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def make_progress(quiet: bool, rank: int):
+def make_progress(quiet: bool, rank: int, world: int = 1):
     """The grid's progress (``factory(total) -> advance(cell, result)``), a bar in a terminal and plain lines
-    in a log file (``bench_suite.progress``); and ``stop()``."""
+    in a log file (``bench_suite.progress``); and ``stop()``. With several ranks, rank 0 shows its own share of
+    the cells (dealt round robin, so the ranks finish together and its ETA is the grid's)."""
     trackers = []
 
     def factory(total):
         if quiet or rank != 0:
             return None
-        tracker = Tracker("cells", total)
+        tracker = Tracker("cells" if world == 1 else f"cells of rank 0 (1 of {world} ranks)",
+                          -(-total // world))
         trackers.append(tracker)
 
         def advance(cell, result):
@@ -137,7 +139,7 @@ def main(argv=None) -> int:
 
 def run_table(table, ctx: Context, args, profile) -> dict:
     """Run one table and (rank 0) write its report; returns its line of the results index."""
-    factory, stop = make_progress(args.quiet, ctx.rank)
+    factory, stop = make_progress(args.quiet, ctx.rank, ctx.world)
     t0 = time.perf_counter()
     try:
         out = table.run(ctx, factory)

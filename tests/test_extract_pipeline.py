@@ -1,5 +1,5 @@
 """The extraction pipeline (bench_suite.extract): 0 and 2 DataLoader workers write byte-identical stores, equal
-to the encoder run batch by batch on each shard the way extraction always did (extraction version 1); the
+to the encoder run batch by batch on each shard, channels-last (extraction version 2); the
 GPU code paths run on the CPU (resize/normalise on the device, torchvision JPEG decoding, channels_last,
 bf16 autocast) and stay close to fp32; a SIGKILL mid-extraction is resumed from the first unfinished shard,
 to the same bytes."""
@@ -39,14 +39,15 @@ def store_bytes(path):
 
 @torch.inference_mode()
 def reference_store(shard_dir, image_size, batch_size):
-    """Features as extraction version 1 computed them: each shard on its own, batches of ``batch_size``,
-    ``enc.preprocess`` + ``enc.features`` + L2 normalisation, rows in global-id order."""
+    """Features as extraction version 2 computes them: each shard on its own, batches of ``batch_size``,
+    ``enc.preprocess`` + ``enc.features`` (channels-last) + L2 normalisation, rows in global-id order."""
     enc = get_encoder("efficientnet_lite0", image_size=image_size)
+    enc.model.to(memory_format=torch.channels_last)
     manifest = wshards.load_manifest(shard_dir)
     ids, feats = [], []
     for s in manifest["shards"]:
         for b_ids, b_imgs, *_ in wshards.iter_samples(shard_dir, [s["name"]], batch_size=batch_size):
-            f = enc.features(enc.preprocess(b_imgs)).float()
+            f = enc.features(enc.preprocess(b_imgs).contiguous(memory_format=torch.channels_last)).float()
             ids.append(b_ids)
             feats.append(torch.nn.functional.normalize(f, dim=1).numpy())
     ids, feats = np.concatenate(ids), np.concatenate(feats)
@@ -70,14 +71,14 @@ def whole_store(small_shards, tmp_path_factory):
     return out
 
 
-def test_workers_give_identical_stores_equal_to_version_1(small_shards, whole_store, tmp_path):
+def test_workers_give_identical_stores_equal_to_the_reference(small_shards, whole_store, tmp_path):
     extract.extract_features(small_shards, tmp_path / "w2", accelerator=Acc(), num_workers=2, **ENC)
     assert store_bytes(whole_store) == store_bytes(tmp_path / "w2")
     store = FeatureStore.open(tmp_path / "w2")
     torch.set_num_threads(1)
     ids, feats = reference_store(small_shards, 32, 50)
     assert np.array_equal(store.ids, ids)
-    assert np.asarray(store.features).tobytes() == feats.tobytes()  # bit for bit: EXTRACT_VERSION stays 1
+    assert np.asarray(store.features).tobytes() == feats.tobytes()  # bit for bit
     meta = json.loads((tmp_path / "w2" / "meta.json").read_text())
     assert meta["extraction"]["workers"] == 2 and "variant" not in meta
     assert not list(tmp_path.glob(".*parts*")), "the parts folder must be removed"
@@ -102,8 +103,8 @@ def photo_shards(root):
 
 def test_device_code_paths_on_the_cpu(tmp_path):
     """The GPU paths, run on the CPU: the resize/normalise on the device is bit-identical to the workers';
-    torchvision's JPEG decoding and channels_last stay within cosine 0.999 of the default, row by row; device
-    decoding is a new fingerprint, channels_last is not."""
+    torchvision's JPEG decoding and the contiguous layout (channels_last is the default) stay within cosine
+    0.999 of the default, row by row; device decoding is a new fingerprint, the layout is not."""
     shards = photo_shards(tmp_path)
     kw = dict(ENC, image_size=64, batch_size=4, accelerator=Acc(), num_workers=1)
     base = extract.extract_features(shards, tmp_path / "base", **kw)
@@ -111,7 +112,7 @@ def test_device_code_paths_on_the_cpu(tmp_path):
     assert store_bytes(tmp_path / "base") == store_bytes(tmp_path / "dev")
     assert dev.meta["fingerprint"] == base.meta["fingerprint"]
     ref = np.asarray(base.features)
-    for name, opts in [("jpeg", dict(decode="device")), ("cl", dict(channels_last=True))]:
+    for name, opts in [("jpeg", dict(decode="device")), ("contiguous", dict(channels_last=False))]:
         store = extract.extract_features(shards, tmp_path / name, **opts, **kw)
         cos = (np.asarray(store.features) * ref).sum(1)
         print(f"{name}: cosine to the default per row: min {cos.min():.6f} mean {cos.mean():.6f}")

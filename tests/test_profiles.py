@@ -63,8 +63,8 @@ def test_reports_list_what_a_profile_scales_down_from_the_resolved_options():
 
     cpu = load_profile("cpu")
     lines = "\n".join(departure_lines(cpu, "1"))
-    assert "VAAL: `vae_width` 16 (original 128), `vae_epochs` 1 (original 100)" in lines
-    assert "TA-VAAL: `vae_width` 16 (original 128), `vae_epochs` 1 (original 100)" in lines
+    assert "VAAL: `vae_width` 8 (original 128), `vae_epochs` 1 (original 100)" in lines
+    assert "TA-VAAL: `vae_width` 8 (original 128), `vae_epochs` 1 (original 100)" in lines
     assert "init_ratio" not in lines and "device" not in lines
     assert "scaled down" in lines
     assert departure_lines(cpu, "6") == [

@@ -7,7 +7,7 @@ brightness-jittered, JPEG quality 90, ``--shard-size`` per shard), then, in this
   them; its rate is the marginal one, (N - N1) / (t(N) - t(N1)), so loading the encoder, starting the
   workers and writing the store do not count (they are printed apart);
 - **bare forward**: the same encoder on batches of the same size already preprocessed in memory (on the
-  device), the same precision, channels_last where the pipeline uses it, timed over as many images;
+  device), the same precision, channels_last as the pipeline, timed over as many images;
 - their ratio, the main process's peak resident memory (high-water mark above the start) of the two
   pipeline runs (it should not grow with N: features stream to disk shard by shard), and with
   ``--precision bf16`` the per-row cosine between the bf16 and fp32 stores (min and mean).
@@ -119,13 +119,10 @@ def bare_forward(args, device, precision, n_images: int) -> float:
     if args.threads:
         torch.set_num_threads(args.threads)
     enc = get_encoder(args.encoder, image_size=args.image_size, device=str(device))
-    channels_last = device.type == "cuda"
-    if channels_last:
-        enc.model.to(memory_format=torch.channels_last)
+    enc.model.to(memory_format=torch.channels_last)  # as the pipeline (extract.py: its default on both)
     photos = sample_photos()
     x = enc.preprocess(photos[np.arange(args.batch_size) % len(photos)]).to(device)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
+    x = x.contiguous(memory_format=torch.channels_last)
     autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     batches = max(2, round(n_images / args.batch_size))
     c0 = cpu_seconds()
