@@ -8,11 +8,18 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-# Two pytest-xdist workers share the 2 cores (pyproject addopts: -n 2): one thread each; alone, two.
-os.environ.setdefault("OMP_NUM_THREADS", "1" if os.environ.get("PYTEST_XDIST_WORKER") else "2")
-# ... and the runs the tests launch (accelerate launch would otherwise give each one every core: runtime.py)
+# Two pytest-xdist workers share the 2 cores (pyproject addopts: -n 2): one thread each; alone (-n 0), two.
+# A worker sets it outright: it inherits the environment of the controller, whose own import of this file
+# has already set OMP_NUM_THREADS=2 (with setdefault, every worker ran torch on 2 threads: 4 on 2 cores, and
+# the in-process runs took up to 3.7x their time alone).
 if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    # ... and the runs the tests launch (accelerate launch would otherwise give each one every core: runtime.py)
     os.environ.setdefault("BENCH_SUITE_THREADS", "1")
+    if "torch" in sys.modules:  # imported by a plugin before this file: the variable came too late
+        sys.modules["torch"].set_num_threads(1)
+else:
+    os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 # The longest test files first (pyproject addopts: --dist loadfile --no-loadscope-reorder hands out whole files in
 # this order), so the two workers start on them and the many short files fill the end. In xdist's default order

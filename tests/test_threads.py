@@ -51,3 +51,11 @@ def test_accelerate_launch_gets_the_cores(tmp_path):
     env["BENCH_SUITE_THREADS"] = "1"
     out = subprocess.run([*accelerate, str(script)], cwd=root, env=env, capture_output=True, text=True, check=True)
     assert "THREADS 1" in out.stdout
+
+
+def test_each_pytest_xdist_worker_runs_torch_on_one_thread():
+    """Two workers on 2 cores (pyproject addopts): one thread each. The controller's import of conftest.py
+    once leaked OMP_NUM_THREADS=2 into every worker: 4 busy threads on 2 cores, the suite 20 minutes."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        pytest.skip("runs under pytest-xdist workers (the README's test command)")
+    assert os.environ["OMP_NUM_THREADS"] == "1" and torch.get_num_threads() == 1
