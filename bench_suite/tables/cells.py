@@ -32,9 +32,10 @@ from bench_suite.digest import ids_digest, json_digest
 from bench_suite.errors import BadInputError
 from bench_suite.finetune.recipes import KIND_VERSIONS
 from bench_suite.locks import release, try_lock
-from bench_suite.methods import budget_from_ratio, registry, run_selection
+from bench_suite.methods import budget_from_ratio, registry
 from bench_suite.metrics import selection_emd
 from bench_suite.runtime import Runtime
+from bench_suite.tables import al_prefix
 from bench_suite.tables.common import Context, get_recipe, recipe_settings
 
 log = logging.getLogger(__name__)
@@ -54,15 +55,15 @@ def cell_key(ctx: Context, cell: dict, train, test) -> dict:
             "recipe": recipe, "recipe_version": KIND_VERSIONS[recipe["kind"]], "cell_version": CELL_VERSION}
 
 
-def compute_cell(ctx: Context, cell: dict, train, test, encoder) -> dict:
-    """Select, evaluate and measure one cell (one process's work)."""
+def compute_cell(ctx: Context, cell: dict, train, test, encoder, horizon: int | None = None) -> dict:
+    """Select, evaluate and measure one cell (one process's work). ``horizon``: the largest budget the grid asks
+    of this cell's active-learning run (``al_prefix``: its rounds are run once, for every budget up to it)."""
     budget = budget_from_ratio(cell["ratio"], len(train))
     selector = registry.get(cell["method"], **(cell.get("method_config") or {}))
     init = selector.initial_set(len(train))
     if budget <= init:
         return {**cell, "budget": budget, "skipped": f"budget {budget} <= the initial random set ({init})"}
-    sel = run_selection(train, cell["method"], budget, cell["seed"], cell.get("method_config"), labels=train.labels,
-                        dist=Runtime())  # a cell is one process's work; ranks share the grid, not a cell
+    sel = al_prefix.select(ctx.work, train, cell, budget, horizon)
     recipe, _ = get_recipe(ctx, cell["recipe"], encoder)
     metrics = recipe(train, sel.ids, test, cell["seed"])
     rows = train.rows_of_ids(sel.ids)
@@ -91,13 +92,15 @@ def run_cells(ctx: Context, cells: list[dict], stores: dict, progress=None, enco
     if ctx.missing_cell is not None:  # collect only (the SLURM report stage): nothing is computed here
         return _collect(ctx, keyed, stores, encoder)
     rt = Runtime.of_accelerator(ctx.accelerator)
+    horizons = al_prefix.horizons(cells, stores)
     mine = [(cell, path) for i, (cell, path) in enumerate(keyed) if i % ctx.world == ctx.rank]
     t0 = time.perf_counter()
     computed = []  # cache-file digests of the cells this rank computed
     while mine:  # a cell locked by another run is retried until its result appears (or its lock goes stale)
         waiting = []
         for cell, path in mine:
-            done = _claim_and_compute(ctx, cell, path, stores, encoder, progress)
+            done = _claim_and_compute(ctx, cell, path, stores, encoder, progress,
+                                      horizons.get(al_prefix.group_of(cell)))
             if done is None:
                 waiting.append((cell, path))
             elif done:
@@ -139,7 +142,7 @@ def _cached(ctx, path: Path) -> bool:
     return path.exists() and not (ctx.fresh and path not in ctx.fresh_done)
 
 
-def _claim_and_compute(ctx, cell, path, stores, encoder, progress) -> int | None:
+def _claim_and_compute(ctx, cell, path, stores, encoder, progress, horizon=None) -> int | None:
     """1 if this run computed the cell, 0 if it was cached or is skipped ('-'), None if another run holds its lock."""
     if _cached(ctx, path):
         _tick(progress, ctx, cell, None)
@@ -152,7 +155,7 @@ def _claim_and_compute(ctx, cell, path, stores, encoder, progress) -> int | None
             _tick(progress, ctx, cell, None)
             return 0
         train, test = stores[cell["dataset"]]
-        result = {**compute_cell(ctx, cell, train, test, encoder), "revision": ctx.revision}
+        result = {**compute_cell(ctx, cell, train, test, encoder, horizon), "revision": ctx.revision}
         atomic.write_json(path, result)
         ctx.fresh_done.add(path)
     finally:

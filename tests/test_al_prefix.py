@@ -1,0 +1,120 @@
+"""An active-learning run to a smaller budget is a prefix of the run to a larger one (``tables.al_prefix``), for
+every AL method, on a small real pool; and the grid's cells take their prefix from one stored run."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from bench_suite.data.shards import read_all
+from bench_suite.methods import run_selection
+from bench_suite.store import FeatureStore
+from bench_suite.tables import al_prefix
+
+# 40 random labels, then rounds of 40: budgets 80 and 120 end on full rounds, 100 does not
+PROTO = {"init_size": 40, "batch_size": 40}
+FAST_VAE = {"vae_width": 8, "vae_iters": 6, "vae_batch_size": 64}
+CONFIGS = {
+    "coreset": PROTO,
+    "learnloss": PROTO,
+    "alfamix": {**PROTO, "alpha_mode": "closed_form", "alpha_cap": 0.2},
+    "vaal": {**PROTO, **FAST_VAE},
+    "tavaal": {**PROTO, **FAST_VAE},
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def store(digits_shards):
+    ids, images, labels = read_all(digits_shards)
+    feats = images.reshape(len(ids), -1).astype(np.float32)
+    return FeatureStore.from_array(feats, ids=ids, labels=labels,
+                                   meta={"shards": str(digits_shards), "num_classes": 10}, normalize=True)
+
+
+def cell(method, seed=0):
+    return {"dataset": "digits", "method": method, "method_config": CONFIGS.get(method, {}), "seed": seed,
+            "ratio": 0.1}
+
+
+@pytest.mark.parametrize("method", sorted(CONFIGS))
+def test_shorter_run_is_a_prefix_of_the_longer_one(store, method):
+    short = run_selection(store, method, 80, 3, CONFIGS[method], labels=store.labels)
+    long = run_selection(store, method, 120, 3, CONFIGS[method], labels=store.labels)
+    np.testing.assert_array_equal(short.ids, long.ids[:80])
+    derived = al_prefix.prefix(long, 80)
+    np.testing.assert_array_equal(derived.ids, short.ids)
+    assert derived.info["n_rounds"] == short.info["n_rounds"] == 1
+    assert derived.info["labelled_sizes"] == short.info["labelled_sizes"] == [40, 80]
+    assert derived.info["oracle_queries"] == 80 and derived.info["prefix_of"]["budget"] == 120
+    # its time: the run's start-up and preparation plus its own round, never the whole run's
+    assert 0 < derived.seconds < long.seconds
+    assert derived.seconds >= long.info["rounds"][0]["seconds"]
+
+
+def test_cells_share_one_stored_run(store, tmp_path):
+    c = cell("learnloss")
+    first = al_prefix.select(tmp_path, store, c, 80, horizon=120)
+    runs = list((tmp_path / "al_runs").glob("*.json"))
+    assert len(runs) == 1
+    stored = json.loads(runs[0].read_text())
+    assert stored["budget"] == 120 and stored["info"]["labelled_sizes"] == [40, 80, 120]
+    mtime = runs[0].stat().st_mtime_ns
+    second = al_prefix.select(tmp_path, store, c, 120, horizon=120)
+    assert runs[0].stat().st_mtime_ns == mtime  # taken from the stored run, not run again
+    assert second.ids.tolist() == stored["ids"] and second.seconds == stored["seconds"]
+    np.testing.assert_array_equal(first.ids, second.ids[:80])
+    direct = run_selection(store, "learnloss", 120, 0, CONFIGS["learnloss"], labels=store.labels)
+    np.testing.assert_array_equal(second.ids, direct.ids)
+    # another seed is another run
+    al_prefix.select(tmp_path, store, cell("learnloss", seed=1), 80, horizon=80)
+    assert len(list((tmp_path / "al_runs").glob("*.json"))) == 2
+
+
+def test_a_budget_off_the_rounds_runs_on_its_own(store, tmp_path):
+    c = cell("coreset")
+    sel = al_prefix.select(tmp_path, store, c, 100, horizon=120)  # its last round is truncated to 20
+    assert not (tmp_path / "al_runs").exists()
+    assert "prefix_of" not in sel.info and sel.info["labelled_sizes"] == [40, 80, 100]
+    direct = run_selection(store, "coreset", 100, 0, CONFIGS["coreset"], labels=store.labels)
+    np.testing.assert_array_equal(sel.ids, direct.ids)
+
+
+def test_a_longer_budget_extends_the_stored_run(store, tmp_path):
+    c = cell("coreset")
+    al_prefix.select(tmp_path, store, c, 80, horizon=80)
+    longer = al_prefix.select(tmp_path, store, c, 120, horizon=None)
+    (path,) = (tmp_path / "al_runs").glob("*.json")
+    assert json.loads(path.read_text())["budget"] == 120
+    direct = run_selection(store, "coreset", 120, 0, CONFIGS["coreset"], labels=store.labels)
+    np.testing.assert_array_equal(longer.ids, direct.ids)
+
+
+def test_a_damaged_stored_run_is_recomputed(store, tmp_path):
+    c = cell("coreset")
+    al_prefix.select(tmp_path, store, c, 80, horizon=120)
+    (path,) = (tmp_path / "al_runs").glob("*.json")
+    path.write_text("{ not json")
+    again = al_prefix.select(tmp_path, store, c, 80, horizon=120)
+    direct = run_selection(store, "coreset", 80, 0, CONFIGS["coreset"], labels=store.labels)
+    np.testing.assert_array_equal(again.ids, direct.ids)
+    assert json.loads(path.read_text())["budget"] == 120
+
+
+def test_label_free_methods_and_horizons(store, tmp_path):
+    sel = al_prefix.select(tmp_path, store, cell("kmeans"), 80, 120)
+    assert len(sel.ids) == 80 and not (tmp_path / "al_runs").exists()
+    stores = {"digits": (store, None)}
+    cells = [{**cell("vaal"), "ratio": r} for r in (0.05, 0.1)] + [
+        cell("kmeans"), {**cell("vaal", seed=1), "ratio": 0.05}]
+    h = al_prefix.horizons(cells, stores)
+    n = len(store)
+    assert h == {al_prefix.group_of(cells[0]): int(0.1 * n), al_prefix.group_of(cells[3]): int(0.05 * n)}
