@@ -137,12 +137,20 @@ def bold_best(rows: list[list[str]], cols: list[int]) -> list[list[str]]:
 REPORT_SECONDS = "<report seconds>"  # filled in once the report is written (run.py)
 
 
+def selection_cost(cell: dict) -> float:
+    """What selecting cost when the cell was computed: its selection time, except for an active-learning cell
+    that took its rounds from a longer run (``tables.al_prefix``): that run is counted once, in the cell that
+    ran it, and the prefix costs what taking it did."""
+    spent = (cell.get("selection_info") or {}).get("compute_seconds")
+    return float(spent if spent is not None else cell.get("selection_seconds") or 0.0)
+
+
 def _per_row(cells: list[dict], top: int) -> str:
-    """Selection seconds summed per table row (the row's label), the largest ``top`` first, then the rest."""
+    """Selection cost summed per table row (the row's label), the largest ``top`` first, then the rest."""
     per: dict = {}
     for c in cells:
         row = c.get("variant") or c.get("method")
-        per[row] = per.get(row, 0.0) + float(c.get("selection_seconds") or 0.0)
+        per[row] = per.get(row, 0.0) + selection_cost(c)
     ranked = sorted(per.items(), key=lambda kv: -kv[1])
     parts = [f"{row} {duration(sec)}" for row, sec in ranked[:top]]
     if len(ranked) > top:
@@ -170,7 +178,7 @@ def time_by_stage(elapsed: float, timing: dict, cells: list[dict], top: int = 4)
     def train_seconds(cs):
         return sum(float(c.get("wall_seconds", c.get("seconds")) or 0.0) for c in cs)
 
-    sel = sum(float(c["selection_seconds"]) for c in here)
+    sel = sum(selection_cost(c) for c in here)
     cells_s = float(timing.get("cells", 0.0))
     parts = [f"{duration(elapsed)} in all", stage("shards", "shards_made", "shards_cached", "written"),
              stage("features", "features_made", "features_cached", "extracted")]
@@ -184,7 +192,7 @@ def time_by_stage(elapsed: float, timing: dict, cells: list[dict], top: int = 4)
     line = "; ".join(parts)
     if earlier:
         line += (f"; {len(earlier)} cells from the cache, recorded earlier: selection "
-                 f"{duration(sum(float(c['selection_seconds']) for c in earlier))} ({_per_row(earlier, top)}), "
+                 f"{duration(sum(selection_cost(c) for c in earlier))} ({_per_row(earlier, top)}), "
                  f"finetune/probe {duration(train_seconds(earlier))}")
     return line
 

@@ -398,3 +398,34 @@ def test_benchmark_table3_mode_runs_the_select_cli(tmp_path):
                       "--table3", "--ratios", "0.05", "--json", str(tmp_path / "t3.json")])
     row = out["table3"]["ratios"]["0.05"]
     assert row["activeft_budget"] == row["kmeans_budget"] == 30 and row["activeft"] > 0 and row["kmeans"] > 0
+
+
+def test_plain_adam_is_torch_adam_bit_for_bit():
+    """The loop's functional Adam (no torch.optim.Optimizer: its first use imports torch._dynamo) takes the
+    same steps as torch.optim.Adam(foreach=False), exactly."""
+    from bench_suite.activeft.optimize import PlainAdam
+
+    g = torch.Generator().manual_seed(0)
+    start = torch.randn(7, 5, dtype=torch.float64, generator=g)
+    a, b = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
+    ours, ref = PlainAdam(a, 1e-3), torch.optim.Adam([b], lr=1e-3, foreach=False)
+    for _ in range(25):
+        grad = torch.randn(7, 5, dtype=torch.float64, generator=g)
+        a.grad, b.grad = grad.clone(), grad.clone()
+        ours.step()
+        ref.step()
+    assert torch.equal(a.detach(), b.detach()) and not torch.equal(a.detach(), start)
+
+
+def test_a_selection_does_not_import_dynamo():
+    """A selection process's start-up: neither the loop nor its imports pull in torch._dynamo (2.7 s)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, numpy as np; from bench_suite.methods import run_selection; "
+            "from bench_suite.store import FeatureStore; "
+            "x = np.random.default_rng(0).normal(size=(300, 16)).astype('float32'); "
+            "run_selection(FeatureStore.from_array(x, normalize=True), 'activeft', 10, 0, {'iters': 5}); "
+            "print('torch._dynamo' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "False"

@@ -72,6 +72,9 @@ def test_cells_share_one_stored_run(store, tmp_path):
     assert runs[0].stat().st_mtime_ns == mtime  # taken from the stored run, not run again
     assert second.ids.tolist() == stored["ids"] and second.seconds == stored["seconds"]
     np.testing.assert_array_equal(first.ids, second.ids[:80])
+    # the first cell paid for the whole run, the second for reading it back
+    assert first.info["compute_seconds"] >= stored["seconds"] > first.seconds
+    assert second.info["compute_seconds"] < 0.5 * stored["seconds"]
     direct = run_selection(store, "learnloss", 120, 0, CONFIGS["learnloss"], labels=store.labels)
     np.testing.assert_array_equal(second.ids, direct.ids)
     # another seed is another run
@@ -118,3 +121,19 @@ def test_label_free_methods_and_horizons(store, tmp_path):
     h = al_prefix.horizons(cells, stores)
     n = len(store)
     assert h == {al_prefix.group_of(cells[0]): int(0.1 * n), al_prefix.group_of(cells[3]): int(0.05 * n)}
+
+
+def test_time_by_stage_counts_a_shared_run_once():
+    from bench_suite.report import selection_cost, time_by_stage
+
+    def made(method, sel, spent):
+        return {"method": method, "key": {"m": method, "s": sel}, "selection_seconds": sel, "seconds": 0.0,
+                "selection_info": {"compute_seconds": spent}}
+
+    cells = [made("vaal", 20.0, 100.0), made("vaal", 100.0, 0.01), {"method": "kmeans", "key": {"m": "k"},
+                                                                     "selection_seconds": 3.0, "seconds": 0.0}]
+    assert [selection_cost(c) for c in cells] == [100.0, 0.01, 3.0]
+    from bench_suite.digest import json_digest
+
+    line = time_by_stage(200.0, {"cells": 110.0, "computed": {json_digest(c["key"]) for c in cells}}, cells)
+    assert "selection 1m43s (vaal 1m40s" in line, line

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 
 import numpy as np
@@ -57,7 +58,16 @@ def horizons(cells: list[dict], stores: dict) -> dict:
 
 
 def select(work: Path, train, cell: dict, budget: int, horizon: int | None) -> Selection:
-    """The cell's selection: a prefix of a stored (or new) run to ``horizon`` where the protocol allows it."""
+    """The cell's selection: a prefix of a stored (or new) run to ``horizon`` where the protocol allows it.
+    ``info["compute_seconds"]``: what selecting cost this call (the whole run to the horizon if it ran it,
+    next to nothing for a stored run's prefix), for the reports' time by stage."""
+    t0 = time.perf_counter()
+    sel = _select(work, train, cell, budget, horizon)
+    sel.info["compute_seconds"] = round(time.perf_counter() - t0, 4)
+    return sel
+
+
+def _select(work: Path, train, cell: dict, budget: int, horizon: int | None) -> Selection:
     method, config, seed = cell["method"], cell.get("method_config") or {}, cell["seed"]
     selector = registry.get(method, **config)
     if selector.label_free or not on_round(budget, *selector.sizes(len(train))):
@@ -89,7 +99,7 @@ def prefix(run: Selection, budget: int) -> Selection:
     """The selection the protocol makes for ``budget``, from its run to ``run.budget`` (>= budget)."""
     if budget == run.budget:
         return run
-    info = dict(run.info)
+    info = {k: v for k, v in run.info.items() if k != "compute_seconds"}
     sizes = list(info["labelled_sizes"])
     r = sizes.index(budget)  # rounds that reach the budget
     rounds = info["rounds"][:r]

@@ -20,6 +20,7 @@ from bench_suite.errors import MissingDataError
 from bench_suite.finetune.recipes import epochs_for
 from bench_suite.methods import budget_from_ratio, registry
 from bench_suite.profiles import EncoderRef, Profile
+from bench_suite.report import selection_cost
 from bench_suite.progress import duration
 from bench_suite.store import FeatureStore
 from bench_suite.tables import cells as cell_cache
@@ -125,7 +126,7 @@ def _cell_lines(profile: Profile, table: str, work: Path, stores: dict) -> list[
 
 
 def recorded_seconds(work: Path) -> dict:
-    """Seconds per cell (selection + evaluation) that earlier runs recorded in ``work``'s cell cache, by
+    """Seconds per cell (selection cost, ``report.selection_cost``, + evaluation) that earlier runs recorded in ``work``'s cell cache, by
     (method, dataset, ratio), (method, dataset) and (method,): the estimate falls back from the first to
     the last."""
     times: dict = {}
@@ -136,7 +137,7 @@ def recorded_seconds(work: Path) -> dict:
             continue
         if c.get("skipped") or "selection_seconds" not in c:
             continue
-        s = float(c["selection_seconds"]) + float(c.get("seconds") or 0.0)
+        s = selection_cost(c) + float(c.get("seconds") or 0.0)
         for k in ((c["method"], c["dataset"], c["ratio"]), (c["method"], c["dataset"]), (c["method"],)):
             times.setdefault(k, []).append(s)
     return {k: sum(v) / len(v) for k, v in times.items()}
