@@ -137,3 +137,19 @@ def test_time_by_stage_counts_a_shared_run_once():
 
     line = time_by_stage(200.0, {"cells": 110.0, "computed": {json_digest(c["key"]) for c in cells}}, cells)
     assert "selection 1m43s (vaal 1m40s" in line, line
+
+
+def test_fresh_runs_ignore_runs_stored_before_them(store, tmp_path):
+    c = cell("coreset")
+    al_prefix.select(tmp_path, store, c, 80, horizon=120)
+    (path,) = (tmp_path / "al_runs").glob("*.json")
+    stored = json.loads(path.read_text())
+    stored["ids"][40:80] = stored["ids"][80:120]  # tampered: a --fresh run must not read it
+    path.write_text(json.dumps(stored))
+    done: set = set()
+    fresh = al_prefix.select(tmp_path, store, c, 80, horizon=120, fresh_done=done)
+    direct = run_selection(store, "coreset", 80, 0, CONFIGS["coreset"], labels=store.labels)
+    np.testing.assert_array_equal(fresh.ids, direct.ids)
+    assert done == {path} and fresh.info["compute_seconds"] > 0.05
+    again = al_prefix.select(tmp_path, store, c, 120, horizon=120, fresh_done=done)  # stored by this run: used
+    assert again.info["compute_seconds"] < fresh.info["compute_seconds"]

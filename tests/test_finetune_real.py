@@ -78,6 +78,28 @@ def test_seg_finetune_beats_majority_class(seg_shards, tmp_path):
     assert json.loads((tmp_path / "metrics.json").read_text())["miou"] == m["miou"]
 
 
+def test_seg_test_tokens_are_reused_bit_for_bit(seg_shards, tmp_path, monkeypatch):
+    """The frozen prefix's tokens of the test split, computed by one cell, serve the next cell of the process
+    (segmentation._TOKENS): fewer prefix passes, and exactly the metrics of a cell that computed them itself."""
+    from bench_suite.finetune import segmentation
+    from bench_suite.finetune.backbone import FrozenPrefix
+
+    calls = []
+    real = FrozenPrefix.tokens
+    monkeypatch.setattr(FrozenPrefix, "tokens", lambda self, x: calls.append(len(x)) or real(self, x))
+    segmentation._TOKENS.clear()
+    _seg_run(seg_shards, tmp_path / "a", n=40, epochs=2, decoder="linear")
+    calls.clear()
+    reused, _, _ = _seg_run(seg_shards, tmp_path / "b", n=60, epochs=2, decoder="linear")
+    with_memo = sum(calls)
+    segmentation._TOKENS.clear()
+    calls.clear()
+    fresh, _, _ = _seg_run(seg_shards, tmp_path / "c", n=60, epochs=2, decoder="linear")
+    assert sum(calls) - with_memo == 100  # the 100 test images went through the prefix only without the memo
+    assert reused["confusion"] == fresh["confusion"] and reused["miou"] == fresh["miou"]
+    assert [h["loss"] for h in reused["history"]] == [h["loss"] for h in fresh["history"]]
+
+
 @pytest.mark.slow
 def test_seg_mask_transformer_trains(seg_shards, tmp_path):
     # mechanics: the mask-transformer decoder learns far more slowly than the linear one on CPU-scale

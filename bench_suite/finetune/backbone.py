@@ -9,6 +9,7 @@ a batch before use) for a fraction of the compute. Frozen submodules are kept in
 
 from __future__ import annotations
 
+import hashlib
 import logging
 
 import torch
@@ -81,6 +82,23 @@ class FrozenPrefix:
     def __init__(self, vit: nn.Module, start: int):
         self.vit, self.start = vit, start
         self.num_prefix_tokens = int(getattr(vit, "num_prefix_tokens", 1))
+        self._digest: str | None = None
+
+    def digest(self) -> str:
+        """A digest of everything the tokens depend on besides the input: the model class, the frozen block
+        count and the frozen weights (embeddings, pre-norm, the first ``start`` blocks), so two copies of the same
+        pretrained backbone share cached tokens and anything else does not."""
+        if self._digest is None:
+            h = hashlib.blake2b(f"{type(self.vit).__name__}:{self.start}".encode(), digest_size=16)
+            v = self.vit
+            named = [(n, t) for m in self._modules() if m is not None for n, t in m.state_dict().items()]
+            named += [(a, getattr(v, a)) for a in ("pos_embed", "cls_token", "reg_token")
+                      if isinstance(getattr(v, a, None), torch.Tensor)]
+            for name, t in named:
+                h.update(name.encode())
+                h.update(t.detach().cpu().contiguous().numpy().tobytes())
+            self._digest = h.hexdigest()
+        return self._digest
 
     def _modules(self):
         v = self.vit

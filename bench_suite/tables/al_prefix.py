@@ -57,23 +57,24 @@ def horizons(cells: list[dict], stores: dict) -> dict:
     return out
 
 
-def select(work: Path, train, cell: dict, budget: int, horizon: int | None) -> Selection:
+def select(work: Path, train, cell: dict, budget: int, horizon: int | None, fresh_done: set | None = None) -> Selection:
     """The cell's selection: a prefix of a stored (or new) run to ``horizon`` where the protocol allows it.
+    ``fresh_done`` (a ``--fresh`` run): only runs stored by this run count, and the runs it stores join it.
     ``info["compute_seconds"]``: what selecting cost this call (the whole run to the horizon if it ran it,
     next to nothing for a stored run's prefix), for the reports' time by stage."""
     t0 = time.perf_counter()
-    sel = _select(work, train, cell, budget, horizon)
+    sel = _select(work, train, cell, budget, horizon, fresh_done)
     sel.info["compute_seconds"] = round(time.perf_counter() - t0, 4)
     return sel
 
 
-def _select(work: Path, train, cell: dict, budget: int, horizon: int | None) -> Selection:
+def _select(work: Path, train, cell: dict, budget: int, horizon: int | None, fresh_done: set | None) -> Selection:
     method, config, seed = cell["method"], cell.get("method_config") or {}, cell["seed"]
     selector = registry.get(method, **config)
     if selector.label_free or not on_round(budget, *selector.sizes(len(train))):
         return _run(train, method, budget, seed, config)
     path = _path(work, train, selector, method, seed)
-    stored = _load(path)
+    stored = _load(path, fresh_done)
     if stored is not None and budget in stored.info.get("labelled_sizes", ()):
         return prefix(stored, budget)
     target = horizon if horizon and horizon > budget else budget
@@ -81,10 +82,12 @@ def _select(work: Path, train, cell: dict, budget: int, horizon: int | None) -> 
     if not try_lock(lock):  # another process is running this trajectory: do not wait for it
         return _run(train, method, budget, seed, config)
     try:
-        stored = _load(path)
+        stored = _load(path, fresh_done)
         if stored is None or budget not in stored.info.get("labelled_sizes", ()):
             stored = _run(train, method, target, seed, config)
             atomic.write_json(path, stored.to_json())
+            if fresh_done is not None:
+                fresh_done.add(path)
     finally:
         release(lock)
     return prefix(stored, budget)
@@ -129,8 +132,8 @@ def _path(work: Path, train, selector, method: str, seed: int) -> Path:
     return Path(work) / "al_runs" / f"{json_digest(key)}.json"
 
 
-def _load(path: Path) -> Selection | None:
-    if not path.exists():
+def _load(path: Path, fresh_done: set | None = None) -> Selection | None:
+    if not path.exists() or (fresh_done is not None and path not in fresh_done):
         return None
     try:
         return Selection.load(path)

@@ -63,7 +63,7 @@ def compute_cell(ctx: Context, cell: dict, train, test, encoder, horizon: int | 
     init = selector.initial_set(len(train))
     if budget <= init:
         return {**cell, "budget": budget, "skipped": f"budget {budget} <= the initial random set ({init})"}
-    sel = al_prefix.select(ctx.work, train, cell, budget, horizon)
+    sel = al_prefix.select(ctx.work, train, cell, budget, horizon, ctx.fresh_done if ctx.fresh else None)
     recipe, _ = get_recipe(ctx, cell["recipe"], encoder)
     metrics = recipe(train, sel.ids, test, cell["seed"])
     rows = train.rows_of_ids(sel.ids)
