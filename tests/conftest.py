@@ -40,6 +40,16 @@ LONGEST_FIRST = [
 ]
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread_per_worker():
+    """Under xdist, put torch back on one thread after any test that changed it (an in-process table run sets
+    the process's share of the cores, 2 here): the next tests of that worker would run 4 threads on 2 cores."""
+    yield
+    torch = sys.modules.get("torch")
+    if os.environ.get("PYTEST_XDIST_WORKER") and torch is not None and torch.get_num_threads() != 1:
+        torch.set_num_threads(1)
+
+
 def pytest_collection_modifyitems(config, items):
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
