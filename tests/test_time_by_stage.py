@@ -77,7 +77,7 @@ def test_a_real_run_reports_its_time_by_stage(tmp_path):
                      rf"(K-Means|Random) {num}\), finetune/probe ({num}), rest ({num}); report ({num})", line)
     assert m, line
     cells = data["cells"]
-    assert m.group(5) == duration(sum(c["selection_seconds"] for c in cells))
+    assert m.group(5) == duration(sum(report.selection_cost(c) for c in cells))
     assert m.group(8) == duration(sum(c["seconds"] for c in cells))
 
     md2, data2 = _run(tmp_path)  # from the cache: nothing computed, the cells' recorded times shown as earlier
@@ -87,6 +87,6 @@ def test_a_real_run_reports_its_time_by_stage(tmp_path):
     assert "features" in line2 and "(2 cached)" in line2.split("; features")[1].split(";")[0]
     assert "(none computed)" in line2
     assert line2.endswith(f"; 4 cells from the cache, recorded earlier: selection "
-                          f"{duration(sum(c['selection_seconds'] for c in cells))} "
+                          f"{duration(sum(report.selection_cost(c) for c in cells))} "
                           f"({line.split('selection ', 1)[1].split('(', 1)[1].split(')', 1)[0]}), "
                           f"finetune/probe {duration(sum(c['seconds'] for c in cells))}")
