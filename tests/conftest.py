@@ -66,6 +66,20 @@ def digits_shards(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def digits_store(digits_shards):
+    """The digits train shards as a FeatureStore: the 64 pixel values per image, L2-normalised, with labels."""
+    import numpy as np
+
+    from bench_suite.data.shards import read_all
+    from bench_suite.store import FeatureStore
+
+    ids, images, labels = read_all(digits_shards)
+    feats = images.reshape(len(ids), -1).astype(np.float32)
+    return FeatureStore.from_array(feats, ids=ids, labels=labels,
+                                   meta={"shards": str(digits_shards), "num_classes": 10}, normalize=True)
+
+
+@pytest.fixture(scope="session")
 def digits_test_shards(tmp_path_factory):
     from bench_suite.data.shards import write_shards
 

@@ -7,9 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from bench_suite.data.shards import read_all
 from bench_suite.methods import run_selection
-from bench_suite.store import FeatureStore
 from bench_suite.tables import al_prefix
 
 # 40 random labels, then rounds of 40: budgets 80 and 120 end on full rounds, 100 does not
@@ -33,11 +31,8 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def store(digits_shards):
-    ids, images, labels = read_all(digits_shards)
-    feats = images.reshape(len(ids), -1).astype(np.float32)
-    return FeatureStore.from_array(feats, ids=ids, labels=labels,
-                                   meta={"shards": str(digits_shards), "num_classes": 10}, normalize=True)
+def store(digits_store):
+    return digits_store
 
 
 def cell(method, seed=0):

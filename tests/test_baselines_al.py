@@ -58,14 +58,6 @@ def one_thread():
     torch.set_num_threads(old)
 
 
-@pytest.fixture(scope="module")
-def digits_store(digits_shards):
-    ids, images, labels = read_all(digits_shards)
-    feats = images.reshape(len(ids), -1).astype(np.float32)
-    return FeatureStore.from_array(feats, ids=ids, labels=labels,
-                                   meta={"shards": str(digits_shards), "num_classes": 10}, normalize=True)
-
-
 def make(name, **extra):
     cls, cfg = METHODS[name]
     return cls(**PROTO, **cfg, **extra)

@@ -145,12 +145,12 @@ class SegTask(Task):
     def _all_tokens(self, pool: Samples) -> torch.Tensor:
         """The frozen prefix's tokens of every sample of ``pool``, in chunks of 64; the same inputs through the
         same frozen weights again (the test split of the next cell) are served from ``_TOKENS``, bit for bit."""
-        inputs = self._tensors(pool, range(len(pool)))[0] if id(pool) in self._cache else None
+        cached = self._cache.get(id(pool))  # the pool's preprocessed inputs, in order (hashed without a copy)
         memo_key = None
-        if inputs is not None:
+        if cached is not None:
             h = hashlib.blake2b(self.prefix.digest().encode(), digest_size=16)
             h.update(str(self.device).encode())
-            h.update(inputs.contiguous().numpy().tobytes())
+            h.update(memoryview(cached[0].contiguous().numpy()).cast("B"))
             memo_key = h.hexdigest()
             if memo_key in _TOKENS:
                 _TOKENS[memo_key] = _TOKENS.pop(memo_key)  # most recently used last
