@@ -4,7 +4,7 @@
     accelerate launch bench_suite/run.py --table 1 --profile paper --source cifar10=~/cifar-10-python.tar.gz ...
     ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 bench_suite/run.py --table 1
 
-Feature extraction is split across processes; the table's cells are dealt round robin to processes.
+Feature extraction is split across processes; every process walks the table's cells and claims them as it goes.
 Every stage is cached under --work, so an interrupted run resumes.
 """
 
@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import time
+import uuid
 from pathlib import Path
 
 
@@ -24,7 +25,7 @@ from bench_suite.errors import BadInputError
 from bench_suite.profiles import load_profile
 from bench_suite.progress import Tracker
 from bench_suite.tables.cells import revisions
-from bench_suite.tables.common import Context
+from bench_suite.tables.common import Context, FreshSet
 from bench_suite.tables.preflight import check, check_names, dry_run, plan
 from bench_suite.tables.registry import get_table, table_names
 from launchers import slurm as slurm_launcher
@@ -64,15 +65,14 @@ def parse_args(argv=None):
 
 def make_progress(quiet: bool, rank: int, world: int = 1):
     """The grid's progress (``factory(total) -> advance(cell, result)``), a bar in a terminal and plain lines
-    in a log file (``bench_suite.progress``); and ``stop()``. With several ranks, rank 0 shows its own share of
-    the cells (dealt round robin, so the ranks finish together and its ETA is the grid's)."""
+    in a log file (``bench_suite.progress``); and ``stop()``. With several ranks, rank 0 shows the whole grid:
+    every rank walks it (``cells.run_cells``), and a cell another rank computed counts when rank 0 reads it."""
     trackers = []
 
     def factory(total):
         if quiet or rank != 0:
             return None
-        tracker = Tracker("cells" if world == 1 else f"cells of rank 0 (1 of {world} ranks)",
-                          -(-total // world))
+        tracker = Tracker("cells" if world == 1 else f"cells ({world} ranks)", total)
         trackers.append(tracker)
 
         def advance(cell, result):
@@ -124,7 +124,10 @@ def main(argv=None) -> int:
             raise SystemExit(code)  # 1: a cell or a job failed (each named on stderr)
     acc = bdist.make_accelerator()
     revision = report.git_revision()
-    fresh_done: set = set()  # with --fresh, a cell that two tables share is recomputed once
+    # with --fresh, a cell that two tables share is recomputed once, by one rank
+    tag = (bdist.Runtime.of_accelerator(acc).all_gather_object(uuid.uuid4().hex)[0]
+           if args.fresh and acc.num_processes > 1 else None)
+    fresh_done = FreshSet(Path(args.work), tag)
     index = []
     for table in tables:
         ctx = Context(profile, Path(args.work), Path(args.out), acc, sources, quiet=args.quiet, fresh=args.fresh,
@@ -134,6 +137,10 @@ def main(argv=None) -> int:
         index.append(run_table(table, ctx, args, profile))
     if args.table == "all" and acc.is_main_process:
         log.info("wrote %s", report.write_index(args.out, index))
+    if tag:
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            fresh_done.remove_markers()
     return bdist.exit_process(0)  # ends a distributed run without the gloo-at-exit abort
 
 

@@ -26,6 +26,8 @@ import torch.distributed as tdist
 from bench_suite import heartbeat
 from bench_suite.errors import BadInputError, BenchError
 
+log = logging.getLogger(__name__)
+
 
 class RankFailedError(BenchError):
     """Another rank of the launch failed; this one stops too (the message names the rank and the error)."""
@@ -51,7 +53,7 @@ def resolve_device(spec=None, *, what: str = "device") -> torch.device:
     """
     name = "auto" if spec is None else str(spec)
     if name == "auto":
-        if not torch.cuda.is_available():
+        if not torch.cuda.is_available() or _launch_on_cpu:
             return torch.device("cpu")
         # one process per GPU: each rank takes its node-local GPU (all on cuda:0 would collide under NCCL)
         return torch.device("cuda", local_rank() % torch.cuda.device_count())
@@ -188,7 +190,12 @@ def first_host(nodelist: str) -> str:
     return prefix + ranges.split(",")[0].split("-")[0]
 
 
-def use_the_cpu_cores() -> int:
+# set by make_accelerator when a launch has more processes on this node than GPUs: the whole launch, "auto"
+# devices included, then runs on the CPU
+_launch_on_cpu = False
+
+
+def use_the_cpu_cores(on_cpu: bool | None = None) -> int:
     """Torch's CPU threads for this process; returns the count set (0: left as it was).
 
     ``accelerate launch`` exports OMP_NUM_THREADS=1 unless given ``--num_cpu_threads_per_process`` (its
@@ -199,8 +206,8 @@ def use_the_cpu_cores() -> int:
     want = os.environ.get("BENCH_SUITE_THREADS")
     if want is not None:
         n = int(want)
-    elif (torch.cuda.is_available() or "ACCELERATE_MIXED_PRECISION" not in os.environ
-          or os.environ.get("OMP_NUM_THREADS") != "1"):
+    elif (not (not torch.cuda.is_available() if on_cpu is None else on_cpu)
+          or "ACCELERATE_MIXED_PRECISION" not in os.environ or os.environ.get("OMP_NUM_THREADS") != "1"):
         n = 0
     else:
         n = max(1, (os.cpu_count() or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
@@ -210,13 +217,24 @@ def use_the_cpu_cores() -> int:
 
 
 def make_accelerator():
-    """The ``accelerate`` Accelerator of a launch (CPU when torch sees no GPU), with the collective timeout."""
+    """The ``accelerate`` Accelerator of a launch, with the collective timeout. On the CPU when torch sees no
+    GPU, or when the node runs more processes than it has GPUs (the shipped ``accelerate.yaml`` starts two, for
+    a laptop's cores; a warning says how to use the GPU instead)."""
+    global _launch_on_cpu
     from accelerate import Accelerator  # noqa: PLC0415 - accelerate is heavy; only the launches need it
     from accelerate.utils import InitProcessGroupKwargs  # noqa: PLC0415
 
-    use_the_cpu_cores()
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    on_cpu = gpus == 0 or here > gpus
+    if gpus and on_cpu:
+        _launch_on_cpu = True
+        if local_rank() == 0:
+            log.warning("%d processes on this node but %d GPU%s: running on the CPU (for the GPU, launch with "
+                        "--num_processes %d)", here, gpus, "" if gpus == 1 else "s", gpus)
+    use_the_cpu_cores(on_cpu)
 
-    acc = Accelerator(cpu=not torch.cuda.is_available(),
+    acc = Accelerator(cpu=on_cpu,
                       kwargs_handlers=[InitProcessGroupKwargs(timeout=collective_timeout())])
     heartbeat.start()
     return acc

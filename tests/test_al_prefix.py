@@ -86,6 +86,25 @@ def test_a_budget_off_the_rounds_runs_on_its_own(store, tmp_path):
     np.testing.assert_array_equal(sel.ids, direct.ids)
 
 
+def test_a_run_being_computed_elsewhere_defers_the_cell(store, tmp_path):
+    """Another rank running the trajectory: the cell is put back (not computed twice), then takes its prefix."""
+    from bench_suite.locks import release, try_lock
+    from bench_suite.methods import registry
+
+    c = cell("coreset")
+    path = al_prefix._path(tmp_path, store, registry.get("coreset", **PROTO), "coreset", 0)
+    lock = path.with_suffix(".lock")
+    assert try_lock(lock)  # held by a live process (this one), as another rank would
+    with pytest.raises(al_prefix.TrajectoryBusy):
+        al_prefix.select(tmp_path, store, c, 80, horizon=120)
+    assert not path.exists()
+    release(lock)
+    longer = al_prefix.select(tmp_path, store, c, 120, horizon=120)  # the other rank's run, stored
+    sel = al_prefix.select(tmp_path, store, c, 80, horizon=120)
+    np.testing.assert_array_equal(sel.ids, longer.ids[:80])
+    assert sel.info["prefix_of"]["budget"] == 120
+
+
 def test_a_longer_budget_extends_the_stored_run(store, tmp_path):
     c = cell("coreset")
     al_prefix.select(tmp_path, store, c, 80, horizon=80)

@@ -170,8 +170,10 @@ def test_two_runs_sharing_a_work_folder_compute_each_cell_once(tmp_path, referen
 
 @pytest.mark.slow
 def test_two_processes_give_the_one_process_report(tmp_path, reference):
-    """``accelerate launch --multi_gpu --num_processes 2 bench_suite/run.py``: cells dealt round robin, rank 0
-    writes the shards behind a barrier, counts gathered; the numbers equal the one-process run's."""
+    """``accelerate launch --multi_gpu --num_processes 2 bench_suite/run.py``: both ranks walk the grid and claim
+    cells, rank 0 writes the shards behind a barrier, counts gathered; the numbers equal the one-process run's.
+    Then ``--fresh`` on the same work folder: each cell recomputed exactly once over the two ranks (a rank takes
+    the other's fresh results as this launch's, not as stale ones)."""
     one = reference
     prof = tmp_path / "profile.yaml"
     prof.write_text(yaml.safe_dump(PROFILE))
@@ -185,6 +187,12 @@ def test_two_processes_give_the_one_process_report(tmp_path, reference):
     assert _computed(tmp_path / "two" / "results") == (16, 16)  # every cell once, counted over both ranks
     assert json.loads((tmp_path / "two" / "results" / "table1.json").read_text())["provenance"]["processes"] == 2
     assert _numbers(tmp_path / "two" / "results") == _numbers(one / "results")
+    res = subprocess.run([*cmd, "--fresh"], cwd=ROOT, capture_output=True, text=True, timeout=900,
+                         env={**os.environ, "PYTHONPATH": str(ROOT), "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert _computed(tmp_path / "two" / "results") == (16, 16)
+    assert _numbers(tmp_path / "two" / "results") == _numbers(one / "results")
+    assert not any((tmp_path / "two" / "work" / ".fresh").iterdir())  # the launch's markers are removed
 
 
 @pytest.mark.slow

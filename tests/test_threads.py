@@ -37,7 +37,8 @@ def test_threads_rule(monkeypatch, restore_threads):
 
 
 def test_accelerate_launch_gets_the_cores(tmp_path):
-    """The real launcher: a one-process launch runs with the machine's cores, BENCH_SUITE_THREADS wins."""
+    """The real launcher: the shipped config's two processes share the machine's cores, a one-process launch
+    gets them all, BENCH_SUITE_THREADS wins."""
     if torch.cuda.is_available():
         pytest.skip("the rule applies on machines without a GPU")
     script = tmp_path / "threads.py"
@@ -47,9 +48,12 @@ def test_accelerate_launch_gets_the_cores(tmp_path):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {k: v for k, v in os.environ.items() if k not in ("BENCH_SUITE_THREADS", "OMP_NUM_THREADS")}
     out = subprocess.run([*accelerate, str(script)], cwd=root, env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split().count(f"{max(1, os.cpu_count() // 2)}") == 2, out.stdout  # two processes
+    one = [*accelerate, "--num_processes", "1", str(script)]
+    out = subprocess.run(one, cwd=root, env=env, capture_output=True, text=True, check=True)
     assert f"THREADS {os.cpu_count()}" in out.stdout
     env["BENCH_SUITE_THREADS"] = "1"
-    out = subprocess.run([*accelerate, str(script)], cwd=root, env=env, capture_output=True, text=True, check=True)
+    out = subprocess.run(one, cwd=root, env=env, capture_output=True, text=True, check=True)
     assert "THREADS 1" in out.stdout
 
 

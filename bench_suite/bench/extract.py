@@ -8,12 +8,18 @@ brightness-jittered, JPEG quality 90, ``--shard-size`` per shard), then, in this
   workers and writing the store do not count (they are printed apart);
 - **bare forward**: the same encoder on batches of the same size already preprocessed in memory (on the
   device), the same precision, channels_last as the pipeline, timed over as many images;
+- with ``--processes 2 ...``: the same pipeline under ``accelerate launch --multi_gpu --num_processes P``
+  (``python -m bench_suite.cli.features``, the shards split between the processes, each with its share of the
+  cores), timed from outside over the same two shard sets, so the launcher's and the encoders' start-up cancel
+  in the marginal rate. On a CPU this is how the whole machine is used: a process decodes while the other one's
+  model runs (the default run's ``accelerate.yaml`` starts two processes);
 - their ratio, the main process's peak resident memory (high-water mark above the start) of the two
   pipeline runs (it should not grow with N: features stream to disk shard by shard), and with
   ``--precision bf16`` the per-row cosine between the bf16 and fp32 stores (min and mean).
 
     python -m bench_suite.bench.extract                                    # EfficientNet-Lite0 112 px, 3000 JPEGs
     python -m bench_suite.bench.extract --images 1000 --workers 0 1 2      # which worker count pays here
+    python -m bench_suite.bench.extract --processes 2                      # two processes (a 2-core CPU)
     python -m bench_suite.bench.extract --device cuda --encoder dino_vits16 --image-size 224 \\
         --images 20000 --batch-size 256 --precision bf16 --decode device   # a GPU node
 
@@ -28,6 +34,8 @@ import io
 import os
 import resource
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -113,6 +121,27 @@ def run_pipeline(shards, out, args, device, workers, precision):
     return seconds, mem.above_kib / 1024, cpu_seconds() - c0
 
 
+def run_processes(shards, out, args, processes: int) -> float:
+    """Wall seconds of ``python -m bench_suite.cli.features`` under ``accelerate launch`` with ``processes``
+    processes (the shards dealt between them; on the CPU each takes its share of the cores)."""
+    import bench_suite
+
+    root = Path(bench_suite.__file__).resolve().parents[1]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(root / "accelerate.yaml"),
+           "--multi_gpu", "--num_processes", str(processes), "-m", "bench_suite.cli.features",
+           "--shards", str(shards), "--out", str(out), "--encoder", args.encoder, "--batch-size", str(args.batch_size),
+           "--precision", args.precision, "--decode", args.decode, "--force"]
+    if args.image_size:
+        cmd += ["--image-size", str(args.image_size)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+    t0 = time.perf_counter()
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    seconds = time.perf_counter() - t0
+    if res.returncode != 0:
+        raise SystemExit(f"extraction with {processes} processes failed: {res.stderr.strip().splitlines()[-1:]}")
+    return seconds
+
+
 @torch.inference_mode()
 def bare_forward(args, device, precision, n_images: int) -> float:
     """Images/s of the encoder alone on preprocessed batches already on the device."""
@@ -153,6 +182,8 @@ def main(argv=None) -> int:
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--decode", choices=["cpu", "device"], default="cpu")
     p.add_argument("--threads", type=int, help="torch threads for the bare forward and the pipeline (CPU)")
+    p.add_argument("--processes", type=int, nargs="*", default=[],
+                   help="also time the pipeline under accelerate launch with these process counts (>= 2)")
     p.add_argument("--work", help="folder for the shards and stores (default: a temporary one, removed)")
     args = p.parse_args(argv)
     if args.image_size is None and args.encoder == "efficientnet_lite0":
@@ -189,10 +220,21 @@ def main(argv=None) -> int:
                   f"second marginal); ratio to the bare forward {rate / bare:.2f} (per CPU second "
                   f"{rate_cpu / bare_cpu:.2f}); main-process peak memory +{m1:.0f} MiB ({n1} images), "
                   f"+{mn:.0f} MiB ({args.images})")
+        for procs in args.processes:
+            if procs < 2:
+                continue
+            t1 = run_processes(first, work / "store-first-p", args, procs)
+            tn = run_processes(shards, work / "store-all-p", args, procs)
+            more = args.images - n1
+            rate = more / max(1e-9, tn - t1) if more else args.images / tn
+            rates.append((f"{procs} processes", rate, None))
+            print(f"pipeline, {procs} processes (accelerate launch): {rate:,.0f} images/s marginal ({n1} images "
+                  f"{t1:.1f} s, {args.images} images {tn:.1f} s, both with start-up); ratio to the bare forward "
+                  f"{rate / bare:.2f}")
         bare_after, bare_cpu_after = bare_forward(args, device, args.precision, args.images)
         mean = (bare + bare_after) / 2
         print(f"bare forward again: {bare_after:,.0f} images/s; ratio of the pipeline to the mean bare forward: "
-              + ", ".join(f"{w} workers {r / mean:.2f}" for w, r, _ in rates)
+              + ", ".join(f"{w if isinstance(w, str) else f'{w} workers'} {r / mean:.2f}" for w, r, _ in rates)
               + f"; load average now {os.getloadavg()[0]:.2f}")
         if args.precision == "bf16":
             run_pipeline(shards, work / "store-fp32", args, device, (args.workers or [default_workers(device)])[-1],

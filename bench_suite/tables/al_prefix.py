@@ -15,7 +15,9 @@ How: a grid's cells of one (pool, method, options, seed) are run once, to the la
 (its horizon). The labelled ids and the per-round records are kept under ``<work>/al_runs/``, and every cell
 takes its prefix. A cell that takes a prefix records ``prefix_of`` in its selection info. Its selection time is
 what the protocol spent to get there: the run's preparation and start-up plus the wall times of its own rounds.
-A trajectory whose lock another process holds is not waited for: the cell then runs its own budget.
+A trajectory whose lock another process holds (another rank, or another run sharing the work folder) raises
+``TrajectoryBusy``: the grid puts the cell back and takes it up again once the run is stored, so ranks never run
+the same rounds twice.
 """
 
 from __future__ import annotations
@@ -37,6 +39,10 @@ log = logging.getLogger(__name__)
 
 # bumped when what is stored per trajectory changes (the ids themselves are the protocol's)
 TRAJECTORY_VERSION = 1
+
+
+class TrajectoryBusy(Exception):
+    """Another live process is running the trajectory this cell would take its prefix of: retry the cell later."""
 
 
 def group_of(cell: dict) -> tuple:
@@ -79,8 +85,8 @@ def _select(work: Path, train, cell: dict, budget: int, horizon: int | None, fre
         return prefix(stored, budget)
     target = horizon if horizon and horizon > budget else budget
     lock = path.with_suffix(".lock")
-    if not try_lock(lock):  # another process is running this trajectory: do not wait for it
-        return _run(train, method, budget, seed, config)
+    if not try_lock(lock):  # another process is running this trajectory: take the prefix once it is stored
+        raise TrajectoryBusy(str(path))
     try:
         stored = _load(path, fresh_done)
         if stored is None or budget not in stored.info.get("labelled_sizes", ()):

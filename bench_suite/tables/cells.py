@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 
 CELL_VERSION = 4
 POLL_S = 2.0
+LIVENESS_S = 30.0
 
 
 def cell_key(ctx: Context, cell: dict, train, test) -> dict:
@@ -75,7 +76,16 @@ def compute_cell(ctx: Context, cell: dict, train, test, encoder, horizon: int | 
 
 # --------------------------------------------------------------------------- the grid
 def run_cells(ctx: Context, cells: list[dict], stores: dict, progress=None, encoder=None) -> list[dict]:
-    """Run every cell (cached); cells are dealt round robin to ranks; all ranks return all results.
+    """Run every cell (cached); all ranks return all results.
+
+    Every rank walks the whole grid and claims work as it goes, a group at a time: the cells of one pool, method,
+    options and seed (``al_prefix.group_of``), largest budget first. A group shares work within a process: the
+    active-learning run its smaller budgets take their prefix of, BiLAF's ActiveFT cores. A group another rank
+    holds is passed over and read once its results are there (each cell keeps its own lock too, as for two
+    runs sharing a work folder). So the ranks stay busy until the grid is done, however unequal the cells
+    (dealing cells round robin left one rank of two idle for minutes, and its barrier timed out). A rank that
+    waits on another's work checks every ``LIVENESS_S`` that the launch's ranks are alive (``heartbeat``) and
+    stops with an error naming a lost one.
 
     The cache is shared by all tables and keyed by what decides a cell's numbers (not its row label), so a
     cell that two tables share (ActiveFT at tau = 0.07 in Tables 1 and 6) runs once. A cell whose budget does
@@ -93,21 +103,38 @@ def run_cells(ctx: Context, cells: list[dict], stores: dict, progress=None, enco
         return _collect(ctx, keyed, stores, encoder)
     rt = Runtime.of_accelerator(ctx.accelerator)
     horizons = al_prefix.horizons(cells, stores)
-    mine = [(cell, path) for i, (cell, path) in enumerate(keyed) if i % ctx.world == ctx.rank]
+    groups: dict = {}
+    for cell, path in keyed:
+        groups.setdefault(al_prefix.group_of(cell), []).append((cell, path))
+    todo = [(group, sorted(members, key=lambda m: -m[0]["ratio"])) for group, members in groups.items()]
     t0 = time.perf_counter()
+    checked = t0
     computed = []  # cache-file digests of the cells this rank computed
-    while mine:  # a cell locked by another run is retried until its result appears (or its lock goes stale)
+    while todo:  # work locked by another rank or run is retried until its results appear (or its lock goes stale)
+        if ctx.world > 1 and time.perf_counter() - checked > LIVENESS_S:
+            _check_ranks_alive(ctx)
+            checked = time.perf_counter()
         waiting = []
-        for cell, path in mine:
-            done = _claim_and_compute(ctx, cell, path, stores, encoder, progress,
-                                      horizons.get(al_prefix.group_of(cell)))
-            if done is None:
-                waiting.append((cell, path))
-            elif done:
-                computed.append(path.stem)
+        for group, members in todo:
+            lock = cache / "groups" / f"{json_digest(list(group))}.lock"
+            if not try_lock(lock):
+                waiting.append((group, members))
+                continue
+            left = []
+            try:
+                for cell, path in members:
+                    done = _claim_and_compute(ctx, cell, path, stores, encoder, progress, horizons.get(group))
+                    if done is None:
+                        left.append((cell, path))
+                    elif done:
+                        computed.append(path.stem)
+            finally:
+                release(lock)
+            if left:
+                waiting.append((group, left))
         if waiting:
             time.sleep(POLL_S)
-        mine = waiting
+        todo = waiting
     ctx.accelerator.wait_for_everyone()
     results = [_load(path, cell) for cell, path in keyed]
     ctx.add_time("cells", time.perf_counter() - t0)
@@ -120,6 +147,18 @@ def run_cells(ctx: Context, cells: list[dict], stores: dict, progress=None, enco
     ctx.cells_cached += len(keyed) - computed - skipped
     ctx.cells_total += len(keyed)
     return results
+
+
+def _check_ranks_alive(ctx) -> None:
+    """Raise ``RankFailedError`` naming the ranks of this launch whose heartbeat stopped."""
+    from bench_suite import heartbeat  # noqa: PLC0415
+    from bench_suite.runtime import RankFailedError  # noqa: PLC0415
+
+    lost = heartbeat.lost_ranks()
+    if lost:
+        raise RankFailedError(f"rank{'s' if len(lost) > 1 else ''} {', '.join(map(str, lost))} stopped (killed or "
+                              f"crashed) while rank {ctx.rank} waited for its cells; rerun the same command: "
+                              "finished cells are kept")
 
 
 def _collect(ctx, keyed: list, stores: dict, encoder) -> list[dict]:
@@ -143,7 +182,8 @@ def _cached(ctx, path: Path) -> bool:
 
 
 def _claim_and_compute(ctx, cell, path, stores, encoder, progress, horizon=None) -> int | None:
-    """1 if this run computed the cell, 0 if it was cached or is skipped ('-'), None if another run holds its lock."""
+    """1 if this run computed the cell, 0 if it was cached or is skipped ('-'), None if another run holds its lock
+    (or the lock of the active-learning run it takes its prefix of)."""
     if _cached(ctx, path):
         _tick(progress, ctx, cell, None)
         return 0
@@ -155,7 +195,10 @@ def _claim_and_compute(ctx, cell, path, stores, encoder, progress, horizon=None)
             _tick(progress, ctx, cell, None)
             return 0
         train, test = stores[cell["dataset"]]
-        result = {**compute_cell(ctx, cell, train, test, encoder, horizon), "revision": ctx.revision}
+        try:
+            result = {**compute_cell(ctx, cell, train, test, encoder, horizon), "revision": ctx.revision}
+        except al_prefix.TrajectoryBusy:  # its active-learning run is being computed elsewhere: come back later
+            return None
         atomic.write_json(path, result)
         ctx.fresh_done.add(path)
     finally:

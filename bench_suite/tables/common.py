@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import logging
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +25,35 @@ from bench_suite.profiles import EncoderRef, Profile
 from bench_suite.store import FeatureStore
 
 log = logging.getLogger(__name__)
+
+
+class FreshSet:
+    """What a ``--fresh`` launch has recomputed (cell results, active-learning runs), seen by all its ranks.
+
+    Every rank walks the whole grid (``cells.run_cells``), so a rank must know that a result another rank just
+    wrote belongs to this launch and is not one of the stale ones ``--fresh`` ignores. Each path added gets a
+    marker file under ``<work>/.fresh/<tag>/`` (``tag``: one per launch, from rank 0); without a tag (one
+    process) it is a plain set."""
+
+    def __init__(self, work: Path, tag: str | None = None):
+        self.dir = Path(work) / ".fresh" / tag if tag else None
+        self._mine: set = set()
+
+    def _marker(self, path) -> Path:
+        return self.dir / hashlib.sha256(str(Path(path)).encode()).hexdigest()[:24]
+
+    def add(self, path) -> None:
+        self._mine.add(Path(path))
+        if self.dir is not None:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            self._marker(path).touch()
+
+    def __contains__(self, path) -> bool:
+        return Path(path) in self._mine or (self.dir is not None and self._marker(path).exists())
+
+    def remove_markers(self) -> None:
+        if self.dir is not None:
+            shutil.rmtree(self.dir, ignore_errors=True)
 
 
 @dataclass
@@ -39,7 +70,8 @@ class Context:
     cells_cached: int = 0  # found in --work
     cells_skipped: int = 0  # the paper's "-": budget within an AL method's initial random set
     cells_total: int = 0
-    fresh_done: set = field(default_factory=set)  # cells a --fresh run already recomputed (shared by two tables)
+    # cells and AL runs a --fresh run already recomputed (shared by two tables, and by the ranks: FreshSet)
+    fresh_done: set | FreshSet = field(default_factory=set)
     # collect only (the SLURM report stage): a cell that is not cached is not computed; its record is the
     # cell's fields plus missing_cell(cell, encoder) (its failure: SLURM state and log)
     missing_cell: object = None
