@@ -169,6 +169,7 @@ class BiLAF(Selector):
     label = "BiLAF"
     description = "BiLAF (Lu et al., NeurIPS 2024): ActiveFT core samples + denoised boundary samples per pseudo-class"
     label_free = True
+    shares_work_across_budgets = True  # stage 1's ActiveFT cores depend on K, not on the budget
     quick_options = {"iters": 60}  # the registry's contract tests: a shorter ActiveFT stage
 
     @dataclass

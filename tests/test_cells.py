@@ -105,3 +105,16 @@ def test_a_damaged_cell_result_is_an_error_not_a_number(tmp_path, bad):
     path.write_text(bad)
     with pytest.raises(BadInputError, match="damaged"):
         cells._load(path, CELL)
+
+
+def test_a_rank_claims_the_budgets_that_share_work_together():
+    """Active-learning methods and BiLAF reuse work between budgets of one pool and seed: one claim covers them;
+    any other method's cells are claimed one by one (finer work for the ranks to share)."""
+    def unit(method, ratio, seed=0):
+        return cells._claim_unit({"dataset": "digits", "method": method, "method_config": {}, "seed": seed,
+                                  "ratio": ratio})
+
+    for method in ("coreset", "vaal", "bilaf"):
+        assert unit(method, 0.01) == unit(method, 0.05) != unit(method, 0.05, seed=1), method
+    for method in ("activeft", "kmeans", "random"):
+        assert unit(method, 0.01) != unit(method, 0.05), method

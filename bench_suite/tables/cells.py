@@ -78,9 +78,11 @@ def compute_cell(ctx: Context, cell: dict, train, test, encoder, horizon: int | 
 def run_cells(ctx: Context, cells: list[dict], stores: dict, progress=None, encoder=None) -> list[dict]:
     """Run every cell (cached); all ranks return all results.
 
-    Every rank walks the whole grid and claims work as it goes, a group at a time: the cells of one pool, method,
-    options and seed (``al_prefix.group_of``), largest budget first. A group shares work within a process: the
-    active-learning run its smaller budgets take their prefix of, BiLAF's ActiveFT cores. A group another rank
+    Every rank walks the whole grid and claims work as it goes, a group at a time: for a method that shares work
+    between budgets (``Selector.shares_work_across_budgets``, and every active-learning method: the run its
+    smaller budgets take their prefix of; BiLAF's ActiveFT cores) the cells of one pool, method, options and seed
+    (``al_prefix.group_of``), largest budget first; for the others each cell alone (finer work, better balanced:
+    Table 6's 27 ActiveFT cells in 9 groups left one rank of two a group behind). A group another rank
     holds is passed over and read once its results are there (each cell keeps its own lock too, as for two
     runs sharing a work folder). So the ranks stay busy until the grid is done, however unequal the cells
     (dealing cells round robin left one rank of two idle for minutes, and its barrier timed out). A rank that
@@ -105,7 +107,7 @@ def run_cells(ctx: Context, cells: list[dict], stores: dict, progress=None, enco
     horizons = al_prefix.horizons(cells, stores)
     groups: dict = {}
     for cell, path in keyed:
-        groups.setdefault(al_prefix.group_of(cell), []).append((cell, path))
+        groups.setdefault(_claim_unit(cell), []).append((cell, path))
     todo = [(group, sorted(members, key=lambda m: -m[0]["ratio"])) for group, members in groups.items()]
     t0 = time.perf_counter()
     checked = t0
@@ -123,7 +125,8 @@ def run_cells(ctx: Context, cells: list[dict], stores: dict, progress=None, enco
             left = []
             try:
                 for cell, path in members:
-                    done = _claim_and_compute(ctx, cell, path, stores, encoder, progress, horizons.get(group))
+                    done = _claim_and_compute(ctx, cell, path, stores, encoder, progress,
+                                              horizons.get(al_prefix.group_of(cell)))
                     if done is None:
                         left.append((cell, path))
                     elif done:
@@ -147,6 +150,13 @@ def run_cells(ctx: Context, cells: list[dict], stores: dict, progress=None, enco
     ctx.cells_cached += len(keyed) - computed - skipped
     ctx.cells_total += len(keyed)
     return results
+
+
+def _claim_unit(cell: dict) -> tuple:
+    """What one rank claims at once: the cells that share work between budgets, else the cell alone."""
+    cls = registry.selector_class(cell["method"])
+    group = al_prefix.group_of(cell)
+    return group if (not cls.label_free or cls.shares_work_across_budgets) else (*group, cell["ratio"])
 
 
 def _check_ranks_alive(ctx) -> None:
