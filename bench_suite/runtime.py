@@ -203,11 +203,12 @@ def use_the_cpu_cores(on_cpu: bool | None = None) -> int:
     On a machine without a GPU, under accelerate, each local process now takes cpu_count / local processes
     threads. ``BENCH_SUITE_THREADS=N`` sets N instead (0: leave torch's setting, OMP_NUM_THREADS).
     """
+    if on_cpu is None:  # the launch runs on the CPU (make_accelerator says so; else: no GPU seen)
+        on_cpu = not torch.cuda.is_available()
     want = os.environ.get("BENCH_SUITE_THREADS")
     if want is not None:
         n = int(want)
-    elif (not (not torch.cuda.is_available() if on_cpu is None else on_cpu)
-          or "ACCELERATE_MIXED_PRECISION" not in os.environ or os.environ.get("OMP_NUM_THREADS") != "1"):
+    elif not on_cpu or "ACCELERATE_MIXED_PRECISION" not in os.environ or os.environ.get("OMP_NUM_THREADS") != "1":
         n = 0
     else:
         n = max(1, (os.cpu_count() or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
