@@ -228,6 +228,7 @@ class ActiveLearner(Selector):
     """Base class of the AL baselines: the B.3 protocol loop; subclasses implement ``query(state, k, ctx)``."""
 
     label_free = False
+    shares_work_across_budgets = True  # a shorter run of the protocol is a prefix of a longer one (al_prefix)
     Options: ClassVar[type] = LearnerOptions
 
     def __init__(self, **options):

@@ -84,8 +84,7 @@ class Selector:
     label_free: ClassVar[bool] = True
     distributed: ClassVar[bool] = False  # True: every rank runs choose() on its shard (and collects itself)
     # True: a process selecting for several budgets of one pool and seed reuses work between them (BiLAF's
-    # cores; active-learning methods always do: their protocol's rounds), so a grid keeps those cells on one
-    # rank (tables.cells.run_cells)
+    # cores; the active-learning protocol's rounds), so a grid keeps those cells on one rank (tables.cells)
     shares_work_across_budgets: ClassVar[bool] = False
     Options: ClassVar[type] = NoOptions
     aliases: ClassVar[dict] = {}  # old option name -> new

@@ -79,8 +79,8 @@ def run_cells(ctx: Context, cells: list[dict], stores: dict, progress=None, enco
     """Run every cell (cached); all ranks return all results.
 
     Every rank walks the whole grid and claims work as it goes, a group at a time: for a method that shares work
-    between budgets (``Selector.shares_work_across_budgets``, and every active-learning method: the run its
-    smaller budgets take their prefix of; BiLAF's ActiveFT cores) the cells of one pool, method, options and seed
+    between budgets (``Selector.shares_work_across_budgets``: every active-learning method, whose smaller budgets
+    take their prefix of one run; BiLAF, its ActiveFT cores) the cells of one pool, method, options and seed
     (``al_prefix.group_of``), largest budget first; for the others each cell alone (finer work, better balanced:
     Table 6's 27 ActiveFT cells in 9 groups left one rank of two a group behind). A group another rank
     holds is passed over and read once its results are there (each cell keeps its own lock too, as for two
@@ -156,7 +156,7 @@ def _claim_unit(cell: dict) -> tuple:
     """What one rank claims at once: the cells that share work between budgets, else the cell alone."""
     cls = registry.selector_class(cell["method"])
     group = al_prefix.group_of(cell)
-    return group if (not cls.label_free or cls.shares_work_across_budgets) else (*group, cell["ratio"])
+    return group if cls.shares_work_across_budgets else (*group, cell["ratio"])
 
 
 def _check_ranks_alive(ctx) -> None:
