@@ -119,8 +119,11 @@ def extract_features(shard_dir, out_dir, *, encoder: str, pooling: str | None = 
     acc = accelerator or make_accelerator()
     rank, world = acc.process_index, acc.num_processes
     device = acc.device
-    if device.type == "cpu":
-        torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // max(1, acc.num_processes)))
+    if device.type == "cpu":  # the process's share of the cores, unless told (threads=, BENCH_SUITE_THREADS)
+        env = os.environ.get("BENCH_SUITE_THREADS")
+        n = threads or (int(env) if env is not None else max(1, (os.cpu_count() or 1) // max(1, acc.num_processes)))
+        if n > 0:  # BENCH_SUITE_THREADS=0: leave torch's setting (as runtime.use_the_cpu_cores does)
+            torch.set_num_threads(n)
     enc = get_encoder(encoder, image_size=image_size, weights=weights, cache_dir=cache_dir, device=str(device))
     pooling = enc.check_pooling(pooling)
     variant = {k: v for k, v, default in (("precision", precision, "fp32"), ("decode", decode, "cpu")) if v != default}

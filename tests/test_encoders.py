@@ -359,3 +359,27 @@ def test_cache_dir_resolution(monkeypatch, tmp_path):
     assert assets.cache_root(tmp_path / "arg") == tmp_path / "arg"
     monkeypatch.delenv("BENCH_SUITE_CACHE")
     assert str(assets.cache_root()).endswith(".cache/bench_suite")
+
+
+def test_build_loaded_skips_the_random_init_and_keeps_construction_buffers():
+    """``assets.build_loaded``: the checkpoint's tensors, with the module built on the meta device (no random
+    init); a module with a non-persistent buffer (set at construction, in no checkpoint) is built as usual."""
+
+    class Scaled(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 3)
+            self.register_buffer("scale", torch.full((3,), 2.0), persistent=False)
+
+    def net():
+        return torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+
+    torch.manual_seed(0)
+    state = {k: v + 1 for k, v in net().state_dict().items()}
+    built = assets.build_loaded(net, state, "toy")
+    assert not any(t.is_meta for t in built.state_dict().values())
+    assert all(torch.equal(built.state_dict()[k], v) for k, v in state.items())
+    scaled = assets.build_loaded(Scaled, Scaled().state_dict(), "toy")
+    assert torch.equal(scaled.scale, torch.full((3,), 2.0))
+    with pytest.raises(CorruptDataError, match="toy: keys do not match"):
+        assets.build_loaded(net, {"0.weight": state["0.weight"]}, "toy")

@@ -138,13 +138,15 @@ def _metrics(job: Job, res: TrainResult, metric: str, *, n_train: int, seed: int
 def finetune(task: str, train_shards, test_shards, selection, recipe, *, encoder=None, seed: int = 0,
              out=None, recipe_name: str | None = None, recipes_file=None, overrides: dict | None = None,
              weights=None, cache_dir=None, image_size: int | None = None, accelerator=None,
-             distributed: bool = True, resume: bool = True, resume_from=None, progress: bool = True) -> dict:
+             distributed: bool = True, resume: bool = True, resume_from=None, progress: bool = True,
+             last_checkpoint: bool = True) -> dict:
     """Finetune on ``selection`` (a selection file, a Selection or ids) and evaluate on ``test_shards``.
 
     ``recipe``: a recipe name (catalogue + ``recipes_file``) or a recipe mapping. ``encoder``: a registry name
     or an encoder object (``preprocess``, ``backbone_for_finetune``, ``dim``, ``model``). ``distributed=False``
     keeps the run in this process even inside a process group. Returns the metrics; with ``out`` also
-    writes ``out/metrics.json`` and checkpoints (``resume``: continue from ``out/checkpoint.pt``).
+    writes ``out/metrics.json`` and checkpoints (``resume``: continue from ``out/checkpoint.pt``;
+    ``last_checkpoint=False``: none after the last epoch).
     """
     t_start = time.perf_counter()
     job = check_job(task, train_shards, test_shards, selection, recipe, recipe_name=recipe_name,
@@ -170,7 +172,7 @@ def finetune(task: str, train_shards, test_shards, selection, recipe, *, encoder
                  plan["accum_steps"], f"{model_info['trainable_params']:,}", f"{model_info['total_params']:,}")
     res = train(task_impl, model, pool, test, job.recipe, epochs=job.epochs, seed=seed, ctx=ctx,
                 ckpt_path=out / CHECKPOINT if out is not None else None, fp=fp, resume_from=resume_from,
-                progress=progress)
+                progress=progress, last_checkpoint=last_checkpoint)
     metrics = _metrics(job, res, task_impl.metric, n_train=len(pool), seed=seed, enc_meta=enc_meta, size=size,
                        ctx=ctx, plan=plan, model_info=model_info, fp=fp, seconds=time.perf_counter() - t_start)
     if out is not None and ctx.is_main:
@@ -186,9 +188,9 @@ def recipe_fn(recipe_name: str, recipe: dict, *, encoder: EncoderRef, work_dir, 
     reads the shard folders from the feature stores' meta (``shards``) and starts from ``encoder`` (the
     profile's or the table's: name, image_size, weights; the recipe's own image_size wins). Each call is one
     process's work (``distributed=False``); its checkpoints go under ``work_dir/<digest>`` so an interrupted
-    cell resumes. A finished cell keeps its ``metrics.json`` and drops its checkpoint: the cell's result is
-    cached by the table, and a DeiT-S checkpoint with its optimiser state is 173 MB (42 GB over Table 1's
-    243 paper cells).
+    cell resumes. A finished cell keeps its ``metrics.json`` and no checkpoint (none is written after the last
+    epoch; an earlier one is removed): the cell's result is cached by the table, and a DeiT-S checkpoint with
+    its optimiser state is 173 MB (42 GB over Table 1's 243 paper cells).
     """
     recipe = resolve(recipe, where=f"recipe {recipe_name!r}")  # a no-op for a recipe resolve_named gave
     if recipe["kind"] == "linear_probe":
@@ -207,7 +209,7 @@ def recipe_fn(recipe_name: str, recipe: dict, *, encoder: EncoderRef, work_dir, 
         out = Path(work_dir) / key
         metrics = finetune(task, train_dir, test_dir, ids, recipe, recipe_name=recipe_name, encoder=encoder.name,
                            image_size=recipe.get("image_size") or encoder.image_size, weights=encoder.weights,
-                           seed=seed, out=out, distributed=False, progress=progress)
+                           seed=seed, out=out, distributed=False, progress=progress, last_checkpoint=False)
         (out / CHECKPOINT).unlink(missing_ok=True)
         return metrics
     return fn

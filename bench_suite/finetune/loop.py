@@ -318,9 +318,10 @@ def _describe(run: _Run, row: dict, epoch: int) -> str:
 
 def train(task: Task, model: nn.Module, pool: Samples, test: Samples, recipe: dict, *, epochs: int, seed: int,
           ctx: Runtime, ckpt_path: Path | None, fp: str, resume_from: Path | None = None,
-          progress: bool = True, on_eval: Callable | None = None) -> TrainResult:
+          progress: bool = True, on_eval: Callable | None = None, last_checkpoint: bool = True) -> TrainResult:
     """Train ``model`` on ``pool`` for ``epochs`` epochs (from ``resume_from``'s epoch when given), evaluating
-    on ``test`` and checkpointing to ``ckpt_path`` at the recipe's cadence."""
+    on ``test`` and checkpointing to ``ckpt_path`` at the recipe's cadence (``last_checkpoint=False``: not
+    after the last epoch, for a caller that keeps only the metrics)."""
     run, resumed_from = _setup(task, model, pool, test, recipe, epochs=epochs, seed=seed, ctx=ctx,
                                ckpt_path=ckpt_path, fp=fp, resume_from=resume_from)
     start_epoch = resumed_from or 0
@@ -333,7 +334,7 @@ def train(task: Task, model: nn.Module, pool: Samples, test: Samples, recipe: di
                 row = _train_epoch(run, epoch)
                 if _due(epoch, epochs, recipe["eval_every"]):
                     _evaluate(run, epoch, on_eval)
-                due = _due(epoch, epochs, recipe["checkpoint_every"])
+                due = _due(epoch, epochs, recipe["checkpoint_every"]) and (last_checkpoint or epoch + 1 < epochs)
                 if ckpt_path is not None and due:
                     _checkpoint(run, epoch)
                 bar.advance(1, _describe(run, row, epoch))

@@ -25,8 +25,8 @@ def build(image_size: int, weights=None, cache_dir=None, device: str = "cpu") ->
 
     path = checkpoints.locate(weights, cache_dir, CHECKPOINT, "DINO ResNet-50", URL)
     state = checkpoints.backbone_state(checkpoints.read_checkpoint(path, NAME), path, drop=("head.", "fc."))
-    model = timm.create_model(ARCH, pretrained=False, num_classes=0)
-    assets.load_strict(model, state, f"{NAME} checkpoint {path}")
+    model = assets.build_loaded(lambda: timm.create_model(ARCH, pretrained=False, num_classes=0), state,
+                                f"{NAME} checkpoint {path}")
     return Encoder(name=NAME, arch=ARCH, model=model, kind="cnn", image_size=image_size, mean=IMAGENET_MEAN,
                    std=IMAGENET_STD, default_pooling="gap", dims={"gap": DIM},
                    meta=checkpoints.provenance(path, "local file", NOTE), device=device)

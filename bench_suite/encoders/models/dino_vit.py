@@ -50,9 +50,9 @@ def build_vit(name: str, arch: str, path: Path, how: str, note: str, image_size:
     state = checkpoints.backbone_state(checkpoints.read_checkpoint(path, name), path, drop)
     if "pos_embed" in state:
         state["pos_embed"] = resize_pos_embed(state["pos_embed"], image_size // PATCH)
-    model = timm.create_model(arch, pretrained=False, img_size=image_size, num_classes=0, dynamic_img_size=False,
-                              weight_init="skip")  # every tensor is loaded below
-    assets.load_strict(model, state, f"{name} checkpoint {path}")
+    model = assets.build_loaded(lambda: timm.create_model(arch, pretrained=False, img_size=image_size, num_classes=0,
+                                                          dynamic_img_size=False, weight_init="skip"),
+                                state, f"{name} checkpoint {path}")
     return Encoder(name=name, arch=arch, model=model, kind="vit", image_size=image_size, mean=IMAGENET_MEAN,
                    std=IMAGENET_STD, default_pooling="cls", dims={"cls": DIM, "cls+mean": 2 * DIM, "gap": DIM},
                    meta=checkpoints.provenance(path, how, note), device=device)

@@ -112,9 +112,9 @@ def build_model(state: dict[str, torch.Tensor], image_size: int) -> torch.nn.Mod
 
     state = dict(state)
     state["pos_embed"] = resize_pos_embed(state["pos_embed"], image_size // PATCH)
-    model = timm.create_model(ARCH, pretrained=False, img_size=image_size, num_classes=0, dynamic_img_size=False,
-                              weight_init="skip")  # every tensor is loaded below
-    assets.load_strict(model, state, f"{NAME} state dict")
+    model = assets.build_loaded(lambda: timm.create_model(ARCH, pretrained=False, img_size=image_size, num_classes=0,
+                                                          dynamic_img_size=False, weight_init="skip"),
+                                state, f"{NAME} state dict")
     return model.eval()
 
 

@@ -87,9 +87,7 @@ def timm_state(lukemelas: dict[str, torch.Tensor], stage_lengths: list[int]) -> 
 
 
 def build_model(state: dict[str, torch.Tensor]) -> torch.nn.Module:
-    model = new_model()
-    assets.load_strict(model, state, f"{NAME} state dict")
-    return model.eval()
+    return assets.build_loaded(new_model, state, f"{NAME} state dict").eval()
 
 
 def reference_outputs(lukemelas: dict, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
