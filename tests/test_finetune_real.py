@@ -24,7 +24,9 @@ from bench_suite.finetune.segmenter import confusion_matrix, iou_from_confusion
 from bench_suite.profiles import EncoderRef
 
 ROOT = Path(__file__).resolve().parents[1]
-ACCELERATE = Path(sys.executable).with_name("accelerate")
+# accelerate's launcher without its CLI front (`accelerate launch` also imports its `estimate` command, and
+# with it timm: ~4.5 s more per launch on a CPU core)
+ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch"]
 ENCODER = "dinov2_vits14"
 
 
@@ -39,14 +41,25 @@ def seg_shards(tmp_path_factory):
     return root / "train", root / "test"
 
 
-def test_cls_finetune_loss_falls_and_beats_chance(digits_shards, digits_test_shards, tmp_path):
+@pytest.fixture(scope="module")
+def digits_test_200(tmp_path_factory):
+    """200 of the 500 digits test images (2 shards): the frozen prefix's tokens of all 500 were most of the
+    evaluation time of these tests."""
+    from bench_suite.data.shards import write_shards
+
+    out = tmp_path_factory.mktemp("digits200") / "test"
+    write_shards("digits", "test", out, limit=200, subset_seed=0, shard_size=100)
+    return out
+
+
+def test_cls_finetune_loss_falls_and_beats_chance(digits_shards, digits_test_200, tmp_path):
     ids = np.random.default_rng(0).choice(1297, 120, replace=False)
-    m = finetune("cls", digits_shards, digits_test_shards, ids, "cpu_finetune", encoder=ENCODER, image_size=56,
+    m = finetune("cls", digits_shards, digits_test_200, ids, "cpu_finetune", encoder=ENCODER, image_size=56,
                  seed=0, out=tmp_path, distributed=False, progress=False, overrides={"epochs": 8})
     losses = [h["loss"] for h in m["history"]]
     assert losses[-1] < 0.5 * losses[0], losses
     assert m["top1"] > 50.0, m["top1"]  # 10 classes: chance is 10% (measured: 76%)
-    assert m["n_test"] == 500 and m["n_train"] == 120 and m["epochs"] == 8
+    assert m["n_test"] == 200 and m["n_train"] == 120 and m["epochs"] == 8
     assert m["model"]["trainable_blocks"] == 2 and m["model"]["frozen_prefix_cache"] is True
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved["top1"] == m["top1"] and saved["recipe_name"] == "cpu_finetune" and saved["seed"] == 0
@@ -117,7 +130,7 @@ def _launch(nproc, args, trace):
 
     dist = ["--multi_gpu", "--num_processes", str(nproc), "--main_process_port", str(free_port())] if nproc > 1 \
         else ["--num_processes", "1"]
-    cmd = [str(ACCELERATE), "launch", *dist, "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend",
+    cmd = [*ACCELERATE, *dist, "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend",
            "no", "-m", "launchers.finetune", *args]
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-4000:]
@@ -125,15 +138,15 @@ def _launch(nproc, args, trace):
 
 
 @pytest.mark.slow
-def test_two_processes_match_one_and_see_each_sample_once(digits_shards, digits_test_shards, tmp_path):
+def test_two_processes_match_one_and_see_each_sample_once(digits_shards, digits_test_200, tmp_path):
     from bench_suite.methods.selection import Selection
 
     ids = np.random.default_rng(1).choice(1297, 101, replace=False)  # odd: the ranks get uneven parts
     Selection(ids, "random", 101, 0).save(tmp_path / "sel.json")
-    epochs = 3
+    epochs = 2
     # batch 24 over 2 processes in micro batches of 5: gradient accumulation, an uneven last step;
     # crop augmentation makes every epoch's inputs differ (per-sample parameters from seed, epoch, id)
-    common = ["--task", "cls", "--dataset-shards", str(digits_shards), "--test-shards", str(digits_test_shards),
+    common = ["--task", "cls", "--dataset-shards", str(digits_shards), "--test-shards", str(digits_test_200),
               "--selection", str(tmp_path / "sel.json"), "--recipe", "cpu_finetune", "--encoder", ENCODER,
               "--image-size", "56", "--seed", "0", "--quiet", "--set", f"epochs={epochs}", "--set", "batch_size=24",
               "--set", "micro_batch_size=5", "--set", "lr=0.002", "--set", "crop_scale=[0.6, 1.0]"]
@@ -146,8 +159,8 @@ def test_two_processes_match_one_and_see_each_sample_once(digits_shards, digits_
     assert one["global_batch"] == two["global_batch"] == 24
     assert (one["accum_steps"], two["accum_steps"]) == (5, 3)
     assert np.allclose([h["loss"] for h in one["history"]], [h["loss"] for h in two["history"]], rtol=1e-4, atol=1e-5)
-    assert abs(one["top1"] - two["top1"]) <= 0.2 + 1e-9  # at most one of the 500 test images flips
-    assert two["n_test"] == one["n_test"] == 500
+    assert abs(one["top1"] - two["top1"]) <= 0.5 + 1e-9  # at most one of the 200 test images flips
+    assert two["n_test"] == one["n_test"] == 200
     for e in range(1, epochs + 1):
         solo = json.loads((tmp_path / "trace1" / f"rank0-epoch{e}.json").read_text())
         r0 = json.loads((tmp_path / "trace2" / f"rank0-epoch{e}.json").read_text())
@@ -181,7 +194,7 @@ def test_seg_two_processes_match_one(seg_shards, tmp_path):
     assert two["miou"] == pytest.approx(one["miou"], abs=0.5)
 
 
-def test_recipe_fn_for_the_tables(digits_shards, digits_test_shards, tmp_path):
+def test_recipe_fn_for_the_tables(digits_shards, digits_test_200, tmp_path):
     """The tables' recipe protocol: fn(train_store, ids, test_store, seed) with shard folders from store meta."""
     from types import SimpleNamespace
 
@@ -189,7 +202,7 @@ def test_recipe_fn_for_the_tables(digits_shards, digits_test_shards, tmp_path):
     fn = recipe_fn("cpu_linear_head", {**available()["cpu_linear_head"], "epochs": 2, "image_size": None},
                    encoder=EncoderRef(name=ENCODER, image_size=56), work_dir=tmp_path)
     train = SimpleNamespace(meta={"shards": str(digits_shards)})
-    test = SimpleNamespace(meta={"shards": str(digits_test_shards)})
+    test = SimpleNamespace(meta={"shards": str(digits_test_200)})
     ids = np.arange(0, 1297, 20)
     first = fn(train, ids, test, 0)
     assert first["recipe_name"] == "cpu_linear_head" and first["n_train"] == len(ids) and first["image_size"] == 56

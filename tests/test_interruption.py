@@ -47,7 +47,7 @@ PROFILE = {
                             "test": {"split": "test", "limit": 200, "shard_size": 100}}},
     # the real encoder, partly frozen (the last block trains: checkpoints hold only the trainable tensors)
     "recipes": {"tiny_ft": {"kind": "finetune", "optimizer": "sgd", "lr": 0.003, "momentum": 0.9,
-                            "weight_decay": 0.0001, "batch_size": 16, "micro_batch_size": 16, "epochs": 6,
+                            "weight_decay": 0.0001, "batch_size": 16, "micro_batch_size": 16, "epochs": 4,
                             "schedule": "cosine", "trainable_blocks": 1, "image_size": 64, "eval_every": 0,
                             "best_or_last": "last", "checkpoint_every": 1}},
     "methods": {"activeft": {"iters": 200}},
@@ -227,10 +227,10 @@ def test_kill_during_a_finetune_resumes_from_its_checkpoint(tmp_path, reference)
     import torch
 
     epoch = int(torch.load(ckpt, map_location="cpu", weights_only=False)["epoch"])
-    assert 1 <= epoch < 6
+    assert 1 <= epoch < 4
     finish(tmp_path)
     metrics = json.loads((ckpt.parent / "metrics.json").read_text())
-    assert metrics["resumed_from_epoch"] == epoch and metrics["epochs_this_run"] == 6 - epoch
+    assert metrics["resumed_from_epoch"] == epoch and metrics["epochs_this_run"] == 4 - epoch
     assert comparable(tmp_path / "results") == comparable(reference / "results")
 
 

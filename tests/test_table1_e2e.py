@@ -26,7 +26,7 @@ PROFILE = {
     "datasets": {"digits": {"label": "Digits", "role": "a tiny easy pool",
                             "pool": {"split": "train"}, "test": {"split": "test"}}},
     "recipes": {"linear_probe": {"kind": "linear_probe", "C": 10.0, "max_iter": 500}},
-    "methods": {"activeft": {"iters": 100}},
+    "methods": {"activeft": {"iters": 50}},
     "tables": {"1": {"recipe": "linear_probe", "methods": ["random", "fds", "kmeans", "activeft"],
                      "cells": {"digits": [0.01, 0.03]}}},
 }
@@ -198,16 +198,16 @@ def test_two_processes_give_the_one_process_report(tmp_path, reference):
 @pytest.mark.slow
 def test_table_all_shares_cells_and_writes_an_index(tmp_path, reference):
     """``--table all`` runs every table of the profile (here 1 and 7), shares their common cells (ActiveFT at
-    T = 100 is Table 1's ActiveFT), and writes results/README.md with each table's headline."""
+    T = 50 is Table 1's ActiveFT), and writes results/README.md with each table's headline."""
     copy_run(reference, tmp_path)
     prof = json.loads(json.dumps(PROFILE))
     prof["tables"]["7"] = {"recipe": "linear_probe", "cells": {"digits": [0.01, 0.03]},
                            "methods": [{"label": "T = 0", "method": "activeft", "config": {"iters": 0}},
-                                       {"label": "T = 100", "method": "activeft", "config": {"iters": 100}}]}
+                                       {"label": "T = 50", "method": "activeft", "config": {"iters": 50}}]}
     res = run_table(tmp_path, "--table", "all", profile=prof)
     assert res.returncode == 0, res.stderr[-3000:]
     results = tmp_path / "results"
-    assert _computed(results, "1") == (0, 16) and _computed(results, "7") == (4, 8)  # T = 100 is Table 1's ActiveFT
+    assert _computed(results, "1") == (0, 16) and _computed(results, "7") == (4, 8)  # T = 50 is Table 1's ActiveFT
     index = (results / "README.md").read_text()
     assert "[1. classification](table1.md)" in index and "[7. iterations](table7.md)" in index
     cells = json.loads((results / "table1.json").read_text())["cells"]
@@ -218,4 +218,4 @@ def test_table_all_shares_cells_and_writes_an_index(tmp_path, reference):
         winners.add(labels[max(total, key=total.get)])
     named = re.search(r"\| (\S+) best in (\d) of 2 columns \(top1\)", index.splitlines()[-2])
     assert named and named.group(1) in winners, (index, winners)  # the headline follows the numbers
-    assert re.search(r"T = (0|100) best in \d of 2 columns \(top1\)", index.splitlines()[-1])
+    assert re.search(r"T = (0|50) best in \d of 2 columns \(top1\)", index.splitlines()[-1])

@@ -3,6 +3,7 @@ probe): variant rows, ratio-per-line layout, '-' for active-learning cells at th
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -72,9 +73,23 @@ def n_cached(tmp_path):
     return len(list((tmp_path / "work" / "cells").rglob("*.json")))
 
 
+@pytest.fixture(scope="module")
+def table1(tmp_path_factory):
+    """Table 1 from an empty work folder; the tests below start from its shards and EfficientNet-Lite0 features
+    (extracting them again in each test cost ~10 s)."""
+    tmp = tmp_path_factory.mktemp("table1")
+    return tmp, run_table(tmp, "1")[1]
+
+
+def start_from(table1, tmp_path, *parts):
+    for part in parts:
+        shutil.copytree(table1[0] / "work" / part, tmp_path / "work" / part)
+
+
 @pytest.mark.slow
-def test_variant_tables_share_cells_and_print_ratio_lines(tmp_path):
-    _, t1 = run_table(tmp_path, "1")
+def test_variant_tables_share_cells_and_print_ratio_lines(table1, tmp_path):
+    start_from(table1, tmp_path, "shards", "features", "cells")
+    t1 = table1[1]
     assert n_cached(tmp_path) == 4
     md6, t6 = run_table(tmp_path, "6")
     assert n_cached(tmp_path) == 6  # tau = 0.07 is Table 1's ActiveFT cell: reused, not recomputed
@@ -93,7 +108,8 @@ def test_variant_tables_share_cells_and_print_ratio_lines(tmp_path):
 
 
 @pytest.mark.slow
-def test_table3_times_and_dash_for_the_initial_set(tmp_path):
+def test_table3_times_and_dash_for_the_initial_set(table1, tmp_path):
+    start_from(table1, tmp_path, "shards", "features")
     md, t3 = run_table(tmp_path, "3")
     cs = {(c["method"], c["ratio"]): c for c in t3["cells"]}
     # 2% of 1297 = 25 (floor) = the initial random set: CoreSet has nothing to select -> "-"; 4% runs one round
@@ -116,7 +132,8 @@ def test_rows_of_variants_merge_the_profile_config():
 
 
 @pytest.mark.slow
-def test_table4_one_subtable_per_encoder(tmp_path):
+def test_table4_one_subtable_per_encoder(table1, tmp_path):
+    start_from(table1, tmp_path, "shards", "features")  # EfficientNet-Lite0's; DINOv2's are extracted here
     md, t4 = run_table(tmp_path, "4")
     a, b = t4["parts"]
     assert a["stores"]["digits"]["pool_meta"]["encoder"]["name"] == "dinov2_vits14"
