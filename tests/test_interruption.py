@@ -136,7 +136,10 @@ def pool_shards(tmp_path: Path) -> list[Path]:
 
 
 def test_kill_while_writing_shards(tmp_path, reference):
+    """The later stages are the reference's: shard folders are named by their content's checksum, so the
+    rerun's shards are the reference's exactly when its folder names are (and its features then match)."""
     rng = random.Random(KILL_SEED)
+    seed_work(reference, tmp_path, "features", "cells", "finetune")
     n_tars = rng.randint(1, 11)  # of 12 pool shards
 
     def ready():  # the temporary folder of the pool's shards holds n_tars finished tars
@@ -147,7 +150,7 @@ def test_kill_while_writing_shards(tmp_path, reference):
         return any((d / "manifest.json").exists() for d in pool_shards(tmp_path))
 
     kill_when(tmp_path, ready, finished, 0.05, rng, "shard writing",
-              reset=lambda: shutil.rmtree(tmp_path / "work"))
+              reset=lambda: shutil.rmtree(tmp_path / "work" / "shards"))
     assert not any(d.is_dir() and d.name.startswith("digits-pool") for d in (tmp_path / "work" / "shards").iterdir()), \
         "a half-written shard folder has its final name"
     finish(tmp_path)
@@ -158,7 +161,7 @@ def test_kill_while_writing_shards(tmp_path, reference):
 
 def test_kill_during_feature_extraction(tmp_path, reference):
     rng = random.Random(KILL_SEED + 1)
-    seed_work(reference, tmp_path, "shards")
+    seed_work(reference, tmp_path, "shards", "cells", "finetune")  # the store is compared byte for byte below
     features = tmp_path / "work" / "features"
 
     def ready():

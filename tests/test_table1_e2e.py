@@ -41,6 +41,16 @@ def run_table(tmp_path, *extra, profile=PROFILE):
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
 
 
+def plan_table(tmp_path, capsys, *extra, profile=PROFILE):
+    """``run.py --check`` or ``--dry-run`` in this process: (exit code, stdout). They compute nothing; as a
+    subprocess each spent ~6 s importing."""
+    prof = tmp_path / "profile.yaml"
+    prof.write_text(yaml.safe_dump(profile))
+    code = run_py.main(["--table", "1", "--profile", str(prof), "--out", str(tmp_path / "results"), "--work",
+                        str(tmp_path / "work"), "--quiet", *extra])
+    return code, capsys.readouterr().out
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """One full one-process run of PROFILE; the tests below compare against it (each full run costs ~20 s)."""
@@ -116,15 +126,15 @@ def _numbers(results: Path) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_fresh_recomputes_and_a_changed_recipe_is_not_served_stale(tmp_path, reference):
+def test_fresh_recomputes_and_a_changed_recipe_is_not_served_stale(tmp_path, reference, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
-    check = run_table(empty, "--check")  # before anything exists: nothing cached, nothing written
-    assert check.returncode == 0 and "cells: 16 in the table; 0 cached, 16 to compute" in check.stdout
-    assert "shards not written yet" in check.stdout and not (empty / "work").exists()
+    code, out = plan_table(empty, capsys, "--check")  # before anything exists: nothing cached, nothing written
+    assert code == 0 and "cells: 16 in the table; 0 cached, 16 to compute" in out
+    assert "shards not written yet" in out and not (empty / "work").exists()
     copy_run(reference, tmp_path)
-    check = run_table(tmp_path, "--check")
-    assert "cells: 16 in the table; 16 cached, 0 to compute" in check.stdout and "intact" in check.stdout
+    code, out = plan_table(tmp_path, capsys, "--check")
+    assert "cells: 16 in the table; 16 cached, 0 to compute" in out and "intact" in out
     first = _numbers(tmp_path / "results")
     prov = json.loads((tmp_path / "results" / "table1.json").read_text())["provenance"]
     assert _computed(tmp_path / "results") == (16, 16) and "cell_revisions" in prov
@@ -135,10 +145,10 @@ def test_fresh_recomputes_and_a_changed_recipe_is_not_served_stale(tmp_path, ref
     assert _numbers(tmp_path / "results") == first  # same commit, same machine: identical numbers
     prof = json.loads(json.dumps(PROFILE))
     prof["recipes"]["linear_probe"]["C"] = 0.01  # only the probe's regularisation changes
-    plan = run_table(tmp_path, "--dry-run", profile=prof)  # every cell to compute, each with an estimate
-    assert plan.returncode == 0 and "16 in the table; 0 cached, 16 to compute" in plan.stdout, plan.stderr[-2000:]
-    assert "digits 0.01: Random 0/2 ~" in plan.stdout and "~?" not in plan.stdout
-    assert "estimated time for the cells to compute: " in plan.stdout and not (tmp_path / "results2").exists()
+    code, out = plan_table(tmp_path, capsys, "--dry-run", profile=prof)  # every cell to compute, with estimates
+    assert code == 0 and "16 in the table; 0 cached, 16 to compute" in out, out
+    assert "digits 0.01: Random 0/2 ~" in out and "~?" not in out
+    assert "estimated time for the cells to compute: " in out and not (tmp_path / "results2").exists()
     assert run_table(tmp_path, profile=prof).returncode == 0
     assert _computed(tmp_path / "results") == (16, 16)  # nothing served from the cache
     changed = _numbers(tmp_path / "results")
