@@ -55,7 +55,7 @@ from bench_suite.encoders import get_encoder
 from bench_suite.encoders.base import Encoder
 from bench_suite.errors import BadInputError, CorruptDataError
 from bench_suite.progress import Tracker
-from bench_suite.runtime import make_accelerator
+from bench_suite.runtime import make_accelerator, threads_told
 from bench_suite.store import BLOCK_BYTES, FeatureStore, FileRows, shards_meta
 
 log = logging.getLogger(__name__)
@@ -120,9 +120,9 @@ def extract_features(shard_dir, out_dir, *, encoder: str, pooling: str | None = 
     rank, world = acc.process_index, acc.num_processes
     device = acc.device
     if device.type == "cpu":  # the process's share of the cores, unless told (threads=, BENCH_SUITE_THREADS)
-        env = os.environ.get("BENCH_SUITE_THREADS")
-        n = threads or (int(env) if env is not None else max(1, (os.cpu_count() or 1) // max(1, acc.num_processes)))
-        if n > 0:  # BENCH_SUITE_THREADS=0: leave torch's setting (as runtime.use_the_cpu_cores does)
+        told = threads_told()
+        n = threads or (told if told is not None else max(1, (os.cpu_count() or 1) // max(1, acc.num_processes)))
+        if n > 0:
             torch.set_num_threads(n)
     enc = get_encoder(encoder, image_size=image_size, weights=weights, cache_dir=cache_dir, device=str(device))
     pooling = enc.check_pooling(pooling)

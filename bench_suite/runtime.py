@@ -195,6 +195,12 @@ def first_host(nodelist: str) -> str:
 _launch_on_cpu = False
 
 
+def threads_told() -> int | None:
+    """``BENCH_SUITE_THREADS`` (None: not set; 0: leave torch's setting), which wins over every thread rule."""
+    want = os.environ.get("BENCH_SUITE_THREADS")
+    return None if want is None else int(want)
+
+
 def use_the_cpu_cores(on_cpu: bool | None = None) -> int:
     """Torch's CPU threads for this process; returns the count set (0: left as it was).
 
@@ -205,9 +211,9 @@ def use_the_cpu_cores(on_cpu: bool | None = None) -> int:
     """
     if on_cpu is None:  # the launch runs on the CPU (make_accelerator says so; else: no GPU seen)
         on_cpu = not torch.cuda.is_available()
-    want = os.environ.get("BENCH_SUITE_THREADS")
-    if want is not None:
-        n = int(want)
+    told = threads_told()
+    if told is not None:
+        n = told
     elif not on_cpu or "ACCELERATE_MIXED_PRECISION" not in os.environ or os.environ.get("OMP_NUM_THREADS") != "1":
         n = 0
     else:
