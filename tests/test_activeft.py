@@ -185,6 +185,34 @@ def test_assigner_output_independent_of_caller_threads_and_restores_them():
         assert torch.equal(p1, p2) and torch.equal(a1, a2)
 
 
+def test_parameter_dots_are_per_pair_exact_and_independent_of_blocking_and_threads(sphere):
+    """The pruning's exact similarities (one SDDMM on a CPU): each value depends only on its row and parameter
+    (not on the block, on which other pairs are asked, or on the thread count), within float32 rounding of
+    the float64 dot. 10k pairs: the product's multi-threaded branch runs too."""
+    feats = torch.from_numpy(np.ascontiguousarray(np.concatenate([sphere] * 4)))  # 10,000 x 48
+    n, b = feats.shape[0], 50
+    asg = Assigner(feats, b, block=n, max_steps=2)
+    c64 = torch.nn.functional.normalize(feats[:b].double() + 0.1, dim=1)
+    asg.set_params(c64)
+    g = torch.Generator().manual_seed(0)
+    params = torch.randint(0, b, (n,), generator=g)
+    whole = asg._dot_params(feats, params)
+    torch.set_num_threads(1)
+    try:
+        assert torch.equal(asg._dot_params(feats, params), whole)
+    finally:
+        torch.set_num_threads(2)
+    assert torch.equal(asg._dot_params(feats[3000:4100], params[3000:4100]), whole[3000:4100])
+    # several pairs per row, given as ascending row indices into a block
+    rows = torch.sort(torch.randint(0, 4000, (9000,), generator=g)).values
+    pk = torch.randint(0, b, (9000,), generator=g)
+    by_rows = asg._dot_params(feats[:4000], pk, rows=rows)
+    want = (feats[rows].double() * c64[pk]).sum(dim=1)
+    assert torch.equal(by_rows[rows == rows[0]][:1], asg._dot_params(feats[rows[:1]], pk[:1]))
+    assert float((by_rows.double() - want).abs().max()) < asg.eps_base / 2
+    assert float((whole.double() - (feats.double() * c64[params]).sum(dim=1)).abs().max()) < asg.eps_base / 2
+
+
 # ---------------------------------------------------------------------------- properties
 def test_official_parameter_winning_nothing_gets_zero_gradient(digits):
     """Reference autograd on the released loss: a parameter that wins no sample has exactly zero gradient."""

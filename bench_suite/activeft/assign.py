@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+import warnings
 
 import torch
 
@@ -97,6 +98,7 @@ class Assigner:
             raise ValueError(f"screen must be one of {sorted(SCREEN_UNIT)}, not {screen!r}")
         self.screen = screen
         self._f_low: torch.Tensor | None = None
+        self._zero_buf: torch.Tensor | None = None
         self.fnorm = float(fnorm_max)
         dev = feats.device
         self.device = dev
@@ -231,28 +233,26 @@ class Assigner:
             go = idx[old]
             cand = self.cand[go].long()
             ub = self.chi[go] + self.Pt32[cand]
-            ub.scatter_(1, self.ppos[go][:, None], -math.inf)
+            pp = self.ppos[go]
+            ub.scatter_(1, pp[:, None], -math.inf)
             om = ub.max(dim=1).values
-            ok = (a_out[old] - torch.maximum(om, self.thr[go] + self.dmax[self.t0[go]])) > eps
+            nonc = self.thr[go] + self.dmax[self.t0[go]]
+            ok = (a_out[old] - torch.maximum(om, nonc)) > eps
             if bool(ok.any()):
                 gk = go[ok]
                 self.ubo[gk] = om[ok]
                 self.tl[gk] = self.step
                 self._count("refined", int(ok.sum()))
-                old = old[~ok]
+                rest = ~ok
+                old, go, cand, ub, pp, nonc = old[rest], go[rest], cand[rest], ub[rest], pp[rest], nonc[rest]
         if old.numel():
-            # level 1, O(K) per row: per-candidate bounds, exact recomputation of the candidates that could win
-            go = idx[old]
-            fo = fr.index_select(0, old)
+            # level 1, O(K) per row: per-candidate bounds (level 1a's), exact recomputation of the candidates
+            # that could win
             ao = a_out[old]
-            cand = self.cand[go].long()
-            ub = self.chi[go] + self.Pt32[cand]
             ar = torch.arange(old.numel(), device=self.device)
-            pp = self.ppos[go]
             ub[ar, pp] = ao
             exact = torch.zeros_like(ub, dtype=torch.bool)
             exact[ar, pp] = True
-            nonc = self.thr[go] + self.dmax[self.t0[go]]
             win = torch.full((old.numel(),), -1, dtype=torch.long, device=self.device)
             full_o = torch.zeros(old.numel(), dtype=torch.bool, device=self.device)
             act = ar
@@ -273,7 +273,7 @@ class Assigner:
                 if bool(has.any()):
                     rr, kk = need.nonzero(as_tuple=True)
                     gr = act[rr]
-                    ub[gr, kk] = self._dot_params(fo, cand[gr, kk], rows=gr)
+                    ub[gr, kk] = self._dot_params(fr, cand[gr, kk], rows=old[gr])
                     exact[gr, kk] = True
                     n_pairs += int(gr.numel())
                 act = act[has]
@@ -309,10 +309,27 @@ class Assigner:
         return p_out, a_out
 
     def _dot_params(self, fr: torch.Tensor, params: torch.Tensor, rows: torch.Tensor | None = None):
-        """``<fr[rows_i], c32[params_i]>`` for every i (float32), through reusable buffers."""
+        """``<fr[rows_i], c32[params_i]>`` for every i (float32; ``rows``: None = 0..n-1, else ascending).
+
+        On a CPU: one sampled dense-dense product (SDDMM, ``torch.sparse.sampled_addmm``) with the pairs as a
+        CSR pattern, which reads each row and parameter in place. Measured on 2 cores, 1 thread, d = 384:
+        23 ms for one pair per row over 50k rows and 5 ms for 20k pairs over an 8k-row block, against 73 and
+        39 ms gathering both sides (``index_select``) then multiplying. Each value is its own float32 dot, the
+        same whatever the block, the thread count or the rank split (tested). Elsewhere: the gathers (the
+        CUDA SDDMM is unmeasured; a GPU runs the full product by default anyway)."""
         n = int(params.numel())
         if n == 0:
             return torch.zeros(0, dtype=torch.float32, device=self.device)
+        if self.device.type == "cpu":
+            m = int(fr.shape[0])
+            crow = torch.arange(n + 1, device=self.device) if rows is None else \
+                torch.searchsorted(rows, torch.arange(m + 1, device=self.device))
+            with warnings.catch_warnings():  # "sparse CSR support is in beta"
+                warnings.simplefilter("ignore", UserWarning)
+                pattern = torch.sparse_csr_tensor(crow, params, self._zeros(n), (m if rows is not None else n, self.B))
+            # one large product: the caller's threads, as for ``sims`` (the bookkeeping around it runs on one)
+            with _threads(self._mm_threads or torch.get_num_threads()) if n >= 8192 else contextlib.nullcontext():
+                return torch.sparse.sampled_addmm(pattern, fr, self.c32.T, beta=0.0).values()
         g = self.ws.get("dot_c", (n, self.d))
         torch.index_select(self.c32, 0, params, out=g)
         if rows is None:
@@ -322,6 +339,12 @@ class Assigner:
             torch.index_select(fr, 0, rows, out=f)
             g.mul_(f)
         return g.sum(dim=1)
+
+    def _zeros(self, n: int) -> torch.Tensor:
+        """n float32 zeros (the SDDMM pattern's ignored values), from one buffer."""
+        if self._zero_buf is None or self._zero_buf.numel() < n:
+            self._zero_buf = torch.zeros(max(n, 1), dtype=torch.float32, device=self.device)
+        return self._zero_buf[:n]
 
     def sims(self, fr: torch.Tensor) -> torch.Tensor:
         """``fr @ c32.T`` into a reusable buffer (valid until the next call)."""
