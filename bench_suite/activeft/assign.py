@@ -257,9 +257,13 @@ class Assigner:
             full_o = torch.zeros(old.numel(), dtype=torch.bool, device=self.device)
             act = ar
             n_pairs = 0
+            done = [(ar, pp, ao)]  # (row, candidate position, exact similarity) of every evaluated pair
             while act.numel():
-                ub_a, ex_a = ub[act], exact[act]
-                bv, bi = torch.where(ex_a, ub_a, torch.full_like(ub_a, -math.inf)).max(dim=1)
+                if act is ar:  # first round: every row, whose only exact value is its assignment's
+                    ub_a, ex_a, bv, bi = ub, exact, ao, pp
+                else:
+                    ub_a, ex_a = ub[act], exact[act]
+                    bv, bi = torch.where(ex_a, ub_a, torch.full_like(ub_a, -math.inf)).max(dim=1)
                 others = ub_a.clone()
                 others[torch.arange(act.numel(), device=self.device), bi] = -math.inf
                 lim_a = torch.maximum(others.max(dim=1).values, nonc[act])
@@ -273,13 +277,16 @@ class Assigner:
                 if bool(has.any()):
                     rr, kk = need.nonzero(as_tuple=True)
                     gr = act[rr]
-                    ub[gr, kk] = self._dot_params(fr, cand[gr, kk], rows=old[gr])
+                    vals = self._dot_params(fr, cand[gr, kk], rows=old[gr])
+                    ub[gr, kk] = vals
                     exact[gr, kk] = True
+                    done.append((gr, kk, vals))
                     n_pairs += int(gr.numel())
                 act = act[has]
             self._count("pairs", n_pairs)
             # refreshed bounds for the exactly evaluated candidates
-            self.chi[go] = torch.where(exact, ub - self.Pt32[cand], self.chi[go])
+            dr, dk, dv = (torch.cat(t) for t in zip(*done))
+            self.chi[go[dr], dk] = dv - self.Pt32[cand[dr, dk]]
             cert = (win >= 0).nonzero().squeeze(1)
             if cert.numel():
                 wc = win[cert]
