@@ -77,14 +77,22 @@ def resolve_prune(prune: bool | None, b: int, device: torch.device) -> bool:
     return device.type == "cpu" and b >= PRUNE_MIN_B_CPU
 
 
-def auto_block(b: int, requested: int = 0, device: torch.device | None = None) -> int:
-    """Rows per block. CPU: small enough for the cache-bound per-row work, block x B float32 <= 256 MiB.
-    GPU: block x B float32 <= 1 GiB, so a pass is a few large products (each block costs a host sync)."""
+def auto_block(b: int, requested: int = 0, device: torch.device | None = None, *, prune: bool = False,
+               d: int = 0) -> int:
+    """Rows per block. GPU: block x B float32 <= 1 GiB, so a pass is a few large products (each block costs a host
+    sync). CPU, full product: block x B float32 <= 256 MiB, at most 8192 rows (the product's scores stay near the
+    cache). CPU, pruned: the same bound, at most 65536 rows, and the float64 [f, 1] rows of a block (when they are
+    converted per block) <= 256 MiB. The pruning's bookkeeping is dozens of small ops per block, so fewer blocks
+    pay: at 50k x 384, B = 1000, T = 300 on 2 cores, one 50k-row block took 37.7 s (clustered) and 35.7 s (blobs)
+    against 49.5 s and 41.0 s in 8192-row blocks."""
     if requested:
         return requested
     if device is not None and device.type != "cpu":
         return int(max(4096, (2 ** 30) // (4 * max(b, 1))))
-    return int(max(256, min(8192, (64 * 2 ** 20) // max(b, 1))))
+    rows = (64 * 2 ** 20) // max(b, 1)
+    if prune:
+        return int(max(256, min(65536, rows, (32 * 2 ** 20) // (max(d, 1) + 1))))
+    return int(max(256, min(8192, rows)))
 
 
 @contextlib.contextmanager
@@ -161,8 +169,8 @@ class _Run:
         local_max = float(feats.norm(dim=1).max()) if feats.shape[0] else 0.0
         fnorm = float(dist.all_reduce(torch.tensor([local_max], dtype=torch.float64, device=self.dev), "max")[0])
         self.eps = decision_eps(self.d, fnorm)
-        self.block = auto_block(self.b, cfg.block_size, self.dev)
         self.prune = resolve_prune(cfg.prune, self.b, self.dev)
+        self.block = auto_block(self.b, cfg.block_size, self.dev, prune=self.prune, d=self.d)
         self.bb_dtype = (torch.float64 if cfg.bb_dtype == "float64" or (cfg.bb_dtype == "auto" and self.b <= 512)
                          else torch.float32)
         self._initialise(seed)
