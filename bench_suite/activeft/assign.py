@@ -98,7 +98,6 @@ class Assigner:
             raise ValueError(f"screen must be one of {sorted(SCREEN_UNIT)}, not {screen!r}")
         self.screen = screen
         self._f_low: torch.Tensor | None = None
-        self._zero_buf: torch.Tensor | None = None
         self.fnorm = float(fnorm_max)
         dev = feats.device
         self.device = dev
@@ -331,11 +330,11 @@ class Assigner:
             m = int(fr.shape[0])
             crow = torch.arange(n + 1, device=self.device) if rows is None else \
                 torch.searchsorted(rows, torch.arange(m + 1, device=self.device))
+            zeros = torch.zeros(n, dtype=torch.float32, device=self.device)  # the pattern's (ignored) values
             with warnings.catch_warnings():  # "sparse CSR support is in beta"
                 warnings.simplefilter("ignore", UserWarning)
-                pattern = torch.sparse_csr_tensor(crow, params, self._zeros(n), (m if rows is not None else n, self.B))
-            # one large product: the caller's threads, as for ``sims`` (the bookkeeping around it runs on one)
-            with _threads(self._mm_threads or torch.get_num_threads()) if n >= 8192 else contextlib.nullcontext():
+                pattern = torch.sparse_csr_tensor(crow, params, zeros, (m if rows is not None else n, self.B))
+            with self._product_threads(n >= 8192):
                 return torch.sparse.sampled_addmm(pattern, fr, self.c32.T, beta=0.0).values()
         g = self.ws.get("dot_c", (n, self.d))
         torch.index_select(self.c32, 0, params, out=g)
@@ -347,16 +346,15 @@ class Assigner:
             g.mul_(f)
         return g.sum(dim=1)
 
-    def _zeros(self, n: int) -> torch.Tensor:
-        """n float32 zeros (the SDDMM pattern's ignored values), from one buffer."""
-        if self._zero_buf is None or self._zero_buf.numel() < n:
-            self._zero_buf = torch.zeros(max(n, 1), dtype=torch.float32, device=self.device)
-        return self._zero_buf[:n]
+    def _product_threads(self, large: bool = True):
+        """The caller's threads for one large product (inside ``_assign_block`` the bookkeeping around it runs
+        on one thread); a small one stays where it is."""
+        return _threads(self._mm_threads or torch.get_num_threads()) if large else contextlib.nullcontext()
 
     def sims(self, fr: torch.Tensor) -> torch.Tensor:
         """``fr @ c32.T`` into a reusable buffer (valid until the next call)."""
         out = self.ws.get("sims", (int(fr.shape[0]), self.B))
-        with _threads(self._mm_threads or torch.get_num_threads()):
+        with self._product_threads():
             return torch.mm(fr, self.c32.T, out=out)
 
     def _exact(self, fr: torch.Tensor):
@@ -434,7 +432,7 @@ class Assigner:
         k1 = min(self.K + 1, self.B)
         # the top K+1 of a row costs about twice its GEMM (15 vs 8.5 us per row at B = 1000, one thread): a large
         # refresh takes the caller's threads, as the product does (per-row results, the same on any thread count)
-        with _threads(self._mm_threads or torch.get_num_threads()) if n >= 1024 else contextlib.nullcontext():
+        with self._product_threads(n >= 1024):
             tv, ti = s.topk(k1, dim=1)
         p = self._resolve_ties(fr, s, tv, ti)
         a = s.gather(1, p[:, None]).squeeze(1)
