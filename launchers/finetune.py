@@ -32,6 +32,7 @@ from bench_suite.errors import BadInputError
 from bench_suite.finetune.launch import METRICS, finetune
 from bench_suite.options import parse_set
 from bench_suite.profiles import load_profile
+from bench_suite.runtime import exit_process
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +96,7 @@ def _run(argv) -> int:
     log.info("%s %s = %.2f (%s of %d evaluation(s)), %d samples, %d epochs, %.0f s -> %s",
              m["task"], m["metric"], m[m["metric"]], m["reported"], len(m["evals"]), m["n_train"],
              m["epochs"], m["wall_seconds"], Path(args.out) / METRICS)
-    return 0
+    return exit_process(0)  # ends a distributed run without the gloo-at-exit abort
 
 
 def main(argv=None) -> int:

@@ -4,7 +4,6 @@ and every sample is seen once."""
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import numpy as np
 import pytest
 
 from bench_suite.store import FeatureStore
+from launching import run_launch
 
 ROOT = Path(__file__).resolve().parents[1]
 # accelerate's launcher without its CLI front (`accelerate launch` also imports its `estimate` command, and
@@ -21,19 +21,17 @@ ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch"]
 
 def _launch(nproc, shards, out, encoder="efficientnet_lite0", size=32, workers=0):
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    dist = ["--multi_gpu", "--num_processes", str(nproc), "--main_process_port", str(_port())] if nproc > 1 else ["--num_processes", "1"]
-    cmd = [*ACCELERATE, *dist, "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "-m", "bench_suite.cli.features", "--shards", str(shards), "--encoder", encoder, "--image-size", str(size),
-           "--batch-size", "50", "--workers", str(workers), "--out", str(out)]
-    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+    def cmd(port):
+        dist = ["--multi_gpu", "--num_processes", str(nproc), "--main_process_port", str(port)] if nproc > 1 \
+            else ["--num_processes", "1"]
+        return [*ACCELERATE, *dist, "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                "-m", "bench_suite.cli.features", "--shards", str(shards), "--encoder", encoder, "--image-size",
+                str(size), "--batch-size", "50", "--workers", str(workers), "--out", str(out)]
+
+    res = run_launch(cmd, cwd=ROOT, env=env, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     return res
-
-
-def _port():
-    from bench_suite.runtime import free_port
-
-    return free_port()
 
 
 @pytest.mark.slow

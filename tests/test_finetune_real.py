@@ -11,7 +11,6 @@ Small images (56 px: a 4x4 patch grid) keep these within seconds to a minute on 
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from bench_suite.finetune.launch import finetune, recipe_fn
 from bench_suite.finetune.recipes import available
 from bench_suite.finetune.segmenter import confusion_matrix, iou_from_confusion
 from bench_suite.profiles import EncoderRef
+from launching import run_launch
 
 ROOT = Path(__file__).resolve().parents[1]
 # accelerate's launcher without its CLI front (`accelerate launch` also imports its `estimate` command, and
@@ -126,13 +126,14 @@ def test_seg_mask_transformer_trains(seg_shards, tmp_path):
 def _launch(nproc, args, trace):
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT),
            "BENCH_SUITE_TRACE_IDS": str(trace)}
-    from bench_suite.runtime import free_port
 
-    dist = ["--multi_gpu", "--num_processes", str(nproc), "--main_process_port", str(free_port())] if nproc > 1 \
-        else ["--num_processes", "1"]
-    cmd = [*ACCELERATE, *dist, "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend",
-           "no", "-m", "launchers.finetune", *args]
-    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    def cmd(port):
+        dist = ["--multi_gpu", "--num_processes", str(nproc), "--main_process_port", str(port)] if nproc > 1 \
+            else ["--num_processes", "1"]
+        return [*ACCELERATE, *dist, "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend",
+                "no", "-m", "launchers.finetune", *args]
+
+    res = run_launch(cmd, cwd=ROOT, env=env, timeout=900)
     assert res.returncode == 0, res.stderr[-4000:]
     return res
 

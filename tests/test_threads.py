@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from bench_suite.runtime import use_the_cpu_cores
+from launching import run_launch
 
 
 @pytest.fixture
@@ -42,18 +43,22 @@ def test_accelerate_launch_gets_the_cores(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("the rule applies on machines without a GPU")
     script = tmp_path / "threads.py"
-    script.write_text("import torch\nfrom bench_suite.runtime import make_accelerator\nmake_accelerator()\n"
-                      "print('THREADS', torch.get_num_threads())\n")
+    script.write_text("import torch\nfrom bench_suite.runtime import exit_process, make_accelerator\n"
+                      "make_accelerator()\nprint('THREADS', torch.get_num_threads())\n"
+                      "exit_process(0)\n")  # as our CLIs end: a plain exit after gloo can abort (runtime.exit_process)
     accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "accelerate.yaml"]
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {k: v for k, v in os.environ.items() if k not in ("BENCH_SUITE_THREADS", "OMP_NUM_THREADS")}
-    out = subprocess.run([*accelerate, str(script)], cwd=root, env=env, capture_output=True, text=True, check=True)
+    out = run_launch(lambda port: [*accelerate, "--main_process_port", str(port), str(script)], cwd=root, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.split().count(f"{max(1, os.cpu_count() // 2)}") == 2, out.stdout  # two processes
     one = [*accelerate, "--num_processes", "1", str(script)]
-    out = subprocess.run(one, cwd=root, env=env, capture_output=True, text=True, check=True)
+    out = subprocess.run(one, cwd=root, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
     assert f"THREADS {os.cpu_count()}" in out.stdout
     env["BENCH_SUITE_THREADS"] = "1"
-    out = subprocess.run(one, cwd=root, env=env, capture_output=True, text=True, check=True)
+    out = subprocess.run(one, cwd=root, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
     assert "THREADS 1" in out.stdout
 
 
