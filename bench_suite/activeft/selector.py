@@ -92,8 +92,9 @@ class ActiveFT(Selector):
     aliases = ALIASES
     quick_options = {"iters": 20}  # for the registry's contract tests
     # 2: the exact similarities to assigned / candidate parameters come from one SDDMM on a CPU (their float32
-    # rounding can differ in the last bit from version 1's gathered row dots)
-    version = 2
+    # rounding can differ in the last bit from version 1's gathered row dots); 3: the official repulsion in
+    # symmetric blocks with one shift (objectives.official_repulsion: float32 rounding differs from version 2's)
+    version = 3
 
     def __init__(self, **options):
         super().__init__(**fold_no_update(options, self.name))
