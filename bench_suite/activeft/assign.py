@@ -164,7 +164,7 @@ class Assigner:
                 fr = self.F[s:e]
             else:
                 idx = rows[s:e]
-                fr = self.F[idx]
+                fr = self.F.index_select(0, idx)
             if update:
                 p_r, a_r = self._assign_block(idx, fr, slice(s, e) if rows is None else idx)
             else:
@@ -207,6 +207,13 @@ class Assigner:
         self.timing["certify"] += time.perf_counter() - t0 - (self.timing["refresh"] - r0)
         return out
 
+    @staticmethod
+    def _rows(t: torch.Tensor, key) -> torch.Tensor:
+        """``t[key]``: a view for a slice, ``index_select`` for row indices. On a CPU ``index_select`` / ``take``
+        gather 2-4x faster than advanced indexing (27k x 16 rows: 0.3 vs 1.1 ms), and the pruning's bookkeeping
+        is mostly gathers, so they are used throughout (the same values)."""
+        return t[key] if isinstance(key, slice) else t.index_select(0, key)
+
     def _assign_block_impl(self, idx: torch.Tensor, fr: torch.Tensor, key):
         """Rows ``idx`` (``key``: the same rows as a slice when contiguous, so block reads are views)."""
         nb = int(idx.numel())
@@ -215,57 +222,62 @@ class Assigner:
             self.p[idx] = p_new
             self._count("refreshed", nb)
             return p_new, a_new
-        eps = self.eps
-        p_r = self.p[key]
+        eps, K = self.eps, self.K
+        rows_of = self._rows
+        p_r = rows_of(self.p, key)
         fresh = p_r < 0
         p_out = p_r.clone()
         # exact similarity to the current assignment (the loss needs it anyway)
         a_out = self._dot_params(fr, p_r.clamp_min(0))
         # level 0, O(1) per row: best other candidate and every non-candidate, bounded by the fastest mover
-        lim = torch.maximum(self.ubo[key] + self.dmax[self.tl[key]], self.thr[key] + self.dmax[self.t0[key]])
+        # (t0 = -1: never refreshed, so fresh; its bound is not used)
+        lim = torch.maximum(rows_of(self.ubo, key) + self.dmax.index_select(0, rows_of(self.tl, key)),
+                            rows_of(self.thr, key) + self.dmax.index_select(0, rows_of(self.t0, key).clamp_min(0)))
         slow_mask = ~fresh & ~((a_out - lim) > eps)
         self._count("certified", int(nb - int(fresh.sum()) - int(slow_mask.sum())))
         to_full = fresh.clone()
         old = slow_mask.nonzero().squeeze(1)
         if old.numel():
             # level 1a, O(K) per row: per-candidate bounds (each candidate's own path length)
-            go = idx[old]
-            cand = self.cand[go].long()
-            ub = self.chi[go] + self.Pt32[cand]
-            pp = self.ppos[go]
+            go = idx.index_select(0, old)
+            cand = self.cand.index_select(0, go).long()
+            ub = self.chi.index_select(0, go).add_(self.Pt32.take(cand))
+            pp = self.ppos.index_select(0, go)
             ub.scatter_(1, pp[:, None], -math.inf)
-            om = ub.max(dim=1).values
-            nonc = self.thr[go] + self.dmax[self.t0[go]]
-            ok = (a_out[old] - torch.maximum(om, nonc)) > eps
+            om = ub.amax(dim=1)
+            nonc = self.thr.index_select(0, go).add_(self.dmax.index_select(0, self.t0.index_select(0, go)))
+            ok = (a_out.index_select(0, old) - torch.maximum(om, nonc)) > eps
             if bool(ok.any()):
-                gk = go[ok]
-                self.ubo[gk] = om[ok]
-                self.tl[gk] = self.step
-                self._count("refined", int(ok.sum()))
-                rest = ~ok
-                old, go, cand, ub, pp, nonc = old[rest], go[rest], cand[rest], ub[rest], pp[rest], nonc[rest]
+                ki = ok.nonzero().squeeze(1)
+                gk = go.index_select(0, ki)
+                self.ubo.index_copy_(0, gk, om.index_select(0, ki))
+                self.tl.index_fill_(0, gk, self.step)
+                self._count("refined", int(ki.numel()))
+                ri = (~ok).nonzero().squeeze(1)
+                old, go, cand, ub, pp, nonc = (t.index_select(0, ri) for t in (old, go, cand, ub, pp, nonc))
         if old.numel():
             # level 1, O(K) per row: per-candidate bounds (level 1a's), exact recomputation of the candidates
-            # that could win
-            ao = a_out[old]
+            # that could win. Pairs are addressed by flat position row * K + candidate in the (rows x K) arrays.
+            ao = a_out.index_select(0, old)
             ar = torch.arange(old.numel(), device=self.device)
-            ub[ar, pp] = ao
+            assigned = ar * K + pp
+            ub.view(-1).index_copy_(0, assigned, ao)
             exact = torch.zeros_like(ub, dtype=torch.bool)
-            exact[ar, pp] = True
+            exact.view(-1).index_fill_(0, assigned, True)
             win = torch.full((old.numel(),), -1, dtype=torch.long, device=self.device)
             full_o = torch.zeros(old.numel(), dtype=torch.bool, device=self.device)
             act = ar
             n_pairs = 0
-            done = [(ar, pp, ao)]  # (row, candidate position, exact similarity) of every evaluated pair
+            done = [(assigned, ao)]  # (flat position, exact similarity) of every evaluated pair
             while act.numel():
                 if act is ar:  # first round: every row, whose only exact value is its assignment's
                     ub_a, ex_a, bv, bi = ub, exact, ao, pp
                 else:
-                    ub_a, ex_a = ub[act], exact[act]
+                    ub_a, ex_a = ub.index_select(0, act), exact.index_select(0, act)
                     bv, bi = torch.where(ex_a, ub_a, torch.full_like(ub_a, -math.inf)).max(dim=1)
                 others = ub_a.clone()
-                others[torch.arange(act.numel(), device=self.device), bi] = -math.inf
-                lim_a = torch.maximum(others.max(dim=1).values, nonc[act])
+                others.scatter_(1, bi[:, None], -math.inf)
+                lim_a = torch.maximum(others.amax(dim=1), nonc.index_select(0, act))
                 ok = (bv - lim_a) > eps
                 win[act[ok]] = bi[ok]
                 self._count("refined", int(ok.sum()))
@@ -275,30 +287,33 @@ class Assigner:
                 full_o[act[rest & ~has]] = True
                 if bool(has.any()):
                     rr, kk = need.nonzero(as_tuple=True)
-                    gr = act[rr]
-                    vals = self._dot_params(fr, cand[gr, kk], rows=old[gr])
-                    ub[gr, kk] = vals
-                    exact[gr, kk] = True
-                    done.append((gr, kk, vals))
+                    gr = act.index_select(0, rr)
+                    pos = gr * K + kk
+                    vals = self._dot_params(fr, cand.take(pos), rows=old.index_select(0, gr))
+                    ub.view(-1).index_copy_(0, pos, vals)
+                    exact.view(-1).index_fill_(0, pos, True)
+                    done.append((pos, vals))
                     n_pairs += int(gr.numel())
                 act = act[has]
             self._count("pairs", n_pairs)
-            # refreshed bounds for the exactly evaluated candidates
-            dr, dk, dv = (torch.cat(t) for t in zip(*done))
-            self.chi[go[dr], dk] = dv - self.Pt32[cand[dr, dk]]
+            # refreshed bounds for the exactly evaluated candidates (each pair once: no repeated position)
+            dpos, dv = (torch.cat(t) for t in zip(*done))
+            chi_pos = go.index_select(0, dpos // K) * K + dpos % K
+            self.chi.view(-1).index_copy_(0, chi_pos, dv - self.Pt32.take(cand.take(dpos)))
             cert = (win >= 0).nonzero().squeeze(1)
             if cert.numel():
-                wc = win[cert]
-                gc = go[cert]
-                newp = cand[cert, wc]
-                p_out[old[cert]] = newp
-                a_out[old[cert]] = ub[cert, wc]  # an exact row-dot value
-                self.ppos[gc] = wc
-                self.p[gc] = newp
-                others = ub[cert]
-                others[torch.arange(cert.numel(), device=self.device), wc] = -math.inf
-                self.ubo[gc] = others.max(dim=1).values
-                self.tl[gc] = self.step
+                wc = win.index_select(0, cert)
+                gc = go.index_select(0, cert)
+                oc = old.index_select(0, cert)
+                newp = cand.take(cert * K + wc)
+                p_out.index_copy_(0, oc, newp)
+                a_out.index_copy_(0, oc, ub.take(cert * K + wc))  # an exact row-dot value
+                self.ppos.index_copy_(0, gc, wc)
+                self.p.index_copy_(0, gc, newp)
+                others = ub.index_select(0, cert)
+                others.scatter_(1, wc[:, None], -math.inf)
+                self.ubo.index_copy_(0, gc, others.amax(dim=1))
+                self.tl.index_fill_(0, gc, self.step)
             to_full[old[full_o]] = True
         fi = to_full.nonzero().squeeze(1)
         if fi.numel():
@@ -436,7 +451,7 @@ class Assigner:
             tv, ti = s.topk(k1, dim=1)
         p = self._resolve_ties(fr, s, tv, ti)
         a = s.gather(1, p[:, None]).squeeze(1)
-        self.p[gidx] = p
+        self.p.index_copy_(0, gidx, p)
         if not self.prune:
             return p, a
         K = self.K
@@ -453,16 +468,16 @@ class Assigner:
             cand[r, K - 1] = p[r]
             vals[r, K - 1] = a[r]
             ppos[r] = K - 1
-        self.cand[gidx] = cand.int()
-        self.chi[gidx] = vals - self.Pt32[cand]
+        self.cand.index_copy_(0, gidx, cand.int())
+        self.chi.index_copy_(0, gidx, vals - self.Pt32.take(cand))
         if K > 1:
             others = vals.clone()
-            others[torch.arange(n, device=self.device), ppos] = -math.inf
-            self.ubo[gidx] = others.max(dim=1).values
+            others.scatter_(1, ppos[:, None], -math.inf)
+            self.ubo.index_copy_(0, gidx, others.amax(dim=1))
         else:
-            self.ubo[gidx] = -math.inf
-        self.tl[gidx] = self.step
-        self.thr[gidx] = thr
-        self.t0[gidx] = self.step
-        self.ppos[gidx] = ppos
+            self.ubo.index_fill_(0, gidx, -math.inf)
+        self.tl.index_fill_(0, gidx, self.step)
+        self.thr.index_copy_(0, gidx, thr)
+        self.t0.index_fill_(0, gidx, self.step)
+        self.ppos.index_copy_(0, gidx, ppos)
         return p, a
