@@ -29,6 +29,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from bench_suite import locks
 from bench_suite.cli import select as select_cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -209,24 +210,30 @@ def test_srun_distributed_selection_equals_one_process(cluster, through_slurm, t
     assert two["info"]["world"] == 2 and single["info"]["world"] == 1  # the pool really was split over 2 tasks
 
 
-def _drop_cell(tmp: Path, method: str) -> None:
-    """Delete the cached result of ``method``'s cell (as if it had never finished)."""
+def _drop_cell(tmp: Path, method: str) -> Path:
+    """Delete the cached result of ``method``'s cell (as if it had never finished); return its path."""
     for path in (tmp / "work" / "cells").rglob("*.json"):
         if json.loads(path.read_text())["method"] == method:
             path.unlink()
-            return
+            return path
     raise AssertionError(method)
 
 
 @pytest.mark.slow
 def test_cancelled_cell_is_reported_failed_then_resubmitted(through_slurm, local, tmp_path):
     shutil.copytree(through_slurm[0] / "work", tmp_path / "work", ignore=shutil.ignore_patterns("slurm"))
-    _drop_cell(tmp_path, "random")
-    proc, ids = start_slurm(tmp_path, "1")  # submits, then waits for the jobs
-    task = f"{ids['cells']}_0"
-    wait_for(lambda: squeue(task).get(task) == "RUNNING", 60, f"array task {task} to run")
-    subprocess.run(["scancel", task], check=True)
-    out, err = proc.communicate(timeout=600)
+    # This process holds the cell's lock, so the array task waits for it while RUNNING and the cancel always finds
+    # the cell unfinished (a fast machine once finished it between squeue's RUNNING and the scancel)
+    hold = _drop_cell(tmp_path, "random").with_suffix(".lock")
+    assert locks.try_lock(hold)
+    try:
+        proc, ids = start_slurm(tmp_path, "1")  # submits, then waits for the jobs
+        task = f"{ids['cells']}_0"
+        wait_for(lambda: squeue(task).get(task) == "RUNNING", 60, f"array task {task} to run")
+        subprocess.run(["scancel", task], check=True)
+        out, err = proc.communicate(timeout=600)
+    finally:
+        locks.release(hold)
     assert proc.returncode == 1, err[-3000:]
     assert ids["features"] is None and "stage 1 not needed" in err  # features cached: no stage 1
     assert re.search(rf"FAILED digits 0.03 Random seed 0: CANCELLED \(job {task}\), log \S+cell-{task}.out",
