@@ -14,7 +14,7 @@ import torch.multiprocessing as mp
 from sklearn.datasets import load_digits
 
 from bench_suite import runtime as bdist
-from bench_suite.activeft import ActiveFT
+from bench_suite.activeft import ActiveFT, static_loop
 from bench_suite.errors import BenchError
 from bench_suite.store import FeatureStore
 
@@ -26,6 +26,9 @@ CONFIGS = [
     {"budget": 40, "seed": 2, "iters": 40, "subset": 600, "init": "fps"},
     {"budget": 30, "seed": 3, "iters": 20, "regularizer": "infonce"},
     {"budget": 30, "seed": 5, "iters": 30, "no_update": True, "lr": 5e-3},  # Table 5a "No-Update"
+    # the fixed-shape loop (a GPU's CUDA graph, uncaptured); the workers force its capacities to overflow, so
+    # ranks redo iterations together (the flag rides on the all_reduce)
+    {"budget": 40, "seed": 6, "iters": 30, "loop": "static", "prune": False, "screen": "bf16"},
 ]
 
 
@@ -36,12 +39,13 @@ def _run_configs(store, d):
         budget, seed = cfg.pop("budget"), cfg.pop("seed")
         sel = ActiveFT(progress=False, **cfg).select(store, budget, seed=seed, dist=d)
         out.append({"ids": sel.ids.tolist(), "loss": sel.info["loss_curve"], "final": sel.info["final_loss"],
-                    "world": sel.info["world"]})
+                    "world": sel.info["world"], "loop": sel.info["loop"], "redone": sel.info["loop_redone"]})
     return out
 
 
 def _worker(rank, world, port, store_dir, bad_dir, out_dir):
     torch.set_num_threads(1)
+    static_loop.MIN_CAP, static_loop.CAP_FACTOR = 1, 0.5
     tdist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         d = bdist.current()
@@ -88,6 +92,9 @@ def test_two_gloo_ranks_equal_one_process(digits_store, tmp_path):
             assert b["ids"] == a["ids"], f"ids differ for {cfg}"
             np.testing.assert_allclose(b["loss"], a["loss"], rtol=1e-5, atol=0)
             assert b["final"] == pytest.approx(a["final"], rel=1e-5)
+            assert b["loop"] == a["loop"] == cfg.get("loop", "eager")
+            if "loop" in cfg:
+                assert b["redone"] > 0  # the forced overflows were redone on both ranks
     assert ranks[0]["bad"] and ranks[0]["bad"] == ranks[1]["bad"] and "NaN" in ranks[0]["bad"]
     assert "row 1500" in ranks[0]["bad"]
 

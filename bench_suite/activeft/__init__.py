@@ -17,7 +17,8 @@ Options (keyword arguments of ``ActiveFT``, ``--set key=value`` on the CLI; the 
 none = S1 | infonce = S2, Table 5b), ``temperature`` (0.07), ``iters`` (300), ``lr`` (1e-3, Adam), ``init``
 (random | fps), ``update_assign`` (False = Table 5a "No-Update"; alias ``no_update=true``), ``balance``
 (lambda, 1), ``scheduler`` (none | cosine), ``subset`` (M samples per iteration, Sec. 3.5; 0 = all),
-``prune``/``candidates`` (the exact pruning, K=16), ``block_size``, ``snap_candidates``, ``bb_dtype``,
+``prune``/``candidates`` (the exact pruning, K=16), ``screen``, ``loop`` (auto: on a GPU with one process, the
+fixed-shape iteration replayed as a CUDA graph, ``static_loop``), ``block_size``, ``snap_candidates``, ``bb_dtype``,
 ``device`` (auto = the rank's local GPU, else cpu: the project's one rule, ``runtime.resolve_device``),
 ``threads``, ``progress``, ``verify`` (debug: check every pruned assignment against the full computation).
 Old names still accepted: ``tau``, ``T``, ``max_iter``, ``M``, ``K``, ``lambda_``.

@@ -29,6 +29,7 @@ from bench_suite.activeft.groupsum import GroupSums
 from bench_suite.activeft.init import gather_rows, initial_rows
 from bench_suite.activeft.options import Options
 from bench_suite.activeft.snap import snap
+from bench_suite.activeft.static_loop import StaticLoop, resolve_loop
 
 ASSIGN_STATS = ("certified", "refined", "refreshed", "pairs", "screen_rechecked")
 
@@ -139,18 +140,20 @@ class PlainAdam:
     imports ``torch._dynamo``: 2.7 s of every selection CLI's start-up (measured, 2 cores). The cosine schedule
     needs the Optimizer and keeps it."""
 
-    def __init__(self, param: torch.Tensor, lr: float):
-        self.param, self.lr = param, float(lr)
+    def __init__(self, param: torch.Tensor, lr: float, *, capturable: bool = False):
+        self.param, self.lr, self.capturable = param, float(lr), bool(capturable)
         self.exp_avg = torch.zeros_like(param, memory_format=torch.preserve_format)
         self.exp_avg_sq = torch.zeros_like(param, memory_format=torch.preserve_format)
-        self.step_t = torch.tensor(0.0, dtype=_get_scalar_dtype())  # as torch.optim.Adam keeps its step
+        # as torch.optim.Adam keeps its step: on the host, or (capturable: inside a CUDA graph) on the device
+        self.step_t = torch.tensor(0.0, dtype=_get_scalar_dtype(),
+                                   device=param.device if capturable else None)
 
     @torch.no_grad()
     def step(self) -> None:
         adam([self.param], [self.param.grad], [self.exp_avg], [self.exp_avg_sq], [], [self.step_t], foreach=False,
-             capturable=False, differentiable=False, fused=None, grad_scale=None, found_inf=None, has_complex=False,
-             decoupled_weight_decay=False, amsgrad=False, beta1=0.9, beta2=0.999, lr=self.lr, weight_decay=0.0,
-             eps=1e-8, maximize=False)
+             capturable=self.capturable, differentiable=False, fused=None, grad_scale=None, found_inf=None,
+             has_complex=False, decoupled_weight_decay=False, amsgrad=False, beta1=0.9, beta2=0.999, lr=self.lr,
+             weight_decay=0.0, eps=1e-8, maximize=False)
 
 
 class _Run:
@@ -170,6 +173,7 @@ class _Run:
         fnorm = float(dist.all_reduce(torch.tensor([local_max], dtype=torch.float64, device=self.dev), "max")[0])
         self.eps = decision_eps(self.d, fnorm)
         self.prune = resolve_prune(cfg.prune, self.b, self.dev)
+        self.loop_mode = resolve_loop(cfg.loop, cfg, self.dev, dist.world, self.prune)
         self.block = auto_block(self.b, cfg.block_size, self.dev, prune=self.prune, d=self.d)
         self.bb_dtype = (torch.float64 if cfg.bb_dtype == "float64" or (cfg.bb_dtype == "auto" and self.b <= 512)
                          else torch.float32)
@@ -183,6 +187,7 @@ class _Run:
         self.final_loss = float("nan")
         self.iter_seconds: list[float] = []
         self.timing = {"accumulate": 0.0, "repulsion": 0.0, "reduce": 0.0, "step": 0.0}
+        self.static: StaticLoop | None = None
 
     def _initialise(self, seed: int) -> None:
         """theta (float64, on every rank) at the initial rows; Adam; the optional cosine schedule."""
@@ -197,11 +202,16 @@ class _Run:
             self.opt = torch.optim.Adam([self.theta], lr=cfg.lr, foreach=False)
             self.sched = torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, max(cfg.iters, 1), eta_min=1e-6)
         else:
-            self.opt, self.sched = PlainAdam(self.theta, cfg.lr), None
+            self.opt, self.sched = PlainAdam(self.theta, cfg.lr, capturable=self.loop_mode == "graph"), None
 
     # ------------------------------------------------------------------ the loop
     def loop(self, progress=None) -> None:
-        """Iterations 0..T-1: loss, gradient, step. Iteration T only evaluates the final loss."""
+        """Iterations 0..T-1: loss, gradient, step. Iteration T only evaluates the final loss. ``static`` and
+        ``graph`` run the same iterations with fixed shapes (``static_loop``)."""
+        if self.loop_mode != "eager":
+            self.static = StaticLoop(self, self.loop_mode)
+            self.static.run(progress)
+            return
         cfg = self.cfg
         for t in range(cfg.iters + 1):
             t_it = time.perf_counter()
@@ -335,6 +345,7 @@ class _Run:
             "n_active": self.n_act,
             "block_size": self.block,
             "pruned": self.prune,
+            **(self.static.info() if self.static is not None else {"loop": "eager", "loop_fallback": None}),
             "bb_dtype": str(self.bb_dtype).replace("torch.", ""),
             "eps": self.eps,
             **snap_info,

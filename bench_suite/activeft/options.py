@@ -38,6 +38,10 @@ class Options:
     screen: str = opt("fp32", role="runtime", choices=("fp32", "tf32", "bf16"),
                       doc="precision of the full pass's screening product; rows it cannot decide (top-2 margin "
                           "within its rounding bound) are redone in float32, so the assignments are the same")
+    loop: str = opt("auto", role="runtime", choices=("auto", "eager", "static", "graph"),
+                    doc="the iteration loop: eager | static (fixed shapes, no host sync inside an iteration) | graph "
+                        "(static, replayed from one CUDA graph) | auto (graph on a GPU with one process for the "
+                        "default objective, else eager); the same assignments")
     candidates: int = opt(16, role="runtime", minimum=1, doc="K: candidates kept per sample by the pruning")
     block_size: int = opt(0, role="runtime", minimum=0,
                           doc="rows per block (0: auto, block x B float32 near 256 MiB)")

@@ -31,14 +31,15 @@ step() {  # step NAME SECONDS COMMAND...: run with a limit, log to $OUT/NAME.txt
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$OUT/gpu.txt" 2>&1
 cat "$OUT/gpu.txt"
 
-# issue 10: 50k pool at B = 1000 / 2500 / 5000, the naive loop for all T = 300 iterations in the same run
+# issue 10: 50k pool at B = 1000 / 2500 / 5000, the naive loop for all T = 300 iterations in the same run;
+# auto is the fixed-shape loop replayed as a CUDA graph (static_loop), full the same product in the eager loop
 step sel50k 100 $PY -m bench_suite.bench.selector --device cuda --budgets 1000,2500,5000 --naive-iters 300 \
-    --paths auto,pruned --json "$OUT/sel50k.json"
+    --paths auto,full --json "$OUT/sel50k.json"
 step sel50k_tf32 40 $PY -m bench_suite.bench.selector --device cuda --budgets 1000,5000 --no-naive \
     --screen tf32 --json "$OUT/sel50k_tf32.json"
 # issue 10: the full ImageNet pool (1,281,167 x 384), B = 12,812: 20 iterations extrapolated to T = 300
 step selimnet 90 $PY -m bench_suite.bench.selector --device cuda --n 1281167 --classes 1000 --budgets 12812 \
-    --iters 20 --no-naive --no-emd --json "$OUT/selimnet.json"
+    --iters 20 --no-naive --no-emd --paths auto,full --json "$OUT/selimnet.json"
 step selimnet_tf32 50 $PY -m bench_suite.bench.selector --device cuda --n 1281167 --classes 1000 --budgets 12812 \
     --iters 20 --no-naive --no-emd --screen tf32 --json "$OUT/selimnet_tf32.json"
 step selimnet_m 40 $PY -m bench_suite.bench.selector --device cuda --n 1281167 --classes 1000 --budgets 12812 \

@@ -2,7 +2,7 @@
 
 For each budget, in one process and on one device: the project's path as the selector runs it (``auto``:
 the full product or the certified pruning, ``optimize.resolve_prune``), optionally each path forced
-(``--paths auto,full,pruned``), the naive loop (the released code's approach: the whole N x B matrix plus
+(``--paths auto,full,pruned,static,graph``), the naive loop (the released code's approach: the whole N x B matrix plus
 autograd, float32, direct exponentials; ``reference.reference_select``) and one brute N x B pass (matmul +
 argmax, the floor of any exact method that does a full pass per iteration). It prints wall seconds, the
 ratios between them, peak memory, the final loss, the Eq. 16 EMD of the selection and the share of ids the
@@ -52,7 +52,10 @@ from bench_suite.bench.pools import clustered_sphere
 from bench_suite.metrics import selection_emd
 from bench_suite.runtime import Runtime, resolve_device
 
-PATHS = {"auto": None, "full": False, "pruned": True}
+# each path's options: auto is what the selector runs by default; full, the full product in the eager loop;
+# static / graph, the full product in the fixed-shape loop, uncaptured / replayed as a CUDA graph
+PATHS = {"auto": {}, "full": {"prune": False, "loop": "eager"}, "pruned": {"prune": True},
+         "static": {"prune": False, "loop": "static"}, "graph": {"prune": False, "loop": "graph"}}
 
 
 def _sync(device: torch.device) -> None:
@@ -98,7 +101,8 @@ def run_project(pool: torch.Tensor, budget: int, iters: int, seed: int, *, prune
     return {"wall": wall, "iters": iters, "per_iter": res["seconds_optimize"] / max(iters, 1),
             "snap_s": res["seconds_snap"], "losses": res["losses"], "final_loss": res["final_loss"],
             "rows": res["rows"], "peak_above_mib": mem.above_mib, "pruned": res["pruned"],
-            "assign_stats": res["assign_stats"], "breakdown": res["seconds_breakdown"],
+            "assign_stats": res["assign_stats"], "breakdown": res["seconds_breakdown"], "loop": res["loop"],
+            "loop_fallback": res["loop_fallback"],
             "init_rows": res["init_rows"]}
 
 
@@ -176,7 +180,7 @@ def bench_budget(feats: np.ndarray, pool: torch.Tensor, budget: int, args, con) 
     if not args.no_naive:
         run_naive(feats[: min(len(feats), 4 * budget)], budget, 1, args.seed, pool.device)
     for name in args.paths.split(","):
-        runs[name] = run_project(pool, budget, args.iters, args.seed, prune=PATHS[name], snap=snap, **kw)
+        runs[name] = run_project(pool, budget, args.iters, args.seed, snap=snap, **PATHS[name], **kw)
     brute = brute_pass(pool, budget, args.seed)
     extra = {"brute_pass_fp32_s": brute}
     if pool.device.type == "cuda":
@@ -188,7 +192,7 @@ def bench_budget(feats: np.ndarray, pool: torch.Tensor, budget: int, args, con) 
                                   subset=args.subset)
         first = next(iter(runs))  # the first of --paths
         equal_t = runs[first] if nt == args.iters else \
-            run_project(pool, budget, nt, args.seed, prune=PATHS[first], snap=snap, **kw)
+            run_project(pool, budget, nt, args.seed, snap=snap, **PATHS[first], **kw)
     if not args.no_emd and snap:
         for run in runs.values():
             run["emd"] = selection_emd(feats, run["rows"])
@@ -202,7 +206,7 @@ def bench_budget(feats: np.ndarray, pool: torch.Tensor, budget: int, args, con) 
         table.add_column(col, justify="right")
     for name, run in runs.items():
         tot, extrap = total_at(run, args.iters)
-        label = f"{name} ({'pruned' if run['pruned'] else 'full'})" if name in PATHS else name
+        label = (f"{name} ({'pruned' if run['pruned'] else 'full'}, {run['loop']})" if name in PATHS else name)
         table.add_row(label, str(run["iters"]), f"{run['wall']:.2f}", f"{run['per_iter']:.4f}",
                       f"{tot:.2f}{' *' if extrap else ''}", f"{run['peak_above_mib']:.0f}",
                       f"{run['final_loss']:.6f}", f"{run['emd']:.5f}" if "emd" in run else "-")
@@ -230,6 +234,7 @@ def bench_budget(feats: np.ndarray, pool: torch.Tensor, budget: int, args, con) 
         lines.append(msg)
     if "emd_random" in extra:
         lines.append(f"EMD of the random initial rows: {extra['emd_random']:.5f}")
+    lines += [f"{name}: {run['loop_fallback']}" for name, run in runs.items() if run.get("loop_fallback")]
     for line in lines:
         con.print(line)
     out = {"budget": budget, **extra, "runs": {}}
@@ -288,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--objective", default="official", choices=("official", "paper"))
     p.add_argument("--subset", type=int, default=0, help="M random samples per iteration (0 = all)")
-    p.add_argument("--paths", default="auto", help="the project's paths to run: auto,full,pruned")
+    p.add_argument("--paths", default="auto", help=f"the project's paths to run: {','.join(PATHS)}")
     p.add_argument("--screen", default="fp32", choices=("fp32", "tf32", "bf16"),
                    help="the full pass's screening precision (the selector's option screen)")
     p.add_argument("--naive-iters", type=int, default=20,
@@ -310,7 +315,7 @@ def main(argv=None) -> dict:
     con = Console(width=160)
     for name in args.paths.split(","):
         if name not in PATHS:
-            raise SystemExit(f"error: --paths: unknown path {name!r} (auto, full, pruned)")
+            raise SystemExit(f"error: --paths: unknown path {name!r} ({', '.join(PATHS)})")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)

@@ -1,0 +1,328 @@
+"""The ActiveFT iteration with fixed shapes and no host synchronisation inside it, replayed from one CUDA graph.
+
+Why (issue 10): the eager iteration issues about 160 torch ops and 5 host syncs (counted on a CPU with a
+dispatch counter at 50k x 384, B = 1000, the GPU's one-block pass). On a GPU each op costs a launch and
+each sync drains the queue: together a millisecond or more per iteration, more than the arithmetic at
+that size (a float32 50k x 1000 x 384 product is about 0.6 ms on an H200). Here every shape inside an
+iteration is fixed, so the iteration can be captured once as a CUDA graph and replayed: one launch and
+one sync (the loss and a flag) per iteration.
+
+What makes the shapes fixed: the rows whose argmax the first product cannot decide (float32 near-ties,
+screened rows inside the rounding bound, ``assign.Assigner._screened``) are compacted into a fixed
+capacity with ``torch.nonzero_static``. Padding repeats row 0 of the block, whose recomputed argmax is its
+own (idempotent). More rows than the capacity, or more than ``NEAR_K`` parameters within the float32
+margin of a row's best, raise a flag (summed over the ranks with the iteration's one all_reduce); the
+iteration is then redone from its saved state with exact, dynamic shapes, and the capacities grow. So
+the assignments are the eager loop's (the canonical argmax of ``assign``), only reached without syncs.
+
+Scope: the objective and settings users run (official objective, regularizer ``ours``, assignments
+updated every iteration, no schedule, the full product: ``why_not_static``). Others run the eager loop.
+The graph needs one process (``world == 1``; NCCL inside a graph is not attempted) and a CUDA device;
+``loop=static`` runs the same fixed-shape iteration without capture, on any device (how the CPU tests
+check it against the eager loop). After capturing, the first replay is checked against the same
+iteration run uncaptured; any difference, or a capture error, falls back to ``static`` and says why.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+import torch.nn.functional as tnf
+
+from bench_suite.activeft.assign import SCREEN_UNIT, U32
+from bench_suite.errors import BadInputError
+
+LOOPS = ("auto", "eager", "static", "graph")
+NEAR_K = 4  # parameters examined in float64 for a near-tie row; more within the margin: the iteration is redone
+MIN_CAP = 16
+CAP_FACTOR = 2.0  # capacity = this x the largest count seen (then a power of two)
+# a replay may differ from the uncaptured iteration only by rounding; beyond this (relative to max |theta|), the
+# graph is not trusted
+REPLAY_TOLERANCE = 1e-7
+
+
+def why_not_static(cfg, prune: bool) -> str | None:
+    """None when the fixed-shape iteration covers these options, else what it would need."""
+    if cfg.objective != "official" or cfg.regularizer != "ours":
+        return "objective=official with regularizer=ours"
+    if not cfg.update_assign:
+        return "update_assign=true"
+    if cfg.scheduler != "none":
+        return "scheduler=none"
+    if prune:
+        return "prune=false (the full product)"
+    return None
+
+
+def resolve_loop(requested: str, cfg, device: torch.device, world: int, prune: bool) -> str:
+    """The loop as run: ``auto`` is ``graph`` on a GPU with one process when the options allow, else eager."""
+    if requested not in LOOPS:
+        raise ValueError(f"loop must be one of {LOOPS}, not {requested!r}")
+    if requested == "eager":
+        return "eager"
+    why = why_not_static(cfg, prune)
+    if requested == "auto":
+        return "graph" if why is None and device.type == "cuda" and world == 1 else "eager"
+    if why is not None:
+        raise BadInputError(f"activeft: loop={requested} needs {why}")
+    if requested == "graph" and (device.type != "cuda" or world != 1):
+        raise BadInputError(f"activeft: loop=graph needs one process on a CUDA device (here: {device}, "
+                         f"{world} processes); loop=static runs the same iteration without the graph")
+    return requested
+
+
+def _pow2_at_least(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+class StaticLoop:
+    """Iterations 0..T-1 and the final evaluation of one ``optimize._Run`` with fixed shapes.
+
+    Iteration 0 runs with dynamic shapes and sizes the capacities; then each iteration saves the state
+    (theta and Adam's), runs (a graph replay, or the same code uncaptured) and reads ``[loss, overflow,
+    rechecked]`` in one sync; on an overflow it restores the state, redoes the iteration with dynamic
+    shapes, grows the capacities and recaptures.
+    """
+
+    def __init__(self, run, mode: str):
+        self.r = run
+        self.mode = mode  # "static" or "graph"
+        self.graph = None
+        self.fallback: str | None = None
+        self.caps: dict[str, int] | None = None
+        self.counts = {"tie": 0, "screen": 0}  # largest compaction seen in a dynamic iteration (per block)
+        self.rows_buf: torch.Tensor | None = None
+        dev = run.dev
+        self.out = torch.zeros(3, dtype=torch.float64, device=dev)  # loss, overflow (all ranks), rechecked (here)
+        self.captures = 0
+        self.redone = 0
+        run.assigner.eps = run.assigner.eps_base  # as ``Assigner.set_params`` sets it without pruning
+        opt = run.opt  # for a graph, ``_Run`` made it capturable (its step counter on the device)
+        self.state = [run.theta.data, opt.exp_avg, opt.exp_avg_sq, opt.step_t]
+        self.saved = [t.clone() for t in self.state]
+
+    # ------------------------------------------------------------------ the loop
+    def run(self, progress=None) -> None:
+        r, cfg = self.r, self.r.cfg
+        asg = r.assigner
+        for t in range(cfg.iters + 1):
+            t_it = time.perf_counter()
+            rows = r._subset_rows()
+            n_rows = asg.n if rows is None else int(rows.numel())
+            asg.step += 1
+            asg.per_iter.append({"certified": 0, "refined": 0, "refreshed": n_rows, "pairs": 0})
+            asg.totals["refreshed"] += n_rows
+            if t == cfg.iters:
+                loss, _, rech = self._dynamic(rows, step=False)
+                r.final_loss = loss
+                asg.totals["screen_rechecked"] += int(rech)
+                break
+            if self.caps is None:
+                loss, _, rech = self._dynamic(rows, step=True)
+                self._size_caps()
+                if self.mode == "graph":
+                    self._capture(rows)
+            else:
+                self._save()
+                if self.graph is not None:
+                    if rows is not None:
+                        self.rows_buf.copy_(rows)
+                    self.graph.replay()
+                else:
+                    self._body(self.caps, rows, step=True)
+                loss, over, rech = self.out.tolist()
+                if over > 0:  # a capacity was too small somewhere: redo this iteration exactly, then grow
+                    self._restore()
+                    loss, _, rech = self._dynamic(rows, step=True)
+                    self.redone += 1
+                    self._size_caps()
+                    if self.mode == "graph" and self.graph is not None:
+                        self._capture(rows, check=False)
+            asg.totals["screen_rechecked"] += int(rech)
+            r.losses.append(loss)
+            r.iter_seconds.append(time.perf_counter() - t_it)
+            if progress is not None:
+                progress(t + 1, loss)
+        r.t_opt = time.perf_counter() - r.t_start - r.t_init
+
+    def info(self) -> dict:
+        return {"loop": "graph" if self.graph is not None else "static", "loop_fallback": self.fallback,
+                "loop_caps": dict(self.caps or {}), "loop_redone": self.redone, "loop_captures": self.captures}
+
+    def _dynamic(self, rows, step: bool) -> list[float]:
+        """One iteration with exact, dynamic shapes (syncs allowed): the first, the redone ones, the final."""
+        self._body(None, rows, step=step)
+        return self.out.tolist()
+
+    def _size_caps(self) -> None:
+        """Capacities: ``CAP_FACTOR`` x the largest compaction seen, a power of two, at least ``MIN_CAP``, at most a
+        block."""
+        block = self.r.assigner.block
+        self.caps = {k: min(block, _pow2_at_least(max(MIN_CAP, int(CAP_FACTOR * v)))) for k, v in self.counts.items()}
+
+    def _save(self) -> None:
+        for dst, src in zip(self.saved, self.state):
+            dst.copy_(src)
+
+    def _restore(self) -> None:
+        for dst, src in zip(self.state, self.saved):
+            dst.copy_(src)
+
+    # ------------------------------------------------------------------ the graph
+    def _capture(self, rows, check: bool = True) -> None:
+        """Capture one iteration (the state is left as it was); with ``check``, run the next iteration both as a
+        replay and uncaptured (then undo both) and keep the graph only if they agree."""
+        self.graph = None
+        if rows is not None:
+            self.rows_buf = rows.clone()
+        self._save()
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up on a side stream before capturing (torch's recipe)
+                self._body(self.caps, self.rows_buf, step=True)
+            torch.cuda.current_stream().wait_stream(side)
+            self._restore()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self._body(self.caps, self.rows_buf, step=True)
+            self._restore()
+            self.captures += 1
+        except Exception as exc:  # noqa: BLE001 - any capture failure: run the same iteration uncaptured
+            torch.cuda.synchronize()
+            self._restore()
+            self.fallback = f"CUDA graph capture failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
+            self.mode = "static"
+            return
+        if check and not self._replay_matches(graph):
+            self.mode = "static"
+            return
+        self.graph = graph
+
+    def _replay_matches(self, graph) -> bool:
+        """The next iteration as a replay and uncaptured, from the same state (both undone): equal up to rounding?
+        (A capacity overflow in either makes the comparison unfair: the graph is kept and the sizes grow later.)"""
+        graph.replay()
+        replayed, out_g = self.r.theta.data.clone(), self.out.clone()
+        self._restore()
+        self._body(self.caps, self.rows_buf, step=True)
+        ref, out_ref = self.r.theta.data.clone(), self.out.clone()
+        self._restore()
+        if out_g[1] > 0 or out_ref[1] > 0:
+            return True
+        diff = float((replayed - ref).abs().max()) / (float(ref.abs().max()) or 1.0)
+        if diff <= REPLAY_TOLERANCE and bool(torch.isclose(out_g[0], out_ref[0], rtol=1e-9, atol=0.0)):
+            return True
+        self.fallback = (f"the CUDA graph's replay differed from the uncaptured iteration (max |d theta| {diff:.2e}"
+                         f" of max |theta|): ran uncaptured")
+        return False
+
+    # ------------------------------------------------------------------ one iteration
+    def _body(self, caps: dict | None, rows, *, step: bool) -> None:
+        """One iteration (the eager loop's ``_pass``, ``_gradient`` and ``_step`` for the fused official
+        objective) writing ``self.out``; ``caps`` None: dynamic shapes."""
+        r = self.r
+        asg, tau, b, d = r.assigner, r.tau, r.b, r.d
+        with torch.no_grad():
+            th = r.theta.detach()
+            th_norm = th.norm(dim=1)
+            c64 = th / th_norm.clamp_min(1e-12)[:, None]
+        asg.c64, asg.c32 = c64, c64.float()
+        shift, qc = r._official_repulsion(c64)
+        buf = torch.zeros(b * (d + 1) + 2, dtype=torch.float64, device=r.dev)  # [S | g], loss, overflow
+        sums = buf[: b * (d + 1)].view(b, d + 1)
+        rech = torch.zeros((), dtype=torch.float64, device=r.dev)
+        loss_acc = torch.zeros((), dtype=torch.float64, device=r.dev)
+        for key, fr in self._blocks(rows):
+            p, a = self._assign(key, fr, caps, buf, rech)
+            z = shift.index_select(0, p) - a.double() / tau
+            loss_acc += tnf.softplus(z).sum()
+            r.groups.add(sums, key, fr, p, torch.sigmoid(z))
+        buf[-2] = loss_acc
+        r.dist.all_reduce(buf)  # the one O(B d) reduction (the overflow flag rides along)
+        loss, grad_c = r._gradient(sums[:, :d], sums[:, d], buf[-2], None, c64, qc)
+        if step:
+            r._step(grad_c, c64, th_norm)
+        self.out[0].copy_(loss)
+        self.out[1].copy_(buf[-1])
+        self.out[2].copy_(rech)
+
+    def _blocks(self, rows):
+        asg = self.r.assigner
+        n_rows = asg.n if rows is None else int(rows.numel())
+        for s in range(0, n_rows, asg.block):
+            e = min(n_rows, s + asg.block)
+            if rows is None:
+                yield slice(s, e), asg.F[s:e]
+            else:
+                idx = rows[s:e]
+                yield idx, asg.F.index_select(0, idx)
+
+    def _assign(self, key, fr, caps, buf, rech):
+        """The canonical nearest parameter of each row of the block and its float32 similarity."""
+        asg = self.r.assigner
+        k2 = min(2, asg.B)
+        if asg.screen == "fp32":
+            s = asg.sims(fr)
+            tv, ti = s.topk(k2, dim=1)
+            p = self._decided(fr, s, tv, ti, caps, buf)
+            a = s.gather(1, p[:, None]).squeeze(1)
+        else:
+            u = SCREEN_UNIT[asg.screen]
+            bound = asg.fnorm * (2 * u + u * u + (asg.d + 2) * U32) + (u if asg.screen == "bf16" else 0.0)
+            s = asg._low_sims(key, fr)
+            tv, ti = s.topk(k2, dim=1)
+            p = ti[:, 0].clone()
+            if asg.B > 1:
+                unsure = (tv[:, 0] - tv[:, 1]) <= 2 * bound + asg.eps
+                rr = self._compact(unsure, caps, "screen", buf)
+                rech += unsure.sum()
+                fu = fr.index_select(0, rr)
+                su = asg.sims(fu)
+                tvu, tiu = su.topk(k2, dim=1)
+                p.index_copy_(0, rr, self._decided(fu, su, tvu, tiu, caps, buf))
+            a = asg._dot_params(fr, p)
+        if isinstance(key, slice):
+            asg.p[key] = p
+        else:
+            asg.p.index_copy_(0, key, p)
+        return p, a
+
+    def _decided(self, fr, s, tv, ti, caps, buf) -> torch.Tensor:
+        """``Assigner._resolve_ties`` with fixed shapes: the rows whose top-2 float32 margin is within ``eps`` are
+        decided in float64 among their ``NEAR_K`` best (more near candidates: overflow, the iteration is redone)."""
+        asg = self.r.assigner
+        if tv.shape[1] < 2:
+            return ti[:, 0].clone()
+        tie = (tv[:, 0] - tv[:, 1]) <= asg.eps
+        if caps is None:
+            self.counts["tie"] = max(self.counts["tie"], int(tie.sum()))
+            return asg._resolve_ties(fr, s, tv, ti)
+        p = ti[:, 0].clone()
+        rr = self._compact(tie, caps, "tie", buf)
+        k = min(NEAR_K, asg.B)
+        cv, ci = s.index_select(0, rr).topk(k, dim=1)
+        near = cv >= (cv[:, :1] - asg.eps)
+        if k < asg.B:
+            buf[-1] += near[:, -1].sum()  # maybe more near candidates than examined
+        m = int(rr.numel())
+        f64 = fr.index_select(0, rr).double()[:, None, :].expand(m, k, asg.d).reshape(m * k, asg.d)
+        v64 = (f64 * asg.c64.index_select(0, ci.reshape(-1))).sum(dim=1).view(m, k)
+        v64 = torch.where(near, v64, torch.full_like(v64, -math.inf))
+        at_max = near & (v64 == v64.amax(dim=1, keepdim=True))
+        jmin = torch.where(at_max, ci, torch.full_like(ci, asg.B)).amin(dim=1)
+        p.index_copy_(0, rr, jmin)
+        return p
+
+    def _compact(self, mask: torch.Tensor, caps, kind: str, buf) -> torch.Tensor:
+        """The indices of ``mask``: all of them (dynamic, counted for the capacities), or exactly ``caps[kind]``
+        of them padded with 0 (fixed; a larger count adds to the overflow flag)."""
+        if caps is None:
+            idx = mask.nonzero().squeeze(1)
+            self.counts[kind] = max(self.counts[kind], int(idx.numel()))
+            return idx
+        cap = min(caps[kind], int(mask.numel()))
+        buf[-1] += (mask.sum() > cap).double()
+        return torch.nonzero_static(mask, size=cap, fill_value=0).squeeze(1)

@@ -1,0 +1,110 @@
+"""The fixed-shape ActiveFT iteration (``static_loop``: what a GPU replays as one CUDA graph) gives the eager
+loop's run bit for bit: the same assignments, losses, parameters and selection, also when its capacities
+overflow and iterations are redone, with near-ties among the parameters, screening and per-iteration subsets."""
+
+import numpy as np
+import pytest
+import torch
+
+from bench_suite import runtime as bdist
+from bench_suite.activeft import ActiveFT, optimize, reference_select, static_loop
+from bench_suite.activeft.static_loop import resolve_loop
+from bench_suite.bench.pools import clustered_sphere
+from bench_suite.errors import BadInputError
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def pool():
+    x, _ = clustered_sphere(2500, 48, 12, seed=3, rank=8)
+    return torch.from_numpy(np.concatenate([x, x[:300]]))  # duplicate rows
+
+
+@pytest.fixture(scope="module")
+def tied_pool():
+    """40 distinct rows, each 30 times: the initial parameters repeat, so rows tie exactly between parameters."""
+    x, _ = clustered_sphere(40, 32, 5, seed=2)
+    return torch.from_numpy(np.tile(x, (30, 1)))
+
+
+def _run(x, budget, loop, seed=1, **cfg):
+    conf = ActiveFT(progress=False, prune=False, loop=loop, **cfg).options
+    n = int(x.shape[0])
+    return optimize(x, slice(0, n), n, budget, conf, seed=seed, dist=bdist.Runtime())
+
+
+def _assert_same(eager, static):
+    assert eager["losses"] == static["losses"]  # bit for bit
+    assert eager["final_loss"] == static["final_loss"]
+    assert torch.equal(eager["theta"], static["theta"])
+    np.testing.assert_array_equal(eager["rows"], static["rows"])
+    assert eager["assign_stats"] == static["assign_stats"]
+    assert eager["empty_params"] == static["empty_params"]
+
+
+CASES = {
+    "fp32": {},
+    "bf16-screen": {"screen": "bf16"},
+    "subset-blocks": {"subset": 1200, "block_size": 700, "screen": "bf16"},
+}
+
+
+@pytest.mark.parametrize("overflow", [False, True], ids=["fits", "overflows"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_static_loop_equals_the_eager_loop(pool, case, overflow, monkeypatch):
+    if overflow:  # capacities below what the iterations need: every overflow is redone with exact shapes
+        monkeypatch.setattr(static_loop, "MIN_CAP", 1)
+        monkeypatch.setattr(static_loop, "CAP_FACTOR", 0.5)
+    eager = _run(pool, 70, "eager", iters=25, **CASES[case])
+    static = _run(pool, 70, "static", iters=25, **CASES[case])
+    assert eager["loop"] == "eager" and static["loop"] == "static" and static["loop_fallback"] is None
+    _assert_same(eager, static)
+    if case != "fp32":
+        assert static["assign_stats"]["screen_rechecked"] > 0
+    if overflow and case != "fp32":
+        assert static["loop_redone"] > 0  # the redo path ran
+    if not overflow:
+        assert static["loop_redone"] <= 2  # capacities of twice the first count rarely overflow
+
+
+@pytest.mark.parametrize("screen", ["fp32", "bf16"])
+def test_static_loop_decides_exact_ties_like_the_eager_loop(tied_pool, screen):
+    eager = _run(tied_pool, 60, "eager", iters=12, screen=screen, seed=3)
+    static = _run(tied_pool, 60, "static", iters=12, screen=screen, seed=3)
+    assert static["loop_caps"]["tie"] > 16  # many rows tied at the first iteration
+    _assert_same(eager, static)
+
+
+def test_static_loop_equals_the_naive_reference(pool):
+    x = np.ascontiguousarray(pool.numpy()[:2500])  # no duplicate rows: the reference snaps ties its own way
+    fast = _run(torch.from_numpy(x), 40, "static", iters=30, seed=2)
+    ref = reference_select(x, 40, dtype=torch.float64, iters=30, seed=2)
+    np.testing.assert_allclose(fast["losses"], ref["losses"], rtol=2e-6, atol=2e-6)
+    np.testing.assert_array_equal(fast["rows"], ref["rows"])
+
+
+def test_loop_resolution_and_errors():
+    opts = ActiveFT().options
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert resolve_loop("auto", opts, cpu, 1, False) == "eager"
+    assert resolve_loop("auto", opts, gpu, 1, False) == "graph"
+    assert resolve_loop("auto", opts, gpu, 2, False) == "eager"  # no NCCL inside a graph
+    assert resolve_loop("auto", opts, gpu, 1, True) == "eager"  # pruning has dynamic shapes
+    assert resolve_loop("static", opts, cpu, 2, False) == "static"
+    paper = ActiveFT(objective="paper").options
+    assert resolve_loop("auto", paper, gpu, 1, False) == "eager"
+    with pytest.raises(BadInputError, match="loop=static needs objective=official"):
+        resolve_loop("static", paper, cpu, 1, False)
+    with pytest.raises(BadInputError, match="loop=graph needs one process on a CUDA device"):
+        resolve_loop("graph", opts, cpu, 1, False)
+    with pytest.raises(BadInputError, match="loop=static needs prune=false"):
+        resolve_loop("static", opts, cpu, 1, True)
+    with pytest.raises(BadInputError, match="loop=graph needs one process"):  # through the selector's options
+        _run(torch.nn.functional.normalize(torch.randn(300, 8), dim=1), 10, "graph", iters=2)
