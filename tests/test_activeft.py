@@ -12,6 +12,7 @@ from bench_suite.methods import registry
 from bench_suite import runtime as bdist
 from bench_suite.activeft import ActiveFT, Options, optimize, reference_select
 from bench_suite.activeft import objectives as obj
+from bench_suite.activeft import assign
 from bench_suite.activeft.assign import Assigner
 from bench_suite.bench.pools import clustered_sphere
 from bench_suite.errors import BadInputError, UnknownNameError
@@ -127,10 +128,13 @@ def test_certified_assignments_equal_full_argmax_under_random_motion(sphere):
     assert asg.totals["certified"] > 0 and asg.totals["pairs"] > 0
 
 
+@pytest.mark.parametrize("recheck_k", [3, 8])
 @pytest.mark.parametrize("screen", ["bf16", "tf32"])
-def test_screened_full_pass_equals_the_float32_argmax(sphere, screen):
+def test_screened_full_pass_equals_the_float32_argmax(sphere, screen, recheck_k, monkeypatch):
     """The reduced-precision screening (bf16 really rounds on a CPU; tf32 there is the float32 product)
-    gives the exact argmax: rows within its rounding bound are redone in float32."""
+    gives the exact argmax: rows within its rounding bound are decided exactly among their RECHECK_K screened
+    best, or (more candidates in the window) by the float32 pass."""
+    monkeypatch.setattr(assign, "RECHECK_K", recheck_k)
     rng = np.random.default_rng(5)
     f = np.concatenate([sphere, sphere[:50]])  # duplicate rows: exact ties
     feats = torch.from_numpy(np.ascontiguousarray(f))
@@ -149,6 +153,9 @@ def test_screened_full_pass_equals_the_float32_argmax(sphere, screen):
         c += 0.01 * rng.standard_normal(c.shape) / math.sqrt(c.shape[1])
         c[7] = c[6]
     assert asg.totals["screen_rechecked"] > 0  # the bound did send rows to the exact pass
+    assert asg.totals["screen_full"] < asg.totals["screen_rechecked"]  # most decided among the candidates
+    if recheck_k == 3:
+        assert asg.totals["screen_full"] > 0  # and some by the float32 pass
     if screen == "bf16":
         assert asg.totals["screen_rechecked"] < asg.totals["refreshed"]  # and decided the others itself
 

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from bench_suite import runtime as bdist
-from bench_suite.activeft import ActiveFT, optimize, reference_select, static_loop
+from bench_suite.activeft import ActiveFT, assign, optimize, reference_select, static_loop
+from bench_suite.activeft.optimize import resolve_screen
 from bench_suite.activeft.static_loop import resolve_loop
 from bench_suite.bench.pools import clustered_sphere
 from bench_suite.errors import BadInputError
@@ -53,12 +54,15 @@ CASES = {
     "fp32": {},
     "bf16-screen": {"screen": "bf16"},
     "subset-blocks": {"subset": 1200, "block_size": 700, "screen": "bf16"},
+    "bf16-3-candidates": {"screen": "bf16"},  # RECHECK_K = 3: many rows take the full float32 pass
 }
 
 
 @pytest.mark.parametrize("overflow", [False, True], ids=["fits", "overflows"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_static_loop_equals_the_eager_loop(pool, case, overflow, monkeypatch):
+    if case == "bf16-3-candidates":
+        monkeypatch.setattr(assign, "RECHECK_K", 3)
     if overflow:  # capacities below what the iterations need: every overflow is redone with exact shapes
         monkeypatch.setattr(static_loop, "MIN_CAP", 1)
         monkeypatch.setattr(static_loop, "CAP_FACTOR", 0.5)
@@ -68,6 +72,8 @@ def test_static_loop_equals_the_eager_loop(pool, case, overflow, monkeypatch):
     _assert_same(eager, static)
     if case != "fp32":
         assert static["assign_stats"]["screen_rechecked"] > 0
+    if case == "bf16-3-candidates":
+        assert static["assign_stats"]["screen_full"] > 0
     if overflow and case != "fp32":
         assert static["loop_redone"] > 0  # the redo path ran
     if not overflow:
@@ -90,9 +96,11 @@ def test_static_loop_equals_the_naive_reference(pool):
     np.testing.assert_array_equal(fast["rows"], ref["rows"])
 
 
-def test_loop_resolution_and_errors():
+def test_loop_and_screen_resolution_and_errors():
     opts = ActiveFT().options
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert resolve_screen("auto", gpu) == "bf16" and resolve_screen("auto", cpu) == "fp32"
+    assert resolve_screen("tf32", gpu) == "tf32" and resolve_screen("bf16", cpu) == "bf16"
     assert resolve_loop("auto", opts, cpu, 1, False) == "eager"
     assert resolve_loop("auto", opts, gpu, 1, False) == "graph"
     assert resolve_loop("auto", opts, gpu, 2, False) == "eager"  # no NCCL inside a graph

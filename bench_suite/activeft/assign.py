@@ -43,6 +43,10 @@ U32 = 2.0 ** -24
 # truncation of its 10-bit mantissa (the GPU converts); bf16 2^-8 is round-to-nearest of its 8-bit significand
 # (torch's own conversion, done here, and of the product's bf16 output)
 SCREEN_UNIT = {"fp32": 0.0, "tf32": 2.0 ** -10, "bf16": 2.0 ** -8}
+# candidates per undecided screened row, decided by float32 dots (a row with more in its window: full pass)
+RECHECK_K = 8
+# parameters examined in float64 for a float32 near-tie in fixed shapes (more within eps: flagged, redone)
+NEAR_K = 4
 
 
 def decision_eps(d: int, fnorm: float = 1.0) -> float:
@@ -116,7 +120,7 @@ class Assigner:
         self._prev_c64 = None
         self.eps_base = decision_eps(self.d, self.fnorm)
         self.totals = {"certified": 0, "refined": 0, "refreshed": 0, "pairs": 0, "screen_rechecked": 0,
-                       "verify_mismatches": 0}
+                       "screen_full": 0, "verify_mismatches": 0}
         self.per_iter: list[dict] = []
         self.timing = {"certify": 0.0, "refresh": 0.0}
         self._mm_threads = 0  # inside _assign_block: the caller's torch threads, for the N x B products
@@ -372,47 +376,136 @@ class Assigner:
         with self._product_threads():
             return torch.mm(fr, self.c32.T, out=out)
 
-    def _exact(self, fr: torch.Tensor):
-        """Canonical argmax over all B parameters for the rows ``fr`` (no state change)."""
+    def _exact(self, fr: torch.Tensor, fixed=None):
+        """Canonical argmax over all B parameters for the rows ``fr`` (no state change); ``fixed``: see
+        ``_decide_ties``."""
         s = self.sims(fr)
-        k = min(2, self.B)
-        tv, ti = s.topk(k, dim=1)
-        p = self._resolve_ties(fr, s, tv, ti)
+        tv, ti = s.topk(min(2, self.B), dim=1)
+        p = self._decide_ties(fr, s, tv, ti, fixed)
         return p, s.gather(1, p[:, None]).squeeze(1)
 
-    def _screened(self, key, fr: torch.Tensor):
+    def _rows_where(self, mask: torch.Tensor, kind: str, fixed, stat: str | None = None) -> torch.Tensor:
+        """The indices of ``mask`` (counted under ``stat``); with ``fixed``, its compaction (fixed shapes)."""
+        if fixed is None:
+            idx = mask.nonzero().squeeze(1)
+            if stat:
+                self.totals[stat] += int(idx.numel())
+            return idx
+        if stat:
+            fixed.count(stat, mask.sum())
+        return fixed.compact(mask, kind)
+
+    def _decide_ties(self, fr, s, tv, ti, fixed=None) -> torch.Tensor:
+        """``_resolve_ties``. With ``fixed`` (``static_loop.Compactor``, not dynamic) in fixed shapes and with no host
+        sync: the tied rows are compacted and decided in float64 among their ``NEAR_K`` best (more near
+        candidates than that are flagged: the caller redoes the iteration)."""
+        if tv.shape[1] < 2:
+            return ti[:, 0].clone()
+        tie = (tv[:, 0] - tv[:, 1]) <= self.eps
+        if fixed is None or fixed.dynamic:
+            if fixed is not None:
+                fixed.compact(tie, "tie")  # counted: the fixed capacities are sized from dynamic iterations
+            return self._resolve_ties(fr, s, tv, ti)
+        p = ti[:, 0].clone()
+        rr = fixed.compact(tie, "tie")
+        k = min(NEAR_K, self.B)
+        cv, ci = s.index_select(0, rr).topk(k, dim=1)
+        if k < self.B:
+            fixed.flag((cv[:, -1] >= cv[:, 0] - self.eps).sum())  # maybe more near candidates than examined
+        p.index_copy_(0, rr, self.f64_among(fr.index_select(0, rr), cv, ci))
+        return p
+
+    def screen_window(self) -> float:
+        """A row whose screened top-2 margin exceeds this has the exact (canonical) argmax as its screened one.
+
+        Every screened similarity is within ``bound`` of the exact one (the inputs' rounding, relative ``u``
+        each, plus float32 accumulation; the output's rounding for bf16); the window is ``2 bound + eps``."""
+        u = SCREEN_UNIT[self.screen]
+        bound = self.fnorm * (2 * u + u * u + (self.d + 2) * U32 + (u if self.screen == "bf16" else 0.0))
+        return 2 * bound + self.eps
+
+    def _screened(self, key, fr: torch.Tensor, fixed=None):
         """The full pass in reduced precision (``screen``), exact where it cannot decide.
 
-        Every screened similarity is within ``bound`` of the float32 one (the inputs' rounding, relative
-        ``u`` each, plus float32 accumulation; the output's rounding for bf16), so a row whose screened
-        top-2 margin exceeds ``2 bound + eps`` has the same (canonical) argmax; the other rows take the exact
-        float32 pass. The similarity to the winner is then one float32 row dot (the loss needs it exact).
+        A row whose screened top-2 margin exceeds ``screen_window`` keeps its screened argmax. For the others,
+        a parameter outside the row's screened top ``RECHECK_K`` that is also outside the window below its
+        best cannot be (or tie with) the exact argmax, so the row is decided exactly among those candidates
+        (``best_among``: RECHECK_K float32 dots, not B); a row with more candidates in its window takes the
+        exact float32 pass. The similarity to the winner is then one float32 row dot (the loss needs it exact).
+        ``fixed``: the row selections are fixed-size compactions (``static_loop``), no host sync.
         """
-        u = SCREEN_UNIT[self.screen]
-        bound = self.fnorm * (2 * u + u * u + (self.d + 2) * U32) + (u if self.screen == "bf16" else 0.0)
+        window = self.screen_window()
         s = self._low_sims(key, fr)
         tv, ti = s.topk(min(2, self.B), dim=1)
+        tv = tv.float()  # margins in float32 (bf16 values are exact there)
         p = ti[:, 0].clone()
         if self.B > 1:
-            unsure = ((tv[:, 0] - tv[:, 1]) <= 2 * bound + self.eps).nonzero().squeeze(1)
-            self.totals["screen_rechecked"] += int(unsure.numel())
-            if unsure.numel():
-                p[unsure] = self._exact(fr.index_select(0, unsure))[0]
+            unsure = (tv[:, 0] - tv[:, 1]) <= window
+            rr = self._rows_where(unsure, "screen", fixed, "screen_rechecked")
+            if fixed is not None or rr.numel():
+                fu = fr.index_select(0, rr)
+                cv, ci = s.index_select(0, rr).topk(min(RECHECK_K, self.B), dim=1)
+                cv = cv.float()
+                pu = self.best_among(fu, ci, fixed)
+                if RECHECK_K < self.B:
+                    full = cv[:, -1] >= cv[:, 0] - window
+                    if fixed is not None:  # not the padding of the compaction
+                        full &= torch.arange(int(rr.numel()), device=self.device) < unsure.sum()
+                    rf = self._rows_where(full, "full", fixed, "screen_full")
+                    if fixed is not None or rf.numel():
+                        pu.index_copy_(0, rf, self._exact(fu.index_select(0, rf), fixed)[0])
+                p.index_copy_(0, rr, pu)
         return p, self._dot_params(fr, p)
 
+    def best_among(self, fu: torch.Tensor, ci: torch.Tensor, fixed=None) -> torch.Tensor:
+        """The canonical argmax of each row of ``fu`` among its candidate parameters ``ci`` (m x k), which hold
+        it: float32 dots of the candidates, then float64 among those within ``eps`` of the best (lowest index
+        on an exact tie)."""
+        m, k = int(ci.shape[0]), int(ci.shape[1])
+        cf = self.c32.index_select(0, ci.reshape(-1)).view(m, k, self.d)
+        ev = torch.bmm(cf, fu.unsqueeze(2)).squeeze(2)
+        ev, order = ev.sort(dim=1, descending=True, stable=True)
+        ci = ci.gather(1, order)
+        p = ci[:, 0].clone()
+        if k > 1:
+            rr = self._rows_where((ev[:, 0] - ev[:, 1]) <= self.eps, "tie", fixed)
+            if fixed is not None or rr.numel():
+                p.index_copy_(0, rr, self.f64_among(fu.index_select(0, rr), ev.index_select(0, rr),
+                                                    ci.index_select(0, rr)))
+        return p
+
+    def f64_among(self, fu: torch.Tensor, cv: torch.Tensor, ci: torch.Tensor) -> torch.Tensor:
+        """Among candidates ``ci`` with float32 similarities ``cv`` (m x k, descending), those within ``eps`` of the
+        best are compared in float64; the lowest index wins an exact tie (``_resolve_ties``, fixed shapes)."""
+        m, k = int(ci.shape[0]), int(ci.shape[1])
+        near = cv >= (cv[:, :1] - self.eps)
+        f64 = fu.double()[:, None, :].expand(m, k, self.d).reshape(m * k, self.d)
+        v64 = (f64 * self.c64.index_select(0, ci.reshape(-1))).sum(dim=1).view(m, k)
+        v64 = torch.where(near, v64, torch.full_like(v64, -math.inf))
+        at_max = near & (v64 == v64.amax(dim=1, keepdim=True))
+        return torch.where(at_max, ci, torch.full_like(ci, self.B)).amin(dim=1)
+
     def _low_sims(self, key, fr: torch.Tensor) -> torch.Tensor:
-        """``fr @ c.T`` in the screening precision (float32 result)."""
+        """``fr @ c.T`` in the screening precision: float32 (TF32 inputs), or bfloat16 (its values; a top-k needs no
+        float32 copy), always accumulated in float32: the bound of ``screen_window`` assumes it, so the GPU's
+        reduced-precision bf16 reductions (split-K partial sums in bf16) are turned off for the product."""
+        cuda = torch.backends.cuda.matmul
         if self.screen == "tf32":
-            before = torch.backends.cuda.matmul.allow_tf32
-            torch.backends.cuda.matmul.allow_tf32 = True
+            before = cuda.allow_tf32
+            cuda.allow_tf32 = True
             try:
                 return fr @ self.c32.T  # on a CPU there is no TF32: this is the float32 product
             finally:
-                torch.backends.cuda.matmul.allow_tf32 = before
+                cuda.allow_tf32 = before
         if self._f_low is None:  # the rank's rows in bfloat16, once (half the float32 pool's memory)
             self._f_low = self.F.to(torch.bfloat16)
         f_low = self._f_low[key] if key is not None else fr.to(torch.bfloat16)
-        return (f_low @ self.c32.to(torch.bfloat16).T).float()
+        before = cuda.allow_bf16_reduced_precision_reduction
+        cuda.allow_bf16_reduced_precision_reduction = False
+        try:
+            return f_low @ self.c32.to(torch.bfloat16).T
+        finally:
+            cuda.allow_bf16_reduced_precision_reduction = before
 
     def _resolve_ties(self, fr, s, tv, ti):
         p = ti[:, 0].clone()

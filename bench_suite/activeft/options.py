@@ -35,9 +35,10 @@ class Options:
     prune: bool | None = opt(None, role="runtime",
                              doc="certified candidate pruning of the nearest-parameter search (None: auto, "
                                  "on a CPU when B >= 512, where it beats the full product; off on a GPU)")
-    screen: str = opt("fp32", role="runtime", choices=("fp32", "tf32", "bf16"),
-                      doc="precision of the full pass's screening product; rows it cannot decide (top-2 margin "
-                          "within its rounding bound) are redone in float32, so the assignments are the same")
+    screen: str = opt("auto", role="runtime", choices=("auto", "fp32", "tf32", "bf16"),
+                      doc="precision of the full pass's screening product (auto: bf16 on a GPU, fp32 on a CPU); "
+                          "rows it cannot decide (top-2 margin within its rounding bound) are decided exactly among "
+                          "their 8 best, or by the float32 pass, so the assignments are the same")
     loop: str = opt("auto", role="runtime", choices=("auto", "eager", "static", "graph"),
                     doc="the iteration loop: eager | static (fixed shapes, no host sync inside an iteration) | graph "
                         "(static, replayed from one CUDA graph) | auto (graph on a GPU with one process for the "

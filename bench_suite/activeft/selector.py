@@ -132,6 +132,7 @@ class ActiveFT(Selector):
             "block_size": res["block_size"],  # as resolved (the option's 0 = auto)
             "pruned": res["pruned"],  # as resolved (the option's None = auto)
             "bb_dtype": res["bb_dtype"],
+            "screen": res["screen"],  # as resolved (the option's auto: bf16 on a GPU, fp32 on a CPU)
             "loop": res["loop"],  # as run: eager | static | graph (the option's auto resolved)
             "loop_fallback": res["loop_fallback"],  # why a graph was not used after all (None: no fallback)
             "loop_redone": res.get("loop_redone", 0),

@@ -25,17 +25,14 @@ iteration run uncaptured; any difference, or a capture error, falls back to ``st
 
 from __future__ import annotations
 
-import math
 import time
 
 import torch
 import torch.nn.functional as tnf
 
-from bench_suite.activeft.assign import SCREEN_UNIT, U32
 from bench_suite.errors import BadInputError
 
 LOOPS = ("auto", "eager", "static", "graph")
-NEAR_K = 4  # parameters examined in float64 for a near-tie row; more within the margin: the iteration is redone
 MIN_CAP = 16
 CAP_FACTOR = 2.0  # capacity = this x the largest count seen (then a power of two)
 # a replay may differ from the uncaptured iteration only by rounding; beyond this (relative to max |theta|), the
@@ -92,10 +89,11 @@ class StaticLoop:
         self.graph = None
         self.fallback: str | None = None
         self.caps: dict[str, int] | None = None
-        self.counts = {"tie": 0, "screen": 0}  # largest compaction seen in a dynamic iteration (per block)
+        self.counts = {"tie": 0, "screen": 0, "full": 0}  # largest compaction seen in a dynamic iteration (per block)
         self.rows_buf: torch.Tensor | None = None
         dev = run.dev
-        self.out = torch.zeros(3, dtype=torch.float64, device=dev)  # loss, overflow (all ranks), rechecked (here)
+        # loss, overflow (all ranks), then this rank's Compactor.STATS
+        self.out = torch.zeros(2 + len(Compactor.STATS), dtype=torch.float64, device=dev)
         self.captures = 0
         self.redone = 0
         run.assigner.eps = run.assigner.eps_base  # as ``Assigner.set_params`` sets it without pruning
@@ -115,12 +113,12 @@ class StaticLoop:
             asg.per_iter.append({"certified": 0, "refined": 0, "refreshed": n_rows, "pairs": 0})
             asg.totals["refreshed"] += n_rows
             if t == cfg.iters:
-                loss, _, rech = self._dynamic(rows, step=False)
+                loss, _, *stats = self._dynamic(rows, step=False)
                 r.final_loss = loss
-                asg.totals["screen_rechecked"] += int(rech)
+                self._add_stats(stats)
                 break
             if self.caps is None:
-                loss, _, rech = self._dynamic(rows, step=True)
+                loss, _, *stats = self._dynamic(rows, step=True)
                 self._size_caps()
                 if self.mode == "graph":
                     self._capture(rows)
@@ -132,15 +130,15 @@ class StaticLoop:
                     self.graph.replay()
                 else:
                     self._body(self.caps, rows, step=True)
-                loss, over, rech = self.out.tolist()
+                loss, over, *stats = self.out.tolist()
                 if over > 0:  # a capacity was too small somewhere: redo this iteration exactly, then grow
                     self._restore()
-                    loss, _, rech = self._dynamic(rows, step=True)
+                    loss, _, *stats = self._dynamic(rows, step=True)
                     self.redone += 1
                     self._size_caps()
                     if self.mode == "graph" and self.graph is not None:
                         self._capture(rows, check=False)
-            asg.totals["screen_rechecked"] += int(rech)
+            self._add_stats(stats)
             r.losses.append(loss)
             r.iter_seconds.append(time.perf_counter() - t_it)
             if progress is not None:
@@ -150,6 +148,10 @@ class StaticLoop:
     def info(self) -> dict:
         return {"loop": "graph" if self.graph is not None else "static", "loop_fallback": self.fallback,
                 "loop_caps": dict(self.caps or {}), "loop_redone": self.redone, "loop_captures": self.captures}
+
+    def _add_stats(self, stats: list[float]) -> None:
+        for name, v in zip(Compactor.STATS, stats):
+            self.r.assigner.totals[name] += int(v)
 
     def _dynamic(self, rows, step: bool) -> list[float]:
         """One iteration with exact, dynamic shapes (syncs allowed): the first, the redone ones, the final."""
@@ -233,10 +235,11 @@ class StaticLoop:
         shift, qc = r._official_repulsion(c64)
         buf = torch.zeros(b * (d + 1) + 2, dtype=torch.float64, device=r.dev)  # [S | g], loss, overflow
         sums = buf[: b * (d + 1)].view(b, d + 1)
-        rech = torch.zeros((), dtype=torch.float64, device=r.dev)
+        stats = torch.zeros(len(Compactor.STATS), dtype=torch.float64, device=r.dev)
+        fixed = Compactor(caps, buf, stats, self.counts)
         loss_acc = torch.zeros((), dtype=torch.float64, device=r.dev)
         for key, fr in self._blocks(rows):
-            p, a = self._assign(key, fr, caps, buf, rech)
+            p, a = self._assign(key, fr, fixed)
             z = shift.index_select(0, p) - a.double() / tau
             loss_acc += tnf.softplus(z).sum()
             r.groups.add(sums, key, fr, p, torch.sigmoid(z))
@@ -247,7 +250,7 @@ class StaticLoop:
             r._step(grad_c, c64, th_norm)
         self.out[0].copy_(loss)
         self.out[1].copy_(buf[-1])
-        self.out[2].copy_(rech)
+        self.out[2:].copy_(stats)
 
     def _blocks(self, rows):
         asg = self.r.assigner
@@ -260,69 +263,44 @@ class StaticLoop:
                 idx = rows[s:e]
                 yield idx, asg.F.index_select(0, idx)
 
-    def _assign(self, key, fr, caps, buf, rech):
-        """The canonical nearest parameter of each row of the block and its float32 similarity."""
+    def _assign(self, key, fr, fixed):
+        """The canonical nearest parameter of each row of the block and its float32 similarity (``Assigner``'s
+        ``_exact`` / ``_screened`` with the row selections of ``fixed``)."""
         asg = self.r.assigner
-        k2 = min(2, asg.B)
-        if asg.screen == "fp32":
-            s = asg.sims(fr)
-            tv, ti = s.topk(k2, dim=1)
-            p = self._decided(fr, s, tv, ti, caps, buf)
-            a = s.gather(1, p[:, None]).squeeze(1)
-        else:
-            u = SCREEN_UNIT[asg.screen]
-            bound = asg.fnorm * (2 * u + u * u + (asg.d + 2) * U32) + (u if asg.screen == "bf16" else 0.0)
-            s = asg._low_sims(key, fr)
-            tv, ti = s.topk(k2, dim=1)
-            p = ti[:, 0].clone()
-            if asg.B > 1:
-                unsure = (tv[:, 0] - tv[:, 1]) <= 2 * bound + asg.eps
-                rr = self._compact(unsure, caps, "screen", buf)
-                rech += unsure.sum()
-                fu = fr.index_select(0, rr)
-                su = asg.sims(fu)
-                tvu, tiu = su.topk(k2, dim=1)
-                p.index_copy_(0, rr, self._decided(fu, su, tvu, tiu, caps, buf))
-            a = asg._dot_params(fr, p)
+        p, a = asg._exact(fr, fixed) if asg.screen == "fp32" else asg._screened(key, fr, fixed)
         if isinstance(key, slice):
             asg.p[key] = p
         else:
             asg.p.index_copy_(0, key, p)
         return p, a
 
-    def _decided(self, fr, s, tv, ti, caps, buf) -> torch.Tensor:
-        """``Assigner._resolve_ties`` with fixed shapes: the rows whose top-2 float32 margin is within ``eps`` are
-        decided in float64 among their ``NEAR_K`` best (more near candidates: overflow, the iteration is redone)."""
-        asg = self.r.assigner
-        if tv.shape[1] < 2:
-            return ti[:, 0].clone()
-        tie = (tv[:, 0] - tv[:, 1]) <= asg.eps
-        if caps is None:
-            self.counts["tie"] = max(self.counts["tie"], int(tie.sum()))
-            return asg._resolve_ties(fr, s, tv, ti)
-        p = ti[:, 0].clone()
-        rr = self._compact(tie, caps, "tie", buf)
-        k = min(NEAR_K, asg.B)
-        cv, ci = s.index_select(0, rr).topk(k, dim=1)
-        near = cv >= (cv[:, :1] - asg.eps)
-        if k < asg.B:
-            buf[-1] += near[:, -1].sum()  # maybe more near candidates than examined
-        m = int(rr.numel())
-        f64 = fr.index_select(0, rr).double()[:, None, :].expand(m, k, asg.d).reshape(m * k, asg.d)
-        v64 = (f64 * asg.c64.index_select(0, ci.reshape(-1))).sum(dim=1).view(m, k)
-        v64 = torch.where(near, v64, torch.full_like(v64, -math.inf))
-        at_max = near & (v64 == v64.amax(dim=1, keepdim=True))
-        jmin = torch.where(at_max, ci, torch.full_like(ci, asg.B)).amin(dim=1)
-        p.index_copy_(0, rr, jmin)
-        return p
 
-    def _compact(self, mask: torch.Tensor, caps, kind: str, buf) -> torch.Tensor:
-        """The indices of ``mask``: all of them (dynamic, counted for the capacities), or exactly ``caps[kind]``
-        of them padded with 0 (fixed; a larger count adds to the overflow flag)."""
-        if caps is None:
+class Compactor:
+    """The row selections of one iteration for ``Assigner`` (its ``fixed`` argument).
+
+    ``caps`` None (dynamic): all the rows of a mask, and the largest count per kind is kept in ``counts`` (to
+    size the capacities). Else exactly ``caps[kind]`` rows, padded with row 0 (whose recomputed result is its
+    own), and a larger count adds to ``buf[-1]``, the iteration's overflow flag; so are ``flag``-ged counts.
+    ``count`` adds a statistic into ``stats`` (device scalars: no sync).
+    """
+
+    STATS = ("screen_rechecked", "screen_full")
+
+    def __init__(self, caps: dict | None, buf: torch.Tensor, stats: torch.Tensor, counts: dict):
+        self.caps, self.buf, self.stats, self.counts = caps, buf, stats, counts
+        self.dynamic = caps is None
+
+    def compact(self, mask: torch.Tensor, kind: str) -> torch.Tensor:
+        if self.caps is None:
             idx = mask.nonzero().squeeze(1)
             self.counts[kind] = max(self.counts[kind], int(idx.numel()))
             return idx
-        cap = min(caps[kind], int(mask.numel()))
-        buf[-1] += (mask.sum() > cap).double()
+        cap = min(self.caps[kind], int(mask.numel()))
+        self.buf[-1] += (mask.sum() > cap).double()
         return torch.nonzero_static(mask, size=cap, fill_value=0).squeeze(1)
+
+    def flag(self, n: torch.Tensor) -> None:
+        self.buf[-1] += n.double()
+
+    def count(self, stat: str, n: torch.Tensor) -> None:
+        self.stats[self.STATS.index(stat)] += n.double()

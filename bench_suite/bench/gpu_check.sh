@@ -31,19 +31,20 @@ step() {  # step NAME SECONDS COMMAND...: run with a limit, log to $OUT/NAME.txt
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$OUT/gpu.txt" 2>&1
 cat "$OUT/gpu.txt"
 
-# issue 10: 50k pool at B = 1000 / 2500 / 5000, the naive loop for all T = 300 iterations in the same run;
-# auto is the fixed-shape loop replayed as a CUDA graph (static_loop), full the same product in the eager loop
-step sel50k 100 $PY -m bench_suite.bench.selector --device cuda --budgets 1000,2500,5000 --naive-iters 300 \
-    --paths auto,full --json "$OUT/sel50k.json"
+# issue 10: 50k pool at B = 1000 / 2500 / 5000, the naive loop for all T = 300 iterations in the same run.
+# auto: the fixed-shape loop replayed as a CUDA graph, bf16 screen (static_loop); graph-fp32: the same graph with the
+# float32 product; full: the float32 product in the eager loop (the GPU path before the graph)
+step sel50k 120 $PY -m bench_suite.bench.selector --device cuda --budgets 1000,2500,5000 --naive-iters 300 \
+    --paths auto,graph-fp32,full --json "$OUT/sel50k.json"
 step sel50k_tf32 40 $PY -m bench_suite.bench.selector --device cuda --budgets 1000,5000 --no-naive \
     --screen tf32 --json "$OUT/sel50k_tf32.json"
 # issue 10: the full ImageNet pool (1,281,167 x 384), B = 12,812: 20 iterations extrapolated to T = 300
-step selimnet 90 $PY -m bench_suite.bench.selector --device cuda --n 1281167 --classes 1000 --budgets 12812 \
-    --iters 20 --no-naive --no-emd --paths auto,full --json "$OUT/selimnet.json"
+step selimnet 100 $PY -m bench_suite.bench.selector --device cuda --n 1281167 --classes 1000 --budgets 12812 \
+    --iters 20 --no-naive --no-emd --paths auto,graph-fp32,full --json "$OUT/selimnet.json"
 step selimnet_tf32 50 $PY -m bench_suite.bench.selector --device cuda --n 1281167 --classes 1000 --budgets 12812 \
     --iters 20 --no-naive --no-emd --screen tf32 --json "$OUT/selimnet_tf32.json"
-step selimnet_m 40 $PY -m bench_suite.bench.selector --device cuda --n 1281167 --classes 1000 --budgets 12812 \
-    --subset 100000 --iters 20 --no-naive --no-emd --json "$OUT/selimnet_m.json"
+step selimnet_m 50 $PY -m bench_suite.bench.selector --device cuda --n 1281167 --classes 1000 --budgets 12812 \
+    --subset 100000 --iters 20 --no-naive --no-emd --paths auto,full --json "$OUT/selimnet_m.json"
 # issue 10: the select CLI end to end (start-up included), ActiveFT vs K-Means at 2 / 5 / 10% of 50k
 step table3 70 $PY -m bench_suite.bench.selector --device cuda --table3 --json "$OUT/table3.json"
 # issue 10: 2 ranks sharing the one GPU over gloo select the ids of 1 rank (50k pool, B = 1000)

@@ -52,10 +52,12 @@ from bench_suite.bench.pools import clustered_sphere
 from bench_suite.metrics import selection_emd
 from bench_suite.runtime import Runtime, resolve_device
 
-# each path's options: auto is what the selector runs by default; full, the full product in the eager loop;
-# static / graph, the full product in the fixed-shape loop, uncaptured / replayed as a CUDA graph
-PATHS = {"auto": {}, "full": {"prune": False, "loop": "eager"}, "pruned": {"prune": True},
-         "static": {"prune": False, "loop": "static"}, "graph": {"prune": False, "loop": "graph"}}
+# each path's options (over --screen): auto is what the selector runs by default; full, the full float32 product in
+# the eager loop (the GPU default before the CUDA graph); static / graph, the full product in the fixed-shape loop,
+# uncaptured / replayed as a CUDA graph; graph-fp32, the graph without the reduced-precision screen
+PATHS = {"auto": {}, "full": {"prune": False, "loop": "eager", "screen": "fp32"}, "pruned": {"prune": True},
+         "static": {"prune": False, "loop": "static"}, "graph": {"prune": False, "loop": "graph"},
+         "graph-fp32": {"prune": False, "loop": "graph", "screen": "fp32"}}
 
 
 def _sync(device: torch.device) -> None:
@@ -102,6 +104,7 @@ def run_project(pool: torch.Tensor, budget: int, iters: int, seed: int, *, prune
             "snap_s": res["seconds_snap"], "losses": res["losses"], "final_loss": res["final_loss"],
             "rows": res["rows"], "peak_above_mib": mem.above_mib, "pruned": res["pruned"],
             "assign_stats": res["assign_stats"], "breakdown": res["seconds_breakdown"], "loop": res["loop"],
+            "screen": res["screen"],
             "loop_fallback": res["loop_fallback"],
             "init_rows": res["init_rows"]}
 
@@ -180,7 +183,7 @@ def bench_budget(feats: np.ndarray, pool: torch.Tensor, budget: int, args, con) 
     if not args.no_naive:
         run_naive(feats[: min(len(feats), 4 * budget)], budget, 1, args.seed, pool.device)
     for name in args.paths.split(","):
-        runs[name] = run_project(pool, budget, args.iters, args.seed, snap=snap, **PATHS[name], **kw)
+        runs[name] = run_project(pool, budget, args.iters, args.seed, snap=snap, **{**kw, **PATHS[name]})
     brute = brute_pass(pool, budget, args.seed)
     extra = {"brute_pass_fp32_s": brute}
     if pool.device.type == "cuda":
@@ -192,7 +195,7 @@ def bench_budget(feats: np.ndarray, pool: torch.Tensor, budget: int, args, con) 
                                   subset=args.subset)
         first = next(iter(runs))  # the first of --paths
         equal_t = runs[first] if nt == args.iters else \
-            run_project(pool, budget, nt, args.seed, snap=snap, **PATHS[first], **kw)
+            run_project(pool, budget, nt, args.seed, snap=snap, **{**kw, **PATHS[first]})
     if not args.no_emd and snap:
         for run in runs.values():
             run["emd"] = selection_emd(feats, run["rows"])
@@ -206,7 +209,8 @@ def bench_budget(feats: np.ndarray, pool: torch.Tensor, budget: int, args, con) 
         table.add_column(col, justify="right")
     for name, run in runs.items():
         tot, extrap = total_at(run, args.iters)
-        label = (f"{name} ({'pruned' if run['pruned'] else 'full'}, {run['loop']})" if name in PATHS else name)
+        label = (f"{name} ({'pruned' if run['pruned'] else 'full ' + run['screen']}, {run['loop']})" if name in PATHS
+                 else name)
         table.add_row(label, str(run["iters"]), f"{run['wall']:.2f}", f"{run['per_iter']:.4f}",
                       f"{tot:.2f}{' *' if extrap else ''}", f"{run['peak_above_mib']:.0f}",
                       f"{run['final_loss']:.6f}", f"{run['emd']:.5f}" if "emd" in run else "-")
@@ -294,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--objective", default="official", choices=("official", "paper"))
     p.add_argument("--subset", type=int, default=0, help="M random samples per iteration (0 = all)")
     p.add_argument("--paths", default="auto", help=f"the project's paths to run: {','.join(PATHS)}")
-    p.add_argument("--screen", default="fp32", choices=("fp32", "tf32", "bf16"),
+    p.add_argument("--screen", default="auto", choices=("auto", "fp32", "tf32", "bf16"),
                    help="the full pass's screening precision (the selector's option screen)")
     p.add_argument("--naive-iters", type=int, default=20,
                    help="iterations of the naive loop (extrapolated to T when fewer)")
