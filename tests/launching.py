@@ -12,7 +12,7 @@ from typing import Callable
 
 from bench_suite.runtime import free_port
 
-PORT_TAKEN = ("EADDRINUSE", "address already in use", "Address already in use")
+PORT_TAKEN = ("eaddrinuse", "address already in use")  # matched against the lower-cased stderr
 
 
 def run_launch(command: Callable[[int], list[str]], attempts: int = 3, **kwargs) -> subprocess.CompletedProcess:
@@ -20,6 +20,6 @@ def run_launch(command: Callable[[int], list[str]], attempts: int = 3, **kwargs)
     ``attempts`` in all) only when the run failed because a port was taken."""
     for _ in range(attempts):
         res = subprocess.run(command(free_port()), capture_output=True, text=True, **kwargs)
-        if res.returncode == 0 or not any(s in res.stderr for s in PORT_TAKEN):
+        if res.returncode == 0 or not any(s in res.stderr.lower() for s in PORT_TAKEN):
             return res
     return res

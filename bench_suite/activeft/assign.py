@@ -309,9 +309,10 @@ class Assigner:
                 wc = win.index_select(0, cert)
                 gc = go.index_select(0, cert)
                 oc = old.index_select(0, cert)
-                newp = cand.take(cert * K + wc)
+                flat = cert * K + wc
+                newp = cand.take(flat)
                 p_out.index_copy_(0, oc, newp)
-                a_out.index_copy_(0, oc, ub.take(cert * K + wc))  # an exact row-dot value
+                a_out.index_copy_(0, oc, ub.take(flat))  # an exact row-dot value
                 self.ppos.index_copy_(0, gc, wc)
                 self.p.index_copy_(0, gc, newp)
                 others = ub.index_select(0, cert)

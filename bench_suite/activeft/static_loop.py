@@ -8,9 +8,10 @@ iteration is fixed, so the iteration can be captured once as a CUDA graph and re
 one sync (the loss and a flag) per iteration.
 
 What makes the shapes fixed: the rows whose argmax the first product cannot decide (float32 near-ties,
-screened rows inside the rounding bound, ``assign.Assigner._screened``) are compacted into a fixed
-capacity with ``torch.nonzero_static``. Padding repeats row 0 of the block, whose recomputed argmax is its
-own (idempotent). More rows than the capacity, or more than ``NEAR_K`` parameters within the float32
+screened rows inside the rounding bound and, among those, the ones with more than ``assign.RECHECK_K``
+candidates in their window: ``assign.Assigner._screened``) are compacted into fixed capacities with
+``torch.nonzero_static`` (``Compactor``). Padding repeats row 0 of the block, whose recomputed argmax is its
+own (idempotent). More rows than a capacity, or more than ``assign.NEAR_K`` parameters within the float32
 margin of a row's best, raise a flag (summed over the ranks with the iteration's one all_reduce); the
 iteration is then redone from its saved state with exact, dynamic shapes, and the capacities grow. So
 the assignments are the eager loop's (the canonical argmax of ``assign``), only reached without syncs.
@@ -38,6 +39,9 @@ CAP_FACTOR = 2.0  # capacity = this x the largest count seen (then a power of tw
 # a replay may differ from the uncaptured iteration only by rounding; beyond this (relative to max |theta|), the
 # graph is not trusted
 REPLAY_TOLERANCE = 1e-7
+# a graph is captured only when at least this many iterations remain (capturing and checking it costs about
+# three iterations)
+MIN_GRAPH_ITERS = 8
 
 
 def why_not_static(cfg, prune: bool) -> str | None:
@@ -66,7 +70,7 @@ def resolve_loop(requested: str, cfg, device: torch.device, world: int, prune: b
         raise BadInputError(f"activeft: loop={requested} needs {why}")
     if requested == "graph" and (device.type != "cuda" or world != 1):
         raise BadInputError(f"activeft: loop=graph needs one process on a CUDA device (here: {device}, "
-                         f"{world} processes); loop=static runs the same iteration without the graph")
+                            f"{world} processes); loop=static runs the same iteration without the graph")
     return requested
 
 
@@ -79,7 +83,7 @@ class StaticLoop:
 
     Iteration 0 runs with dynamic shapes and sizes the capacities; then each iteration saves the state
     (theta and Adam's), runs (a graph replay, or the same code uncaptured) and reads ``[loss, overflow,
-    rechecked]`` in one sync; on an overflow it restores the state, redoes the iteration with dynamic
+    *statistics]`` in one sync; on an overflow it restores the state, redoes the iteration with dynamic
     shapes, grows the capacities and recaptures.
     """
 
@@ -120,8 +124,11 @@ class StaticLoop:
             if self.caps is None:
                 loss, _, *stats = self._dynamic(rows, step=True)
                 self._size_caps()
-                if self.mode == "graph":
+                if self.mode == "graph" and cfg.iters - t - 1 >= MIN_GRAPH_ITERS:
                     self._capture(rows)
+                elif self.mode == "graph":
+                    self.fallback = f"no CUDA graph for {cfg.iters} iterations (it pays from {MIN_GRAPH_ITERS + 1})"
+                    self.mode = "static"
             else:
                 self._save()
                 if self.graph is not None:
