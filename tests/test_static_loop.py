@@ -80,12 +80,17 @@ def test_static_loop_equals_the_eager_loop(pool, case, overflow, monkeypatch):
         assert static["loop_redone"] <= 2  # capacities of twice the first count rarely overflow
 
 
-@pytest.mark.parametrize("screen", ["fp32", "bf16"])
-def test_static_loop_decides_exact_ties_like_the_eager_loop(tied_pool, screen):
+@pytest.mark.parametrize("screen,recheck_k", [("fp32", 8), ("bf16", 8), ("bf16", 3)])
+def test_static_loop_decides_exact_ties_like_the_eager_loop(tied_pool, screen, recheck_k, monkeypatch):
+    """With K = 3 a row tied among more parameters takes the float32 pass, also when it is a block's row 0, the
+    row the fixed compactions pad with (the padding must not overwrite its result)."""
+    monkeypatch.setattr(assign, "RECHECK_K", recheck_k)
     eager = _run(tied_pool, 60, "eager", iters=12, screen=screen, seed=3)
     static = _run(tied_pool, 60, "static", iters=12, screen=screen, seed=3)
     assert static["loop_caps"]["tie"] > 16  # many rows tied at the first iteration
     _assert_same(eager, static)
+    if recheck_k == 3:
+        assert static["assign_stats"]["screen_full"] > 0
 
 
 def test_static_loop_equals_the_naive_reference(pool):
@@ -116,3 +121,22 @@ def test_loop_and_screen_resolution_and_errors():
         resolve_loop("static", opts, cpu, 1, True)
     with pytest.raises(BadInputError, match="loop=graph needs one process"):  # through the selector's options
         _run(torch.nn.functional.normalize(torch.randn(300, 8), dim=1), 10, "graph", iters=2)
+
+
+def test_fixed_compaction_padding_never_overwrites_a_real_row(monkeypatch):
+    """The fixed compactions pad with row 0. Here row 0 is undecided and needs the float32 pass (its best three
+    parameters are one vector: its third is inside the window, RECHECK_K = 3), while its padding copies take the
+    candidate route; a stand-in candidate route that always answers the last parameter shows which write landed."""
+    monkeypatch.setattr(assign, "RECHECK_K", 3)
+    gen = torch.Generator().manual_seed(0)
+    f = torch.nn.functional.normalize(torch.randn(40, 16, generator=gen), dim=1)
+    c = torch.nn.functional.normalize(torch.randn(10, 16, generator=gen), dim=1).double()
+    c[2:5] = f[0].double()
+    asg = assign.Assigner(f, 10, prune=False, screen="bf16", block=40)
+    asg.set_params(c)
+    monkeypatch.setattr(asg, "best_among", lambda fu, ci, fixed=None: torch.full((fu.shape[0],), 9))
+    buf, stats = torch.zeros(2, dtype=torch.float64), torch.zeros(2, dtype=torch.float64)
+    fixed = static_loop.Compactor({"screen": 32, "full": 8, "tie": 8}, buf, stats, {})
+    p, _ = asg._screened(slice(0, 40), f, fixed)
+    assert stats[1] >= 1 and buf[-1] == 0  # row 0 took the float32 pass; nothing overflowed
+    assert int(p[0]) == 2  # the exact answer (lowest index of the tie), not the padding's 9

@@ -439,7 +439,12 @@ class Assigner:
         s = self._low_sims(key, fr)
         tv, ti = s.topk(min(2, self.B), dim=1)
         tv = tv.float()  # margins in float32 (bf16 values are exact there)
-        p = ti[:, 0].clone()
+        n = int(fr.shape[0])
+        # one spare slot at the end: the padding of a fixed compaction (repeats of row 0, which may take another
+        # route than row 0's own entry) writes there, never over a real row
+        p_all = torch.empty(n + 1, dtype=ti.dtype, device=self.device)
+        p = p_all[:n]
+        p.copy_(ti[:, 0])
         if self.B > 1:
             unsure = (tv[:, 0] - tv[:, 1]) <= window
             rr = self._rows_where(unsure, "screen", fixed, "screen_rechecked")
@@ -448,14 +453,17 @@ class Assigner:
                 cv, ci = s.index_select(0, rr).topk(min(RECHECK_K, self.B), dim=1)
                 cv = cv.float()
                 pu = self.best_among(fu, ci, fixed)
+                real = None
+                if fixed is not None:
+                    real = torch.arange(int(rr.numel()), device=self.device) < unsure.sum()
                 if RECHECK_K < self.B:
                     full = cv[:, -1] >= cv[:, 0] - window
-                    if fixed is not None:  # not the padding of the compaction
-                        full &= torch.arange(int(rr.numel()), device=self.device) < unsure.sum()
+                    if real is not None:
+                        full &= real
                     rf = self._rows_where(full, "full", fixed, "screen_full")
                     if fixed is not None or rf.numel():
                         pu.index_copy_(0, rf, self._exact(fu.index_select(0, rf), fixed)[0])
-                p.index_copy_(0, rr, pu)
+                p_all.index_copy_(0, rr if real is None else torch.where(real, rr, n), pu)
         return p, self._dot_params(fr, p)
 
     def best_among(self, fu: torch.Tensor, ci: torch.Tensor, fixed=None) -> torch.Tensor:
