@@ -134,9 +134,34 @@ def test_fixed_compaction_padding_never_overwrites_a_real_row(monkeypatch):
     c[2:5] = f[0].double()
     asg = assign.Assigner(f, 10, prune=False, screen="bf16", block=40)
     asg.set_params(c)
-    monkeypatch.setattr(asg, "best_among", lambda fu, ci, fixed=None: torch.full((fu.shape[0],), 9))
+    monkeypatch.setattr(asg, "best_among", lambda fu, ci, fixed=None, real=None: torch.full((fu.shape[0],), 9))
     buf, stats = torch.zeros(2, dtype=torch.float64), torch.zeros(2, dtype=torch.float64)
     fixed = static_loop.Compactor({"screen": 32, "full": 8, "tie": 8}, buf, stats, {})
     p, _ = asg._screened(slice(0, 40), f, fixed)
     assert stats[1] >= 1 and buf[-1] == 0  # row 0 took the float32 pass; nothing overflowed
     assert int(p[0]) == 2  # the exact answer (lowest index of the tie), not the padding's 9
+
+
+def test_fixed_compaction_padding_does_not_fill_inner_capacities():
+    """Block row 0 ties between two equal parameters; the screened selection pads with copies of it. Capacities
+    sized from a dynamic pass (2x its counts) must hold in the fixed pass: the copies are not counted as ties."""
+    gen = torch.Generator().manual_seed(0)
+    c = torch.nn.functional.normalize(torch.randn(40, 32, generator=gen, dtype=torch.float64), dim=1)
+    c[1] = c[0]
+    picks = torch.randint(2, 40, (400,), generator=gen)
+    f = torch.nn.functional.normalize(c[picks].float() + 0.6 * torch.randn(400, 32, generator=gen), dim=1)
+    f[0] = c[0].float()
+
+    def screened(caps, counts):
+        asg = assign.Assigner(f, 40, prune=False, screen="bf16", block=4096)
+        asg.set_params(c)
+        buf, stats = torch.zeros(2, dtype=torch.float64), torch.zeros(2, dtype=torch.float64)
+        return asg._screened(slice(0, 400), f, static_loop.Compactor(caps, buf, stats, counts))[0], float(buf[-1])
+
+    counts = {"tie": 0, "screen": 0, "full": 0}
+    p_dynamic, _ = screened(None, counts)
+    assert counts["tie"] >= 1 and counts["screen"] > 16
+    caps = {k: max(16, 2 * v) for k, v in counts.items()}
+    p_fixed, overflow = screened(caps, {})
+    assert overflow == 0
+    assert torch.equal(p_dynamic, p_fixed)

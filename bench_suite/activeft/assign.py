@@ -377,29 +377,42 @@ class Assigner:
         with self._product_threads():
             return torch.mm(fr, self.c32.T, out=out)
 
-    def _exact(self, fr: torch.Tensor, fixed=None):
-        """Canonical argmax over all B parameters for the rows ``fr`` (no state change); ``fixed``: see
-        ``_decide_ties``."""
+    def _exact(self, fr: torch.Tensor, fixed=None, real=None):
+        """Canonical argmax over all B parameters for the rows ``fr`` (no state change); ``fixed`` and ``real``:
+        see ``_decide_ties``."""
         s = self.sims(fr)
         tv, ti = s.topk(min(2, self.B), dim=1)
-        p = self._decide_ties(fr, s, tv, ti, fixed)
+        p = self._decide_ties(fr, s, tv, ti, fixed, real)
         return p, s.gather(1, p[:, None]).squeeze(1)
 
-    def _rows_where(self, mask: torch.Tensor, kind: str, fixed, stat: str | None = None) -> torch.Tensor:
-        """The indices of ``mask`` (counted under ``stat``); with ``fixed``, its compaction (fixed shapes)."""
+    def _rows_where(self, mask: torch.Tensor, kind: str, fixed, stat: str | None = None):
+        """``(indices of mask, real)`` (counted under ``stat``). Without ``fixed``: all of them, ``real`` None.
+        With it: its compaction of fixed size, and ``real`` marks the entries that are not padding."""
         if fixed is None:
             idx = mask.nonzero().squeeze(1)
             if stat:
                 self.totals[stat] += int(idx.numel())
-            return idx
+            return idx, None
         if stat:
             fixed.count(stat, mask.sum())
         return fixed.compact(mask, kind)
 
-    def _decide_ties(self, fr, s, tv, ti, fixed=None) -> torch.Tensor:
+    @staticmethod
+    def _put(p: torch.Tensor, rows: torch.Tensor, real, values: torch.Tensor) -> torch.Tensor:
+        """``p`` with ``p[rows] = values``. The padding of a fixed compaction (``real`` False: repeats of row 0,
+        which may have taken another route than row 0's own entry) is written to a spare slot, never over a row."""
+        if real is None:
+            return p.index_copy_(0, rows, values)
+        n = int(p.shape[0])
+        ext = torch.cat([p, p[:1]])
+        ext.index_copy_(0, torch.where(real, rows, n), values)
+        return ext[:n]
+
+    def _decide_ties(self, fr, s, tv, ti, fixed=None, real=None) -> torch.Tensor:
         """``_resolve_ties``. With ``fixed`` (``static_loop.Compactor``, not dynamic) in fixed shapes and with no host
         sync: the tied rows are compacted and decided in float64 among their ``NEAR_K`` best (more near
-        candidates than that are flagged: the caller redoes the iteration)."""
+        candidates than that are flagged: the caller redoes the iteration). ``real``: which rows of ``fr`` are not
+        the padding of an enclosing compaction (padding rows are left out, so they cannot fill a capacity)."""
         if tv.shape[1] < 2:
             return ti[:, 0].clone()
         tie = (tv[:, 0] - tv[:, 1]) <= self.eps
@@ -407,22 +420,23 @@ class Assigner:
             if fixed is not None:
                 fixed.compact(tie, "tie")  # counted: the fixed capacities are sized from dynamic iterations
             return self._resolve_ties(fr, s, tv, ti)
-        p = ti[:, 0].clone()
-        rr = fixed.compact(tie, "tie")
+        if real is not None:
+            tie &= real
+        rr, real_t = fixed.compact(tie, "tie")
         k = min(NEAR_K, self.B)
         cv, ci = s.index_select(0, rr).topk(k, dim=1)
-        if k < self.B:
-            fixed.flag((cv[:, -1] >= cv[:, 0] - self.eps).sum())  # maybe more near candidates than examined
-        p.index_copy_(0, rr, self.f64_among(fr.index_select(0, rr), cv, ci))
-        return p
+        if k < self.B:  # maybe more near candidates than examined
+            fixed.flag(((cv[:, -1] >= cv[:, 0] - self.eps) & real_t).sum())
+        return self._put(ti[:, 0].clone(), rr, real_t, self.f64_among(fr.index_select(0, rr), cv, ci))
 
     def screen_window(self) -> float:
         """A row whose screened top-2 margin exceeds this has the exact (canonical) argmax as its screened one.
 
-        Every screened similarity is within ``bound`` of the exact one (the inputs' rounding, relative ``u``
-        each, plus float32 accumulation; the output's rounding for bf16); the window is ``2 bound + eps``."""
+        Every screened similarity is within ``bound`` of the exact one: the inputs' rounding (relative ``u``
+        each), the accumulation (counted at twice float32's round-to-nearest bound: tensor cores are not
+        documented to round to nearest) and, for bf16, the output's rounding. The window is ``2 bound + eps``."""
         u = SCREEN_UNIT[self.screen]
-        bound = self.fnorm * (2 * u + u * u + (self.d + 2) * U32 + (u if self.screen == "bf16" else 0.0))
+        bound = self.fnorm * (2 * u + u * u + 2 * (self.d + 2) * U32 + (u if self.screen == "bf16" else 0.0))
         return 2 * bound + self.eps
 
     def _screened(self, key, fr: torch.Tensor, fixed=None):
@@ -439,37 +453,29 @@ class Assigner:
         s = self._low_sims(key, fr)
         tv, ti = s.topk(min(2, self.B), dim=1)
         tv = tv.float()  # margins in float32 (bf16 values are exact there)
-        n = int(fr.shape[0])
-        # one spare slot at the end: the padding of a fixed compaction (repeats of row 0, which may take another
-        # route than row 0's own entry) writes there, never over a real row
-        p_all = torch.empty(n + 1, dtype=ti.dtype, device=self.device)
-        p = p_all[:n]
-        p.copy_(ti[:, 0])
+        p = ti[:, 0].clone()
         if self.B > 1:
             unsure = (tv[:, 0] - tv[:, 1]) <= window
-            rr = self._rows_where(unsure, "screen", fixed, "screen_rechecked")
+            rr, real = self._rows_where(unsure, "screen", fixed, "screen_rechecked")
             if fixed is not None or rr.numel():
                 fu = fr.index_select(0, rr)
                 cv, ci = s.index_select(0, rr).topk(min(RECHECK_K, self.B), dim=1)
                 cv = cv.float()
-                pu = self.best_among(fu, ci, fixed)
-                real = None
-                if fixed is not None:
-                    real = torch.arange(int(rr.numel()), device=self.device) < unsure.sum()
+                pu = self.best_among(fu, ci, fixed, real)
                 if RECHECK_K < self.B:
                     full = cv[:, -1] >= cv[:, 0] - window
                     if real is not None:
                         full &= real
-                    rf = self._rows_where(full, "full", fixed, "screen_full")
+                    rf, real_f = self._rows_where(full, "full", fixed, "screen_full")
                     if fixed is not None or rf.numel():
-                        pu.index_copy_(0, rf, self._exact(fu.index_select(0, rf), fixed)[0])
-                p_all.index_copy_(0, rr if real is None else torch.where(real, rr, n), pu)
+                        pu = self._put(pu, rf, real_f, self._exact(fu.index_select(0, rf), fixed, real_f)[0])
+                p = self._put(p, rr, real, pu)
         return p, self._dot_params(fr, p)
 
-    def best_among(self, fu: torch.Tensor, ci: torch.Tensor, fixed=None) -> torch.Tensor:
+    def best_among(self, fu: torch.Tensor, ci: torch.Tensor, fixed=None, real=None) -> torch.Tensor:
         """The canonical argmax of each row of ``fu`` among its candidate parameters ``ci`` (m x k), which hold
         it: float32 dots of the candidates, then float64 among those within ``eps`` of the best (lowest index
-        on an exact tie)."""
+        on an exact tie). ``fixed``, ``real``: as for ``_decide_ties``."""
         m, k = int(ci.shape[0]), int(ci.shape[1])
         cf = self.c32.index_select(0, ci.reshape(-1)).view(m, k, self.d)
         ev = torch.bmm(cf, fu.unsqueeze(2)).squeeze(2)
@@ -477,10 +483,13 @@ class Assigner:
         ci = ci.gather(1, order)
         p = ci[:, 0].clone()
         if k > 1:
-            rr = self._rows_where((ev[:, 0] - ev[:, 1]) <= self.eps, "tie", fixed)
+            tie = (ev[:, 0] - ev[:, 1]) <= self.eps
+            if real is not None:
+                tie &= real
+            rr, real_t = self._rows_where(tie, "tie", fixed)
             if fixed is not None or rr.numel():
-                p.index_copy_(0, rr, self.f64_among(fu.index_select(0, rr), ev.index_select(0, rr),
-                                                    ci.index_select(0, rr)))
+                p = self._put(p, rr, real_t, self.f64_among(fu.index_select(0, rr), ev.index_select(0, rr),
+                                                            ci.index_select(0, rr)))
         return p
 
     def f64_among(self, fu: torch.Tensor, cv: torch.Tensor, ci: torch.Tensor) -> torch.Tensor:

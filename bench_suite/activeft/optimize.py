@@ -153,9 +153,11 @@ class PlainAdam:
         self.param, self.lr, self.capturable = param, float(lr), bool(capturable)
         self.exp_avg = torch.zeros_like(param, memory_format=torch.preserve_format)
         self.exp_avg_sq = torch.zeros_like(param, memory_format=torch.preserve_format)
-        # as torch.optim.Adam keeps its step: on the host, or (capturable: inside a CUDA graph) on the device
-        self.step_t = torch.tensor(0.0, dtype=_get_scalar_dtype(),
-                                   device=param.device if capturable else None)
+        # as torch.optim.Adam keeps its step: on the host; or, capturable (inside a CUDA graph), on the device in
+        # float64: the capturable update computes 1 - beta^step from it on the device, and torch's float32 default
+        # there moved theta by 5e-7 over 300 steps against the host's float64 arithmetic
+        self.step_t = (torch.tensor(0.0, dtype=torch.float64, device=param.device) if capturable
+                       else torch.tensor(0.0, dtype=_get_scalar_dtype()))
 
     @torch.no_grad()
     def step(self) -> None:

@@ -10,8 +10,8 @@ one sync (the loss and a flag) per iteration.
 What makes the shapes fixed: the rows whose argmax the first product cannot decide (float32 near-ties,
 screened rows inside the rounding bound and, among those, the ones with more than ``assign.RECHECK_K``
 candidates in their window: ``assign.Assigner._screened``) are compacted into fixed capacities with
-``torch.nonzero_static`` (``Compactor``). Padding repeats row 0 of the block, whose recomputed argmax is its
-own (idempotent). More rows than a capacity, or more than ``assign.NEAR_K`` parameters within the float32
+``torch.nonzero_static`` (``Compactor``). The padding (repeats of row 0) is computed but never written over a
+row, nor counted in an inner selection. More rows than a capacity, or more than ``assign.NEAR_K`` parameters within the float32
 margin of a row's best, raise a flag (summed over the ranks with the iteration's one all_reduce); the
 iteration is then redone from its saved state with exact, dynamic shapes, and the capacities grow. So
 the assignments are the eager loop's (the canonical argmax of ``assign``), only reached without syncs.
@@ -102,7 +102,9 @@ class StaticLoop:
         self.redone = 0
         run.assigner.eps = run.assigner.eps_base  # as ``Assigner.set_params`` sets it without pruning
         opt = run.opt  # for a graph, ``_Run`` made it capturable (its step counter on the device)
-        self.state = [run.theta.data, opt.exp_avg, opt.exp_avg_sq, opt.step_t]
+        # what an iteration changes: theta, Adam's state and the assignments (the warm-up and check runs of a
+        # capture must leave no trace, also in the rows of a subset that are not drawn again)
+        self.state = [run.theta.data, opt.exp_avg, opt.exp_avg_sq, opt.step_t, run.assigner.p]
         self.saved = [t.clone() for t in self.state]
 
     # ------------------------------------------------------------------ the loop
@@ -144,7 +146,7 @@ class StaticLoop:
                     self.redone += 1
                     self._size_caps()
                     if self.mode == "graph" and self.graph is not None:
-                        self._capture(rows, check=False)
+                        self._capture(rows)
             self._add_stats(stats)
             r.losses.append(loss)
             r.iter_seconds.append(time.perf_counter() - t_it)
@@ -180,13 +182,14 @@ class StaticLoop:
             dst.copy_(src)
 
     # ------------------------------------------------------------------ the graph
-    def _capture(self, rows, check: bool = True) -> None:
-        """Capture one iteration (the state is left as it was); with ``check``, run the next iteration both as a
-        replay and uncaptured (then undo both) and keep the graph only if they agree."""
+    def _capture(self, rows) -> None:
+        """Capture one iteration (the state is left as it was), then run the next iteration both as a replay and
+        uncaptured (undoing both) and keep the graph only if they agree."""
         self.graph = None
         if rows is not None:
             self.rows_buf = rows.clone()
         self._save()
+        stream = torch.cuda.current_stream()
         try:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
@@ -200,12 +203,16 @@ class StaticLoop:
             self._restore()
             self.captures += 1
         except Exception as exc:  # noqa: BLE001 - any capture failure: run the same iteration uncaptured
+            # a capture that fails inside ``torch.cuda.graph`` leaves its capture stream current: back to ours
+            torch.cuda.set_stream(stream)
             torch.cuda.synchronize()
             self._restore()
-            self.fallback = f"CUDA graph capture failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
+            cause = exc.__context__ or exc  # capture_end's error hides the op that broke the capture
+            self.fallback = (f"CUDA graph capture failed ({type(cause).__name__}: "
+                             f"{(str(cause).splitlines() or [''])[0][:200]})")
             self.mode = "static"
             return
-        if check and not self._replay_matches(graph):
+        if not self._replay_matches(graph):
             self.mode = "static"
             return
         self.graph = graph
@@ -286,8 +293,10 @@ class Compactor:
     """The row selections of one iteration for ``Assigner`` (its ``fixed`` argument).
 
     ``caps`` None (dynamic): all the rows of a mask, and the largest count per kind is kept in ``counts`` (to
-    size the capacities). Else exactly ``caps[kind]`` rows, padded with row 0 (whose recomputed result is its
-    own), and a larger count adds to ``buf[-1]``, the iteration's overflow flag; so are ``flag``-ged counts.
+    size the capacities). Else exactly ``caps[kind]`` rows, padded with row 0, and ``real`` marks the entries
+    that are not padding: the callers leave the padding out of inner selections and write its results to a
+    spare slot (``Assigner._put``). A count above the capacity adds to ``buf[-1]``, the iteration's overflow
+    flag; so do ``flag``-ged counts.
     ``count`` adds a statistic into ``stats`` (device scalars: no sync).
     """
 
@@ -297,14 +306,17 @@ class Compactor:
         self.caps, self.buf, self.stats, self.counts = caps, buf, stats, counts
         self.dynamic = caps is None
 
-    def compact(self, mask: torch.Tensor, kind: str) -> torch.Tensor:
+    def compact(self, mask: torch.Tensor, kind: str):
+        """``(indices, real)``: the rows of ``mask`` and which entries are not padding (None: all are)."""
         if self.caps is None:
             idx = mask.nonzero().squeeze(1)
             self.counts[kind] = max(self.counts[kind], int(idx.numel()))
-            return idx
+            return idx, None
         cap = min(self.caps[kind], int(mask.numel()))
-        self.buf[-1] += (mask.sum() > cap).double()
-        return torch.nonzero_static(mask, size=cap, fill_value=0).squeeze(1)
+        count = mask.sum()
+        self.buf[-1] += (count > cap).double()
+        idx = torch.nonzero_static(mask, size=cap, fill_value=0).squeeze(1)  # ascending, then the padding
+        return idx, torch.arange(cap, device=mask.device) < count
 
     def flag(self, n: torch.Tensor) -> None:
         self.buf[-1] += n.double()
