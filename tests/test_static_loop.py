@@ -165,3 +165,15 @@ def test_fixed_compaction_padding_does_not_fill_inner_capacities():
     p_fixed, overflow = screened(caps, {})
     assert overflow == 0
     assert torch.equal(p_dynamic, p_fixed)
+
+
+def test_loops_equal_check_passes_on_the_cpu(capsys):
+    """``bench.loops_equal`` (gpu_check's first step): on a CPU, the uncaptured fixed-shape loop with the bf16
+    screen, with overflowing capacities and with a subset, selects the eager float32 loop's ids."""
+    from bench_suite.bench import loops_equal
+
+    code = loops_equal.main(["--device", "cpu", "--n", "3000", "--dim", "32", "--budget", "60", "--iters", "12",
+                             "--subset", "1000"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert out.count("PASS") == 3 and "FAIL" not in out

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The GPU figures of issues 10 (selector) and 11 (extraction), in ONE device run of about 8 minutes on an
-# H200 (the device tool: 15 minutes per session, start-up included). Nothing here runs in CI or the tests.
+# The GPU figures of issues 10 (selector) and 11 (extraction), in ONE device run of about 9 minutes on an
+# H200 (the device tool: 15 minutes per session, start-up included). None of it runs in CI (the tests run
+# loops_equal's CPU part only). Step order is priority order: whatever a cut-off leaves is the least needed.
 #
 # Once, on the developer machine, in the repository root (the device has no webdataset/braceexpand/faiss):
 #   echo /.whl/ >> .git/info/exclude
@@ -31,12 +32,15 @@ step() {  # step NAME SECONDS COMMAND...: run with a limit, log to $OUT/NAME.txt
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$OUT/gpu.txt" 2>&1
 cat "$OUT/gpu.txt"
 
+# issue 10: the GPU loops select what the eager float32 loop selects (graph and static, bf16 and fp32 screens,
+# forced capacity overflows, a subset); exit 1 on any difference
+step loops_equal 90 $PY -m bench_suite.bench.loops_equal --device cuda
 # issue 10: 50k pool at B = 1000 / 2500 / 5000, the naive loop for all T = 300 iterations in the same run.
 # auto: the fixed-shape loop replayed as a CUDA graph, bf16 screen (static_loop); graph-fp32: the same graph with the
 # float32 product; full: the float32 product in the eager loop (the GPU path before the graph)
 step sel50k 120 $PY -m bench_suite.bench.selector --device cuda --budgets 1000,2500,5000 --naive-iters 300 \
     --paths auto,graph-fp32,full --json "$OUT/sel50k.json"
-step sel50k_tf32 40 $PY -m bench_suite.bench.selector --device cuda --budgets 1000,5000 --no-naive \
+step sel50k_tf32 30 $PY -m bench_suite.bench.selector --device cuda --budgets 1000 --no-naive \
     --screen tf32 --json "$OUT/sel50k_tf32.json"
 # issue 10: the full ImageNet pool (1,281,167 x 384), B = 12,812: 20 iterations extrapolated to T = 300
 step selimnet 100 $PY -m bench_suite.bench.selector --device cuda --n 1281167 --classes 1000 --budgets 12812 \
