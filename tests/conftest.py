@@ -40,6 +40,18 @@ LONGEST_FIRST = [
 ]
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module of small-tensor tests (faster there, and immune to a busy machine); the
+    count is restored after the module. Use with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(autouse=True)
 def one_torch_thread_per_worker():
     """Under xdist, put torch back on one thread after any test that changed it (an in-process table run sets
