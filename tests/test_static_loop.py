@@ -2,6 +2,9 @@
 loop's run bit for bit: the same assignments, losses, parameters and selection, also when its capacities
 overflow and iterations are redone, with near-ties among the parameters, screening and per-iteration subsets."""
 
+import importlib
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -172,3 +175,86 @@ def test_loops_equal_check_passes_on_the_cpu(capsys):
     out = capsys.readouterr().out
     assert code == 0, out
     assert out.count("PASS") == 3 and "FAIL" not in out
+
+
+class Replayer:
+    """A stand-in for ``static_loop.CudaGraphs`` on a CPU (no CUDA here): "capturing" keeps the iteration's body
+    and a replay runs it uncaptured. It runs the loop's graph logic: capture, the replay check, recapture after
+    an overflow, and the fallbacks (``fail``: capturing raises; ``after_replay``: called after each replay)."""
+
+    def __init__(self, fail: bool = False, after_replay=None):
+        self.fail, self.after_replay, self.captured, self.recovered = fail, after_replay, 0, 0
+
+    def current_stream(self):
+        return "caller's stream"
+
+    def warm_up(self, body):
+        body()
+
+    def recover(self, stream):
+        assert stream == "caller's stream"
+        self.recovered += 1
+
+    def capture(self, body):
+        if self.fail:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        self.captured += 1
+
+        def replay():
+            body()
+            if self.after_replay is not None:
+                self.after_replay()
+
+        return SimpleNamespace(replay=replay)
+
+
+def _graph_run(x, budget, graphs, seed=1, **cfg):
+    """``optimize`` with the fixed-shape loop in graph mode driven by ``graphs(run)`` (the selector makes it only
+    on a GPU, where Adam is capturable; here Adam is the host one, as in loop=static); None: the eager loop.
+    The result has the final assignments of every row as ``"p"``."""
+    opt_mod = importlib.import_module("bench_suite.activeft.optimize")
+    conf = ActiveFT(progress=False, prune=False, loop="static" if graphs else "eager", **cfg).options
+    n = int(x.shape[0])
+    run = opt_mod._Run(x, slice(0, n), n, budget, conf, seed=seed, dist=bdist.Runtime())
+    with opt_mod.full_fp32_matmul():
+        if graphs is None:
+            run.loop()
+        else:
+            run.static = static_loop.StaticLoop(run, "graph", graphs=graphs(run))
+            run.static.run()
+        return {**run.finish(True), "p": run.assigner.p.clone()}
+
+
+@pytest.mark.parametrize("overflow", [False, True], ids=["fits", "overflows"])
+def test_graph_logic_with_a_stand_in_equals_the_eager_loop(pool, overflow, monkeypatch):
+    if overflow:
+        monkeypatch.setattr(static_loop, "MIN_CAP", 1)
+        monkeypatch.setattr(static_loop, "CAP_FACTOR", 0.5)
+    # a small subset: many rows are drawn once, so a warm-up or check run that left its assignments would show
+    cfg = {"iters": 12, "screen": "bf16", "subset": 300, "lr": 0.05}  # big steps: assignments change each step
+    graphs = Replayer()
+    got = _graph_run(pool, 70, lambda run: graphs, **cfg)
+    assert got["loop"] == "graph" and got["loop_fallback"] is None
+    assert got["loop_captures"] == graphs.captured >= 1
+    if overflow:  # each overflow was redone and the graph recaptured
+        assert got["loop_redone"] > 0 and got["loop_captures"] > 1
+    eager = _graph_run(pool, 70, None, **cfg)
+    _assert_same(eager, got)
+    assert torch.equal(eager["p"], got["p"])  # warm-ups and checks left no trace
+
+
+def test_graph_capture_failure_falls_back_and_says_why(pool):
+    graphs = Replayer(fail=True)
+    got = _graph_run(pool, 70, lambda run: graphs, iters=20)
+    assert got["loop"] == "static" and graphs.recovered == 1
+    assert got["loop_fallback"] == ("CUDA graph capture failed (RuntimeError: operation not permitted when stream "
+                                    "is capturing)")
+    _assert_same(_run(pool, 70, "eager", iters=20), got)
+
+
+def test_graph_whose_replay_differs_is_not_used(pool):
+    """A replay that does not do what the uncaptured iteration does (here: it also scales theta)."""
+    got = _graph_run(pool, 70, lambda run: Replayer(after_replay=lambda: run.theta.data.mul_(1.001)), iters=20)
+    assert got["loop"] == "static"
+    assert got["loop_fallback"].startswith("the CUDA graph's replay differed from the uncaptured iteration")
+    _assert_same(_run(pool, 70, "eager", iters=20), got)

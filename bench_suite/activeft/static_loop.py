@@ -11,17 +11,18 @@ What makes the shapes fixed: the rows whose argmax the first product cannot deci
 screened rows inside the rounding bound and, among those, the ones with more than ``assign.RECHECK_K``
 candidates in their window: ``assign.Assigner._screened``) are compacted into fixed capacities with
 ``torch.nonzero_static`` (``Compactor``). The padding (repeats of row 0) is computed but never written over a
-row, nor counted in an inner selection. More rows than a capacity, or more than ``assign.NEAR_K`` parameters within the float32
-margin of a row's best, raise a flag (summed over the ranks with the iteration's one all_reduce); the
-iteration is then redone from its saved state with exact, dynamic shapes, and the capacities grow. So
-the assignments are the eager loop's (the canonical argmax of ``assign``), only reached without syncs.
+row, nor counted in an inner selection. More rows than a capacity, or more than ``assign.NEAR_K`` parameters
+within the float32 margin of a row's best, raise a flag (summed over the ranks with the iteration's one
+all_reduce); the iteration is then redone from its saved state with exact, dynamic shapes, and the capacities
+grow. So the assignments are the eager loop's (the canonical argmax of ``assign``), only reached without syncs.
 
 Scope: the objective and settings users run (official objective, regularizer ``ours``, assignments
 updated every iteration, no schedule, the full product: ``why_not_static``). Others run the eager loop.
 The graph needs one process (``world == 1``; NCCL inside a graph is not attempted) and a CUDA device;
 ``loop=static`` runs the same fixed-shape iteration without capture, on any device (how the CPU tests
 check it against the eager loop). After capturing, the first replay is checked against the same
-iteration run uncaptured; any difference, or a capture error, falls back to ``static`` and says why.
+iteration run uncaptured; any difference, or a capture error, falls back to ``static`` and says why. The
+capture itself is ``CudaGraphs`` (torch's recipe), a part the CPU tests replace with a stand-in.
 """
 
 from __future__ import annotations
@@ -78,6 +79,38 @@ def _pow2_at_least(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
+class CudaGraphs:
+    """torch's recipe for capturing a CUDA graph (``StaticLoop`` takes it as a part, so the CPU tests can run the
+    loop's graph logic with a stand-in that replays the body uncaptured)."""
+
+    @staticmethod
+    def current_stream():
+        return torch.cuda.current_stream()
+
+    @staticmethod
+    def warm_up(body) -> None:
+        """Run ``body`` once on a side stream before capturing (lazy initialisation stays out of the graph)."""
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            body()
+        torch.cuda.current_stream().wait_stream(side)
+
+    @staticmethod
+    def capture(body) -> "torch.cuda.CUDAGraph":
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            body()
+        return graph
+
+    @staticmethod
+    def recover(stream) -> None:
+        """After a failed capture: ``torch.cuda.graph`` skips leaving its capture stream when ``capture_end`` raises,
+        so the caller's stream is made current again."""
+        torch.cuda.set_stream(stream)
+        torch.cuda.synchronize()
+
+
 class StaticLoop:
     """Iterations 0..T-1 and the final evaluation of one ``optimize._Run`` with fixed shapes.
 
@@ -87,9 +120,10 @@ class StaticLoop:
     shapes, grows the capacities and recaptures.
     """
 
-    def __init__(self, run, mode: str):
+    def __init__(self, run, mode: str, graphs=None):
         self.r = run
         self.mode = mode  # "static" or "graph"
+        self.graphs = graphs if graphs is not None else CudaGraphs()  # how a graph is captured (tests: a stand-in)
         self.graph = None
         self.fallback: str | None = None
         self.caps: dict[str, int] | None = None
@@ -188,24 +222,21 @@ class StaticLoop:
         self.graph = None
         if rows is not None:
             self.rows_buf = rows.clone()
+        caps = dict(self.caps)
+
+        def body():
+            self._body(caps, self.rows_buf, step=True)
+
         self._save()
-        stream = torch.cuda.current_stream()
+        stream = self.graphs.current_stream()
         try:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):  # warm-up on a side stream before capturing (torch's recipe)
-                self._body(self.caps, self.rows_buf, step=True)
-            torch.cuda.current_stream().wait_stream(side)
+            self.graphs.warm_up(body)
             self._restore()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                self._body(self.caps, self.rows_buf, step=True)
+            graph = self.graphs.capture(body)
             self._restore()
             self.captures += 1
         except Exception as exc:  # noqa: BLE001 - any capture failure: run the same iteration uncaptured
-            # a capture that fails inside ``torch.cuda.graph`` leaves its capture stream current: back to ours
-            torch.cuda.set_stream(stream)
-            torch.cuda.synchronize()
+            self.graphs.recover(stream)
             self._restore()
             cause = exc.__context__ or exc  # capture_end's error hides the op that broke the capture
             self.fallback = (f"CUDA graph capture failed ({type(cause).__name__}: "

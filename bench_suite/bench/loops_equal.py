@@ -42,7 +42,8 @@ def _compare(name: str, got: dict, ref: dict, rtol: float, *, graph: bool) -> li
     if not np.array_equal(got["rows"], ref["rows"]):
         same = len(np.intersect1d(got["rows"], ref["rows"])) / len(ref["rows"])
         bad.append(f"ids differ ({same:.2%} in common)")
-    losses, ref_losses = np.asarray(got["losses"] + [got["final_loss"]]), np.asarray(ref["losses"] + [ref["final_loss"]])
+    losses = np.asarray(got["losses"] + [got["final_loss"]])
+    ref_losses = np.asarray(ref["losses"] + [ref["final_loss"]])
     worst = float(np.max(np.abs(losses - ref_losses) / np.abs(ref_losses)))
     if not worst <= rtol:
         bad.append(f"losses differ by {worst:.2e} relative (allowed {rtol:.0e})")
