@@ -115,7 +115,7 @@ class StaticLoop:
     """Iterations 0..T-1 and the final evaluation of one ``optimize._Run`` with fixed shapes.
 
     Iteration 0 runs with dynamic shapes and sizes the capacities; then each iteration saves the state
-    (theta and Adam's), runs (a graph replay, or the same code uncaptured) and reads ``[loss, overflow,
+    (theta, Adam's, the assignments), runs (a graph replay, or the same code uncaptured) and reads ``[loss, overflow,
     *statistics]`` in one sync; on an overflow it restores the state, redoes the iteration with dynamic
     shapes, grows the capacities and recaptures.
     """
