@@ -133,10 +133,9 @@ def test_fixed_compaction_padding_never_overwrites_a_real_row(monkeypatch):
     asg = assign.Assigner(f, 10, prune=False, screen="bf16", block=40)
     asg.set_params(c)
     monkeypatch.setattr(asg, "best_among", lambda fu, ci, fixed=None, real=None: torch.full((fu.shape[0],), 9))
-    buf, stats = torch.zeros(2, dtype=torch.float64), torch.zeros(2, dtype=torch.float64)
-    fixed = static_loop.Compactor({"screen": 32, "full": 8, "tie": 8}, buf, stats, {})
+    fixed = static_loop.Compactor({"screen": 32, "full": 8, "tie": 8}, {}, "cpu")
     p, _ = asg._screened(slice(0, 40), f, fixed)
-    assert stats[1] >= 1 and buf[-1] == 0  # row 0 took the float32 pass; nothing overflowed
+    assert fixed.stats[1] >= 1 and fixed.overflow == 0  # row 0 took the float32 pass; nothing overflowed
     assert int(p[0]) == 2  # the exact answer (lowest index of the tie), not the padding's 9
 
 
@@ -153,8 +152,8 @@ def test_fixed_compaction_padding_does_not_fill_inner_capacities():
     def screened(caps, counts):
         asg = assign.Assigner(f, 40, prune=False, screen="bf16", block=4096)
         asg.set_params(c)
-        buf, stats = torch.zeros(2, dtype=torch.float64), torch.zeros(2, dtype=torch.float64)
-        return asg._screened(slice(0, 400), f, static_loop.Compactor(caps, buf, stats, counts))[0], float(buf[-1])
+        fixed = static_loop.Compactor(caps, counts, "cpu")
+        return asg._screened(slice(0, 400), f, fixed)[0], float(fixed.overflow)
 
     counts = {"tie": 0, "screen": 0, "full": 0}
     p_dynamic, _ = screened(None, counts)

@@ -153,12 +153,15 @@ class Assigner:
         self.per_iter[-1][key] += int(value)
         self.totals[key] += int(value)
 
-    def iterate(self, rows: torch.Tensor | None = None, *, update: bool = True, with_key: bool = False):
+    def iterate(self, rows: torch.Tensor | None = None, *, update: bool = True, with_key: bool = False,
+                fixed=None):
         """Yield ``(F_block, p_block, a_block)`` over ``rows`` (sorted local indices; None = all rows).
 
         ``a_block`` is the float32 similarity to the assigned parameter. With ``update=False`` the stored
         assignments are kept (rows never assigned are assigned exactly first). ``with_key``: yield
         ``(key, F_block, p_block, a_block)``, ``key`` the block's local rows (a slice, or an index tensor).
+        ``fixed`` (the full product only): the row selections of ``static_loop``'s fixed-shape iteration, which
+        also keeps the iteration's counts itself (they are not added to ``totals`` here).
         """
         n_rows = self.n if rows is None else int(rows.numel())
         for s in range(0, n_rows, self.block):
@@ -170,7 +173,7 @@ class Assigner:
                 idx = rows[s:e]
                 fr = self.F.index_select(0, idx)
             if update:
-                p_r, a_r = self._assign_block(idx, fr, slice(s, e) if rows is None else idx)
+                p_r, a_r = self._assign_block(idx, fr, slice(s, e) if rows is None else idx, fixed)
             else:
                 p_r = self.p[idx]
                 missing = p_r < 0
@@ -188,11 +191,11 @@ class Assigner:
             pass
 
     # ------------------------------------------------------------------ internals
-    def _assign_block(self, idx: torch.Tensor, fr: torch.Tensor, key):
+    def _assign_block(self, idx: torch.Tensor, fr: torch.Tensor, key, fixed=None):
         if not self.prune:  # one N x B product and its top-2, on the caller's threads (timed as a refresh)
             t0 = time.perf_counter()
             try:
-                return self._assign_block_impl(idx, fr, key)
+                return self._assign_block_impl(idx, fr, key, fixed)
             finally:
                 self.timing["refresh"] += time.perf_counter() - t0
         t0 = time.perf_counter()
@@ -218,13 +221,14 @@ class Assigner:
         is mostly gathers, so they are used throughout (the same values)."""
         return t[key] if isinstance(key, slice) else t.index_select(0, key)
 
-    def _assign_block_impl(self, idx: torch.Tensor, fr: torch.Tensor, key):
+    def _assign_block_impl(self, idx: torch.Tensor, fr: torch.Tensor, key, fixed=None):
         """Rows ``idx`` (``key``: the same rows as a slice when contiguous, so block reads are views)."""
         nb = int(idx.numel())
         if not self.prune:
-            p_new, a_new = self._exact(fr) if self.screen == "fp32" else self._screened(key, fr)
+            p_new, a_new = self._exact(fr, fixed) if self.screen == "fp32" else self._screened(key, fr, fixed)
             self.p[idx] = p_new
-            self._count("refreshed", nb)
+            if fixed is None:
+                self._count("refreshed", nb)
             return p_new, a_new
         eps, K = self.eps, self.K
         rows_of = self._rows
@@ -415,10 +419,11 @@ class Assigner:
         the padding of an enclosing compaction (padding rows are left out, so they cannot fill a capacity)."""
         if tv.shape[1] < 2:
             return ti[:, 0].clone()
+        if fixed is None:
+            return self._resolve_ties(fr, s, tv, ti)
         tie = (tv[:, 0] - tv[:, 1]) <= self.eps
-        if fixed is None or fixed.dynamic:
-            if fixed is not None:
-                fixed.compact(tie, "tie")  # counted: the fixed capacities are sized from dynamic iterations
+        if fixed.dynamic:
+            fixed.compact(tie, "tie")  # counted: the fixed capacities are sized from dynamic iterations
             return self._resolve_ties(fr, s, tv, ti)
         if real is not None:
             tie &= real

@@ -227,10 +227,7 @@ class _Run:
         cfg = self.cfg
         for t in range(cfg.iters + 1):
             t_it = time.perf_counter()
-            with torch.no_grad():
-                th = self.theta.detach()
-                th_norm = th.norm(dim=1)
-                c64 = th / th_norm.clamp_min(1e-12)[:, None] if self.official else th
+            th_norm, c64 = self._params()
             self.assigner.set_params(c64)
             if t == 0 and not cfg.update_assign:
                 self.assigner.assign_all()
@@ -239,6 +236,7 @@ class _Run:
             sums = self._pass(rows, shift)
             t_step, rep_before = time.perf_counter(), self.timing["repulsion"]
             loss, grad_c = self._gradient(*sums, c64, qc)
+            loss = float(loss)
             if t == cfg.iters:
                 self.final_loss = loss
                 break
@@ -250,6 +248,13 @@ class _Run:
             if progress is not None:
                 progress(t + 1, loss)
         self.t_opt = time.perf_counter() - self.t_start - self.t_init
+
+    @torch.no_grad()
+    def _params(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``|theta|`` per row and the parameters ``c`` the loss sees (``theta/|theta|`` for the official loss)."""
+        th = self.theta.detach()
+        th_norm = th.norm(dim=1)
+        return th_norm, (th / th_norm.clamp_min(1e-12)[:, None] if self.official else th)
 
     def _subset_rows(self) -> torch.Tensor | None:
         """This rank's (local, sorted) rows of this iteration's random subset of M (Sec. 3.5); None: all rows."""
@@ -267,18 +272,21 @@ class _Run:
         self.timing["repulsion"] += time.perf_counter() - t_rep
         return shift, qc
 
-    def _pass(self, rows: torch.Tensor | None, shift: torch.Tensor | None):
+    def _pass(self, rows: torch.Tensor | None, shift: torch.Tensor | None, fixed=None):
         """The per-sample terms over this rank's ``rows``, summed over every rank in ONE all_reduce.
 
         Returns ``S`` (B x d: sum of the (weighted) features assigned to each parameter), ``g`` (B: their
-        weights), the summed per-sample loss, and the InfoNCE accumulator (S2 only, else None).
+        weights), the summed per-sample loss (a device scalar: no host sync) and the InfoNCE accumulator (S2
+        only, else None). ``fixed``: ``static_loop``'s row selections; their overflow flag rides on the
+        all_reduce, so every rank sees the sum over the ranks.
         """
         b, d, tau = self.b, self.d, self.tau
-        buf = torch.zeros(b * (d + 1) + 1, dtype=torch.float64, device=self.dev)
+        buf = torch.zeros(b * (d + 1) + 2, dtype=torch.float64, device=self.dev)  # [S | g], loss, overflow flag
         sums = buf[: b * (d + 1)].view(b, d + 1)  # [S | g]: one CSR product per block fills both
         loss_acc = torch.zeros((), dtype=torch.float64, device=self.dev)
         nce = _InfoNCE(b, d, self.dev) if self.cfg.regularizer == "infonce" else None
-        for key, fr, p_r, a_r in self.assigner.iterate(rows, update=self.cfg.update_assign, with_key=True):
+        for key, fr, p_r, a_r in self.assigner.iterate(rows, update=self.cfg.update_assign, with_key=True,
+                                                       fixed=fixed):
             t_acc = time.perf_counter()
             a64 = a_r.double() / tau
             if self.fused:
@@ -291,11 +299,15 @@ class _Run:
             if nce is not None:
                 nce.add(fr, self.assigner, tau)
             self.timing["accumulate"] += time.perf_counter() - t_acc
-        buf[-1] = loss_acc
+        buf[-2] = loss_acc
+        if fixed is not None:
+            buf[-1] = fixed.overflow
         t_red = time.perf_counter()
         self.dist.all_reduce(buf)  # the one O(B d) reduction of the iteration
         self.timing["reduce"] += time.perf_counter() - t_red
-        return sums[:, :d], sums[:, d], float(buf[-1]), nce
+        if fixed is not None:
+            fixed.overflow.copy_(buf[-1])
+        return sums[:, :d], sums[:, d], buf[-2], nce
 
     def _gradient(self, s_sum, g_sum, loss_sum: float, nce, c64, qc) -> tuple[float, torch.Tensor]:
         """The loss of the pass and its gradient with respect to c (equations: ``objectives``)."""

@@ -30,7 +30,6 @@ from __future__ import annotations
 import time
 
 import torch
-import torch.nn.functional as tnf
 
 from bench_suite.errors import BadInputError
 
@@ -271,53 +270,16 @@ class StaticLoop:
         """One iteration (the eager loop's ``_pass``, ``_gradient`` and ``_step`` for the fused official
         objective) writing ``self.out``; ``caps`` None: dynamic shapes."""
         r = self.r
-        asg, tau, b, d = r.assigner, r.tau, r.b, r.d
-        with torch.no_grad():
-            th = r.theta.detach()
-            th_norm = th.norm(dim=1)
-            c64 = th / th_norm.clamp_min(1e-12)[:, None]
-        asg.c64, asg.c32 = c64, c64.float()
+        th_norm, c64 = r._params()
+        r.assigner.c64, r.assigner.c32 = c64, c64.float()
         shift, qc = r._official_repulsion(c64)
-        buf = torch.zeros(b * (d + 1) + 2, dtype=torch.float64, device=r.dev)  # [S | g], loss, overflow
-        sums = buf[: b * (d + 1)].view(b, d + 1)
-        stats = torch.zeros(len(Compactor.STATS), dtype=torch.float64, device=r.dev)
-        fixed = Compactor(caps, buf, stats, self.counts)
-        loss_acc = torch.zeros((), dtype=torch.float64, device=r.dev)
-        for key, fr in self._blocks(rows):
-            p, a = self._assign(key, fr, fixed)
-            z = shift.index_select(0, p) - a.double() / tau
-            loss_acc += tnf.softplus(z).sum()
-            r.groups.add(sums, key, fr, p, torch.sigmoid(z))
-        buf[-2] = loss_acc
-        r.dist.all_reduce(buf)  # the one O(B d) reduction (the overflow flag rides along)
-        loss, grad_c = r._gradient(sums[:, :d], sums[:, d], buf[-2], None, c64, qc)
+        fixed = Compactor(caps, self.counts, r.dev)
+        loss, grad_c = r._gradient(*r._pass(rows, shift, fixed), c64, qc)
         if step:
             r._step(grad_c, c64, th_norm)
         self.out[0].copy_(loss)
-        self.out[1].copy_(buf[-1])
-        self.out[2:].copy_(stats)
-
-    def _blocks(self, rows):
-        asg = self.r.assigner
-        n_rows = asg.n if rows is None else int(rows.numel())
-        for s in range(0, n_rows, asg.block):
-            e = min(n_rows, s + asg.block)
-            if rows is None:
-                yield slice(s, e), asg.F[s:e]
-            else:
-                idx = rows[s:e]
-                yield idx, asg.F.index_select(0, idx)
-
-    def _assign(self, key, fr, fixed):
-        """The canonical nearest parameter of each row of the block and its float32 similarity (``Assigner``'s
-        ``_exact`` / ``_screened`` with the row selections of ``fixed``)."""
-        asg = self.r.assigner
-        p, a = asg._exact(fr, fixed) if asg.screen == "fp32" else asg._screened(key, fr, fixed)
-        if isinstance(key, slice):
-            asg.p[key] = p
-        else:
-            asg.p.index_copy_(0, key, p)
-        return p, a
+        self.out[1].copy_(fixed.overflow)
+        self.out[2:].copy_(fixed.stats)
 
 
 class Compactor:
@@ -326,16 +288,18 @@ class Compactor:
     ``caps`` None (dynamic): all the rows of a mask, and the largest count per kind is kept in ``counts`` (to
     size the capacities). Else exactly ``caps[kind]`` rows, padded with row 0, and ``real`` marks the entries
     that are not padding: the callers leave the padding out of inner selections and write its results to a
-    spare slot (``Assigner._put``). A count above the capacity adds to ``buf[-1]``, the iteration's overflow
-    flag; so do ``flag``-ged counts.
-    ``count`` adds a statistic into ``stats`` (device scalars: no sync).
+    spare slot (``Assigner._put``). A count above the capacity adds to ``overflow``, the iteration's flag
+    (a device scalar; ``_Run._pass`` sums it over the ranks); so do ``flag``-ged counts. ``count`` adds a
+    statistic into ``stats`` (device scalars: no sync).
     """
 
     STATS = ("screen_rechecked", "screen_full")
 
-    def __init__(self, caps: dict | None, buf: torch.Tensor, stats: torch.Tensor, counts: dict):
-        self.caps, self.buf, self.stats, self.counts = caps, buf, stats, counts
+    def __init__(self, caps: dict | None, counts: dict, device):
+        self.caps, self.counts = caps, counts
         self.dynamic = caps is None
+        self.overflow = torch.zeros((), dtype=torch.float64, device=device)
+        self.stats = torch.zeros(len(self.STATS), dtype=torch.float64, device=device)
 
     def compact(self, mask: torch.Tensor, kind: str):
         """``(indices, real)``: the rows of ``mask`` and which entries are not padding (None: all are)."""
@@ -345,12 +309,12 @@ class Compactor:
             return idx, None
         cap = min(self.caps[kind], int(mask.numel()))
         count = mask.sum()
-        self.buf[-1] += (count > cap).double()
+        self.overflow += (count > cap).double()
         idx = torch.nonzero_static(mask, size=cap, fill_value=0).squeeze(1)  # ascending, then the padding
         return idx, torch.arange(cap, device=mask.device) < count
 
     def flag(self, n: torch.Tensor) -> None:
-        self.buf[-1] += n.double()
+        self.overflow += n.double()
 
     def count(self, stat: str, n: torch.Tensor) -> None:
         self.stats[self.STATS.index(stat)] += n.double()
