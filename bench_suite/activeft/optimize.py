@@ -23,6 +23,7 @@ import torch.nn.functional as tnf
 from torch.optim.adam import adam
 from torch.optim.optimizer import _get_scalar_dtype
 
+from bench_suite.activeft import fused_top2
 from bench_suite.activeft import objectives as obj
 from bench_suite.activeft.assign import Assigner, decision_eps
 from bench_suite.activeft.groupsum import GroupSums
@@ -30,6 +31,7 @@ from bench_suite.activeft.init import gather_rows, initial_rows
 from bench_suite.activeft.options import Options
 from bench_suite.activeft.snap import snap
 from bench_suite.activeft.static_loop import StaticLoop, resolve_loop
+from bench_suite.errors import BadInputError
 
 ASSIGN_STATS = ("certified", "refined", "refreshed", "pairs", "screen_rechecked", "screen_full")
 
@@ -87,17 +89,40 @@ def resolve_screen(screen: str, device: torch.device) -> str:
     return "bf16" if device.type == "cuda" else "fp32"
 
 
+def resolve_top2_kernel(requested: str, screen: str, prune: bool, feats: torch.Tensor,
+                        b: int) -> tuple[bool, str | None]:
+    """The ``top2_kernel`` option as run, and why it is off where it was wanted. auto: the Triton kernel
+    (``fused_top2``) with a reduced-precision screen on a GPU, once its self-check passed on the rank's rows; on:
+    also on a CPU under ``TRITON_INTERPRET=1`` (the tests), and an error where it cannot run or has no screen."""
+    if requested == "off" or (requested == "auto" and (screen == "fp32" or prune)):
+        return False, None
+    if screen == "fp32" or prune:
+        raise BadInputError("activeft: top2_kernel=on needs screen=bf16 or tf32 and prune=false (the kernel is the "
+                            "screened full pass's)")
+    why = fused_top2.why_unavailable(feats.device)
+    if why is not None:
+        if requested == "on":
+            raise BadInputError(f"activeft: top2_kernel=on: {why}")
+        return False, why if feats.device.type == "cuda" else None
+    why = fused_top2.self_check(feats, b, screen)
+    return why is None, why
+
+
 def auto_block(b: int, requested: int = 0, device: torch.device | None = None, *, prune: bool = False,
-               d: int = 0) -> int:
+               d: int = 0, top2_kernel: bool = False) -> int:
     """Rows per block. GPU: block x B float32 <= 1 GiB, so a pass is a few large products (each block costs a host
     sync). CPU, full product: block x B float32 <= 256 MiB, at most 8192 rows (the product's scores stay near the
     cache). CPU, pruned: the same bound, at most 65536 rows, and the float64 [f, 1] rows of a block (when they are
     converted per block) <= 256 MiB. The pruning's bookkeeping is dozens of small ops per block, so fewer blocks
     pay: at 50k x 384, B = 1000, T = 300 on 2 cores, one 50k-row block took 37.7 s (clustered) and 35.7 s (blobs)
-    against 49.5 s and 41.0 s in 8192-row blocks."""
+    against 49.5 s and 41.0 s in 8192-row blocks. With the Triton top-2 kernel nothing of size block x B is
+    written but the undecided rows' product, so a block is the float32 rows' 256 MiB: at ImageNet size 7 launches
+    of over 1,300 row tiles each instead of 61 of 164 (one and a quarter waves on an H200's 132 SMs)."""
     if requested:
         return requested
     if device is not None and device.type != "cpu":
+        if top2_kernel:
+            return int(max(4096, (2 ** 28) // (4 * max(d, 1))))
         return int(max(4096, (2 ** 30) // (4 * max(b, 1))))
     rows = (64 * 2 ** 20) // max(b, 1)
     if prune:
@@ -185,14 +210,16 @@ class _Run:
         self.eps = decision_eps(self.d, fnorm)
         self.prune = resolve_prune(cfg.prune, self.b, self.dev)
         self.loop_mode = resolve_loop(cfg.loop, cfg, self.dev, dist.world, self.prune)
-        self.block = auto_block(self.b, cfg.block_size, self.dev, prune=self.prune, d=self.d)
+        screen = resolve_screen(cfg.screen, self.dev)
+        kernel, self.top2_kernel_fallback = resolve_top2_kernel(cfg.top2_kernel, screen, self.prune, feats, self.b)
+        self.block = auto_block(self.b, cfg.block_size, self.dev, prune=self.prune, d=self.d, top2_kernel=kernel)
         self.bb_dtype = (torch.float64 if cfg.bb_dtype == "float64" or (cfg.bb_dtype == "auto" and self.b <= 512)
                          else torch.float32)
         self._initialise(seed)
         self.t_init = time.perf_counter() - self.t_start
         self.assigner = Assigner(feats, self.b, candidates=cfg.candidates, block=self.block, prune=self.prune,
                                  max_steps=cfg.iters + 1, fnorm_max=fnorm, verify=cfg.verify,
-                                 screen=resolve_screen(cfg.screen, self.dev))
+                                 screen=screen, top2_kernel=kernel)
         self.groups = GroupSums(feats, self.b)
         self.sub_gen, self.n_act = subset_generator(cfg.subset, n_total, seed)
         self.losses: list[float] = []
@@ -370,6 +397,8 @@ class _Run:
             "block_size": self.block,
             "pruned": self.prune,
             "screen": self.assigner.screen,
+            "top2_kernel": self.assigner.top2_kernel,
+            "top2_kernel_fallback": self.top2_kernel_fallback,
             **(self.static.info() if self.static is not None else {"loop": "eager", "loop_fallback": None}),
             "bb_dtype": str(self.bb_dtype).replace("torch.", ""),
             "eps": self.eps,

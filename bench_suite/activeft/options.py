@@ -39,6 +39,10 @@ class Options:
                       doc="precision of the full pass's screening product (auto: bf16 on a GPU, fp32 on a CPU); "
                           "rows it cannot decide (top-2 margin within its rounding bound) are decided exactly among "
                           "their 8 best, or by the float32 pass, so the assignments are the same")
+    top2_kernel: str = opt("auto", role="runtime", choices=("auto", "on", "off"),
+                           doc="the screened pass's product and top-2 in one Triton kernel, nothing of size N x B "
+                               "written (auto: on a GPU with screen bf16 or tf32, after a self-check on the pool's "
+                               "rows); the same assignments")
     loop: str = opt("auto", role="runtime", choices=("auto", "eager", "static", "graph"),
                     doc="the iteration loop: eager | static (fixed shapes, no host sync inside an iteration) | graph "
                         "(static, replayed from one CUDA graph) | auto (graph on a GPU with one process for the "

@@ -271,7 +271,7 @@ class StaticLoop:
         objective) writing ``self.out``; ``caps`` None: dynamic shapes."""
         r = self.r
         th_norm, c64 = r._params()
-        r.assigner.c64, r.assigner.c32 = c64, c64.float()
+        r.assigner.set_values(c64)
         shift, qc = r._official_repulsion(c64)
         fixed = Compactor(caps, self.counts, r.dev)
         loss, grad_c = r._gradient(*r._pass(rows, shift, fixed), c64, qc)

@@ -32,19 +32,20 @@ step() {  # step NAME SECONDS COMMAND...: run with a limit, log to $OUT/NAME.txt
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$OUT/gpu.txt" 2>&1
 cat "$OUT/gpu.txt"
 
-# issue 10: the GPU loops select what the eager float32 loop selects (graph and static, bf16 and fp32 screens,
-# forced capacity overflows, a subset); exit 1 on any difference
-step loops_equal 90 $PY -m bench_suite.bench.loops_equal --device cuda
+# issue 10: the GPU loops select what the eager float32 loop selects (graph and static, bf16, tf32 and fp32 screens,
+# with and without the Triton top-2 kernel, forced capacity overflows, a subset); exit 1 on any difference
+step loops_equal 120 $PY -m bench_suite.bench.loops_equal --device cuda
 # issue 10: 50k pool at B = 1000 / 2500 / 5000, the naive loop for all T = 300 iterations in the same run.
-# auto: the fixed-shape loop replayed as a CUDA graph, bf16 screen (static_loop); graph-fp32: the same graph with the
-# float32 product; full: the float32 product in the eager loop (the GPU path before the graph)
+# auto: the fixed-shape loop replayed as a CUDA graph, bf16 screen through the Triton top-2 kernel (static_loop,
+# fused_top2); graph-nokernel: the same with the bf16 product written out and torch's top-k; graph-fp32: the graph
+# with the float32 product; full: the float32 product in the eager loop (the GPU path before the graph)
 step sel50k 120 $PY -m bench_suite.bench.selector --device cuda --budgets 1000,2500,5000 --naive-iters 300 \
-    --paths auto,graph-fp32,full --json "$OUT/sel50k.json"
+    --paths auto,graph-nokernel,graph-fp32,full --json "$OUT/sel50k.json"
 step sel50k_tf32 30 $PY -m bench_suite.bench.selector --device cuda --budgets 1000 --no-naive \
     --screen tf32 --json "$OUT/sel50k_tf32.json"
 # issue 10: the full ImageNet pool (1,281,167 x 384), B = 12,812: 20 iterations extrapolated to T = 300
 step selimnet 100 $PY -m bench_suite.bench.selector --device cuda --n 1281167 --classes 1000 --budgets 12812 \
-    --iters 20 --no-naive --no-emd --paths auto,graph-fp32,full --json "$OUT/selimnet.json"
+    --iters 20 --no-naive --no-emd --paths auto,graph-nokernel,graph-fp32,full --json "$OUT/selimnet.json"
 step selimnet_tf32 50 $PY -m bench_suite.bench.selector --device cuda --n 1281167 --classes 1000 --budgets 12812 \
     --iters 20 --no-naive --no-emd --screen tf32 --json "$OUT/selimnet_tf32.json"
 step selimnet_m 50 $PY -m bench_suite.bench.selector --device cuda --n 1281167 --classes 1000 --budgets 12812 \
@@ -70,4 +71,7 @@ step extract_fp32 60 $PY -m bench_suite.bench.extract --device cuda --encoder di
     --images 12000 --batch-size 256 --workers 12
 step extract_bf16 60 $PY -m bench_suite.bench.extract --device cuda --encoder dino_vits16 --image-size 224 \
     --images 12000 --batch-size 256 --workers 12 --precision bf16 --decode device
+# issue 10: the Triton top-2 kernel's tile sizes against the written-out bf16 product, one pass at ImageNet size
+# (fused_top2.TILES is fixed, not autotuned: set it to the fastest tile printed here)
+step top2 60 $PY -m bench_suite.bench.top2 --device cuda
 echo "done in ${SECONDS}s"

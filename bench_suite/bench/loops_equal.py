@@ -10,9 +10,11 @@ then each other loop, and prints PASS or FAIL per check; the exit status is 1 if
   from the product: float32 rounding apart);
 * ``graph`` against ``static``: the same code, captured or not (1e-9);
 * ``graph`` with capacities forced to overflow (every compaction too small): redone iterations and recaptures;
-* ``graph`` with a per-iteration subset (``--subset``).
+* ``graph`` with a per-iteration subset (``--subset``);
+* ``graph`` with the bf16 screen without the Triton top-2 kernel (``top2_kernel=off``), and with the tf32 screen.
 
-A graph run must have used the graph (no ``loop_fallback``). On a CPU only the uncaptured loops run.
+A graph run must have used the graph (no ``loop_fallback``), and on a GPU a screened run the Triton top-2 kernel
+(``fused_top2``; no ``top2_kernel_fallback``). On a CPU only the uncaptured loops run, without the kernel.
 """
 
 from __future__ import annotations
@@ -34,11 +36,14 @@ def _run(pool: torch.Tensor, budget: int, iters: int, seed: int, **options) -> d
     return optimize(pool, slice(0, n), n, budget, cfg, seed=seed, dist=Runtime())
 
 
-def _compare(name: str, got: dict, ref: dict, rtol: float, *, graph: bool) -> list[str]:
-    """The failures of one run against its reference (empty: it passed)."""
+def _compare(name: str, got: dict, ref: dict, rtol: float, *, graph: bool, kernel: bool = False) -> list[str]:
+    """The failures of one run against its reference (empty: it passed). ``graph``/``kernel``: the run must have
+    used the CUDA graph / the Triton top-2 kernel."""
     bad = []
     if graph and (got["loop"] != "graph" or got["loop_fallback"]):
         bad.append(f"ran {got['loop']} ({got['loop_fallback']})")
+    if kernel and not got["top2_kernel"]:
+        bad.append(f"ran without the top-2 kernel ({got['top2_kernel_fallback']})")
     if not np.array_equal(got["rows"], ref["rows"]):
         same = len(np.intersect1d(got["rows"], ref["rows"])) / len(ref["rows"])
         bad.append(f"ids differ ({same:.2%} in common)")
@@ -48,6 +53,7 @@ def _compare(name: str, got: dict, ref: dict, rtol: float, *, graph: bool) -> li
     if not worst <= rtol:
         bad.append(f"losses differ by {worst:.2e} relative (allowed {rtol:.0e})")
     print(f"{'FAIL' if bad else 'PASS'} {name}: loop {got['loop']}, screen {got['screen']}, "
+          f"top-2 kernel {'on' if got['top2_kernel'] else 'off'}, "
           f"redone {got.get('loop_redone', 0)}, caps {got.get('loop_caps')}, worst loss rel diff {worst:.2e}"
           + (f"; {'; '.join(bad)}" if bad else ""))
     return bad
@@ -75,13 +81,18 @@ def main(argv=None) -> int:
     failures = []
     ref = _run(pool, args.budget, loop="eager", screen="fp32", **kw)
     static = _run(pool, args.budget, loop="static", screen="bf16", **kw)
-    failures += _compare("static bf16 vs eager fp32", static, ref, args.rtol, graph=False)
+    failures += _compare("static bf16 vs eager fp32", static, ref, args.rtol, graph=False, kernel=on_gpu)
     if on_gpu:
         graph = _run(pool, args.budget, loop="graph", screen="bf16", **kw)
-        failures += _compare("graph bf16 vs eager fp32", graph, ref, args.rtol, graph=True)
-        failures += _compare("graph bf16 vs static bf16", graph, static, 1e-9, graph=True)
+        failures += _compare("graph bf16 vs eager fp32", graph, ref, args.rtol, graph=True, kernel=True)
+        failures += _compare("graph bf16 vs static bf16", graph, static, 1e-9, graph=True, kernel=True)
         failures += _compare("graph fp32 vs eager fp32", _run(pool, args.budget, loop="graph", screen="fp32", **kw),
                              ref, args.rtol, graph=True)
+        failures += _compare("graph bf16 without the top-2 kernel vs eager fp32",
+                             _run(pool, args.budget, loop="graph", screen="bf16", top2_kernel="off", **kw), ref,
+                             args.rtol, graph=True)
+        failures += _compare("graph tf32 vs eager fp32", _run(pool, args.budget, loop="graph", screen="tf32", **kw),
+                             ref, args.rtol, graph=True, kernel=True)
     # every compaction too small: each iteration is redone (and, in a graph, recaptured): 20 iterations will do
     short = {**kw, "iters": min(args.iters, 20)}
     caps = (static_loop.MIN_CAP, static_loop.CAP_FACTOR)
@@ -91,14 +102,15 @@ def main(argv=None) -> int:
     finally:
         static_loop.MIN_CAP, static_loop.CAP_FACTOR = caps
     failures += _compare(f"{loop} bf16, capacities overflowing, vs eager fp32", forced,
-                         _run(pool, args.budget, loop="eager", screen="fp32", **short), args.rtol, graph=on_gpu)
+                         _run(pool, args.budget, loop="eager", screen="fp32", **short), args.rtol, graph=on_gpu,
+                         kernel=on_gpu)
     if not forced.get("loop_redone"):
         failures.append("the forced overflows redid no iteration")
         print("FAIL the forced overflows redid no iteration")
     sub_ref = _run(pool, args.budget, loop="eager", screen="fp32", subset=args.subset, **kw)
     failures += _compare(f"{loop} bf16 with M = {args.subset} vs eager fp32",
                          _run(pool, args.budget, loop=loop, screen="bf16", subset=args.subset, **kw), sub_ref,
-                         args.rtol, graph=on_gpu)
+                         args.rtol, graph=on_gpu, kernel=on_gpu)
     print("all checks passed" if not failures else f"{len(failures)} check(s) failed")
     return 1 if failures else 0
 

@@ -54,10 +54,12 @@ from bench_suite.runtime import Runtime, resolve_device
 
 # each path's options (over --screen): auto is what the selector runs by default; full, the full float32 product in
 # the eager loop (the GPU default before the CUDA graph); static / graph, the full product in the fixed-shape loop,
-# uncaptured / replayed as a CUDA graph; graph-fp32, the graph without the reduced-precision screen
+# uncaptured / replayed as a CUDA graph; graph-fp32, the graph without the reduced-precision screen; graph-nokernel,
+# the graph with the screen's product written out and its top-2 taken by torch (not the Triton kernel, fused_top2)
 PATHS = {"auto": {}, "full": {"prune": False, "loop": "eager", "screen": "fp32"}, "pruned": {"prune": True},
          "static": {"prune": False, "loop": "static"}, "graph": {"prune": False, "loop": "graph"},
-         "graph-fp32": {"prune": False, "loop": "graph", "screen": "fp32"}}
+         "graph-fp32": {"prune": False, "loop": "graph", "screen": "fp32"},
+         "graph-nokernel": {"prune": False, "loop": "graph", "top2_kernel": "off"}}
 
 
 def _sync(device: torch.device) -> None:
@@ -104,7 +106,8 @@ def run_project(pool: torch.Tensor, budget: int, iters: int, seed: int, *, prune
             "snap_s": res["seconds_snap"], "losses": res["losses"], "final_loss": res["final_loss"],
             "rows": res["rows"], "peak_above_mib": mem.above_mib, "pruned": res["pruned"],
             "assign_stats": res["assign_stats"], "breakdown": res["seconds_breakdown"], "loop": res["loop"],
-            "screen": res["screen"],
+            "screen": res["screen"], "top2_kernel": res["top2_kernel"],
+            "top2_kernel_fallback": res["top2_kernel_fallback"],
             "loop_fallback": res["loop_fallback"],
             "init_rows": res["init_rows"]}
 
@@ -209,8 +212,10 @@ def bench_budget(feats: np.ndarray, pool: torch.Tensor, budget: int, args, con) 
         table.add_column(col, justify="right")
     for name, run in runs.items():
         tot, extrap = total_at(run, args.iters)
-        label = (f"{name} ({'pruned' if run['pruned'] else 'full ' + run['screen']}, {run['loop']})" if name in PATHS
-                 else name)
+        label = name
+        if name in PATHS:
+            how = "pruned" if run["pruned"] else "full " + run["screen"] + (" kernel" if run["top2_kernel"] else "")
+            label = f"{name} ({how}, {run['loop']})"
         table.add_row(label, str(run["iters"]), f"{run['wall']:.2f}", f"{run['per_iter']:.4f}",
                       f"{tot:.2f}{' *' if extrap else ''}", f"{run['peak_above_mib']:.0f}",
                       f"{run['final_loss']:.6f}", f"{run['emd']:.5f}" if "emd" in run else "-")
@@ -239,6 +244,8 @@ def bench_budget(feats: np.ndarray, pool: torch.Tensor, budget: int, args, con) 
     if "emd_random" in extra:
         lines.append(f"EMD of the random initial rows: {extra['emd_random']:.5f}")
     lines += [f"{name}: {run['loop_fallback']}" for name, run in runs.items() if run.get("loop_fallback")]
+    lines += [f"{name}: top-2 kernel off: {run['top2_kernel_fallback']}" for name, run in runs.items()
+              if run.get("top2_kernel_fallback")]
     for line in lines:
         con.print(line)
     out = {"budget": budget, **extra, "runs": {}}

@@ -1,0 +1,162 @@
+"""The Triton top-2 kernel of the screened pass (``activeft.fused_top2``): on a GPU it replaces the materialised bf16
+product and its top-2. Here it runs under Triton's interpreter (numpy, in a subprocess: the mode is chosen when
+triton is imported), which checks the kernel's logic (tiling, masks, the running top-2 merge) and the selector's
+path through it; what a GPU compiles is checked on the pool's rows before use (``self_check``, tested here with
+stand-ins) and, on a GPU, by ``bench.loops_equal``."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+from bench_suite import runtime
+from bench_suite.activeft import ActiveFT, fused_top2, optimize
+from bench_suite.errors import BadInputError
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+INTERPRETED = textwrap.dedent("""
+    import numpy as np, torch
+    from bench_suite import runtime
+    from bench_suite.activeft import ActiveFT, fused_top2, optimize
+    from bench_suite.bench.pools import clustered_sphere
+
+    torch.set_num_threads(1)
+    assert fused_top2.interpreted() and fused_top2.why_unavailable(torch.device("cpu")) is None
+
+    # the kernel against the float64 product of the same rounded inputs: partial row, parameter and depth tiles,
+    # B = 1, and a repeated parameter (exact ties)
+    gen = torch.Generator().manual_seed(0)
+    for m, b, d in ((300, 77, 64), (70, 1, 40), (257, 33, 100), (33, 130, 48)):
+        f = torch.nn.functional.normalize(torch.randn(m, d, generator=gen), dim=1)
+        c = torch.nn.functional.normalize(torch.randn(b, d, generator=gen), dim=1)
+        c[b - 1] = c[0]
+        for dt in (torch.bfloat16, torch.float32):
+            tv, i1 = fused_top2.top2(f.to(dt), c.to(dt))
+            ref = f.to(dt).double() @ c.to(dt).double().T
+            k = min(2, b)
+            rv, ri = ref.topk(k, dim=1)
+            assert tv.shape == (m, 2) and i1.dtype == torch.long
+            err = float((tv[:, :k].double() - rv).abs().max())
+            assert err < 1e-6, (m, b, d, dt, err)
+            if b == 1:
+                assert torch.isinf(tv[:, 1]).all() and (i1 == 0).all()
+            clear = (rv[:, 0] - rv[:, 1]) > 1e-5 if k > 1 else torch.ones(m, dtype=torch.bool)
+            assert torch.equal(i1[clear], ri[clear, 0]), (m, b, d, dt)
+            assert ref.gather(1, i1[:, None]).squeeze(1).sub(rv[:, 0]).abs().max() < 1e-6  # a best even on ties
+        assert fused_top2.self_check(f, b, "bf16") is None and fused_top2.self_check(f, b, "tf32") is None
+
+    # the selection through the kernel: the same run as without it, bit for bit, in both loops and both screens
+    x, _ = clustered_sphere(1000, 48, 10, seed=3, rank=8)
+    pool = torch.from_numpy(np.concatenate([x, x[:150]]))
+    n = int(pool.shape[0])
+    def run(**cfg):
+        conf = ActiveFT(progress=False, prune=False, iters=10, **cfg).options
+        return optimize(pool, slice(0, n), n, 40, conf, seed=1, dist=runtime.Runtime())
+    for loop in ("eager", "static"):
+        for screen in ("bf16", "tf32"):
+            on, off = run(loop=loop, screen=screen, top2_kernel="on"), run(loop=loop, screen=screen, top2_kernel="off")
+            assert on["top2_kernel"] and on["top2_kernel_fallback"] is None and not off["top2_kernel"]
+            assert on["losses"] == off["losses"] and on["final_loss"] == off["final_loss"], (loop, screen)
+            assert torch.equal(on["theta"], off["theta"]), (loop, screen)
+            np.testing.assert_array_equal(on["rows"], off["rows"])
+            assert on["assign_stats"]["screen_rechecked"] > 0  # the window sent rows to the exact decision
+            print(loop, screen, "rechecked with / without the kernel:", on["assign_stats"]["screen_rechecked"],
+                  off["assign_stats"]["screen_rechecked"])
+    print("INTERPRETED OK")
+""")
+
+
+@pytest.mark.slow
+def test_kernel_under_the_interpreter_and_the_selection_through_it():
+    """Under ``TRITON_INTERPRET=1``: the kernel's top-2 equals the float64 product's (tile edges, B = 1, exact ties);
+    a selection with ``top2_kernel=on`` equals the one without, bit for bit (losses, theta, rows) in the eager and
+    the fixed-shape loop, with the bf16 and tf32 screens."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", INTERPRETED], env=env, capture_output=True, text=True, timeout=600,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert done.returncode == 0 and "INTERPRETED OK" in done.stdout, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+def _stand_in(monkeypatch, kernel):
+    monkeypatch.setattr(fused_top2, "why_unavailable", lambda device: None)
+    monkeypatch.setattr(fused_top2, "top2", kernel)
+
+
+def _exact_top2(f, c, out=None):
+    s = f.double() @ c.double().T
+    tv, ti = s.topk(2, dim=1)
+    return tv.float(), ti[:, 0].clone()
+
+
+@pytest.fixture(scope="module")
+def rows():
+    gen = torch.Generator().manual_seed(4)
+    return torch.nn.functional.normalize(torch.randn(600, 24, generator=gen), dim=1)
+
+
+def test_self_check_accepts_a_right_kernel_and_names_a_wrong_or_failing_one(rows, monkeypatch):
+    _stand_in(monkeypatch, _exact_top2)
+    assert fused_top2.self_check(rows, 50, "bf16") is None
+
+    def swapped(f, c, out=None):  # the second best reported as the best on one row
+        tv, i1 = _exact_top2(f, c)
+        s = f.double() @ c.double().T
+        i1[7] = s[7].topk(2).indices[1]
+        return tv, i1
+    _stand_in(monkeypatch, swapped)
+    why = fused_top2.self_check(rows, 50, "bf16")
+    assert why is not None and why.startswith("the top-2 kernel disagreed with the float64 product on 1 of 600 rows")
+
+    def shifted(f, c, out=None):  # values off by more than float32 accumulation
+        tv, i1 = _exact_top2(f, c)
+        return tv + 1e-4, i1
+    _stand_in(monkeypatch, shifted)
+    assert "disagreed" in fused_top2.self_check(rows, 50, "bf16")
+
+    def failing(f, c, out=None):
+        raise RuntimeError("PTX compile error\nmore lines")
+    _stand_in(monkeypatch, failing)
+    assert fused_top2.self_check(rows, 50, "bf16") == "the top-2 kernel failed: RuntimeError: PTX compile error"
+
+
+def test_a_kernel_failing_its_self_check_leaves_the_materialised_product_in_charge(rows, monkeypatch):
+    """top2_kernel=on with a kernel whose self-check fails: the run says why and selects as without the kernel."""
+    def failing(f, c, out=None):
+        raise RuntimeError("no GPU compiler")
+    _stand_in(monkeypatch, failing)
+    conf = ActiveFT(progress=False, prune=False, iters=4, screen="bf16", top2_kernel="on").options
+    got = optimize(rows, slice(0, 600), 600, 20, conf, seed=0, dist=runtime.Runtime())
+    assert not got["top2_kernel"] and got["top2_kernel_fallback"].endswith("RuntimeError: no GPU compiler")
+    conf = ActiveFT(progress=False, prune=False, iters=4, screen="bf16", top2_kernel="off").options
+    ref = optimize(rows, slice(0, 600), 600, 20, conf, seed=0, dist=runtime.Runtime())
+    assert got["losses"] == ref["losses"] and np.array_equal(got["rows"], ref["rows"])
+
+
+def test_top2_kernel_option_errors(rows):
+    def run(**cfg):
+        conf = ActiveFT(progress=False, iters=2, **cfg).options
+        return optimize(rows, slice(0, 600), 600, 20, conf, seed=0, dist=runtime.Runtime())
+    if not fused_top2.interpreted():
+        with pytest.raises(BadInputError, match="top2_kernel=on: .*runs on a CUDA device"):
+            run(prune=False, screen="bf16", top2_kernel="on")
+    with pytest.raises(BadInputError, match="top2_kernel=on needs screen=bf16 or tf32 and prune=false"):
+        run(prune=False, screen="fp32", top2_kernel="on")
+    with pytest.raises(BadInputError, match="top2_kernel=on needs"):
+        run(prune=True, screen="bf16", top2_kernel="on")
+    auto = run(prune=False, screen="bf16")  # auto on a CPU: the materialised product, nothing to report
+    assert not auto["top2_kernel"] and auto["top2_kernel_fallback"] is None
+
+
+def test_top2_benchmark_runs_the_written_out_path_without_a_gpu(capsys):
+    from bench_suite.bench import top2
+
+    assert top2.main(["--device", "cpu", "--n", "2000", "--b", "40", "--dim", "32", "--reps", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "2000 x 32 rows, B = 40, bf16, on cpu" in out and "written out (" in out
+    if not fused_top2.interpreted():
+        assert "no kernel timings: the Triton kernel runs on a CUDA device" in out
