@@ -22,15 +22,10 @@ screened undecided from run to run (never the assignments, but the reported coun
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import torch
-
-try:  # a dependency of torch's Linux builds; absent elsewhere
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - depends on the torch build
-    triton = None
 
 # rows, parameters and depth per tile, warps, pipeline stages: bf16 inputs; float32 (TF32) ones
 TILES = {"bf16": (128, 128, 64, 8, 3), "fp32": (128, 64, 32, 8, 3)}
@@ -47,51 +42,11 @@ def interpreted() -> bool:
 
 def why_unavailable(device: torch.device) -> str | None:
     """None when the kernel can run on ``device``, else why not (one line)."""
-    if triton is None:
+    if importlib.util.find_spec("triton") is None:
         return "triton is not installed"
     if device.type == "cuda" or (device.type == "cpu" and interpreted()):
         return None
     return f"the Triton kernel runs on a CUDA device (here {device}; on a CPU only under TRITON_INTERPRET=1)"
-
-
-if triton is not None:
-    @triton.jit
-    def _top2_kernel(f_ptr, c_ptr, tv_ptr, i1_ptr, n_rows, n_params, stride_f, stride_c,
-                     D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
-        rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
-        rmask = rows < n_rows
-        v1 = tl.full((BM,), float("-inf"), tl.float32)
-        v2 = tl.full((BM,), float("-inf"), tl.float32)
-        i1 = tl.zeros((BM,), tl.int64)
-        for n0 in range(0, n_params, BN):
-            cols = n0 + tl.arange(0, BN)
-            cmask = cols < n_params
-            acc = tl.zeros((BM, BN), tl.float32)
-            for k0 in range(0, D, BK):
-                ks = k0 + tl.arange(0, BK)
-                kmask = ks < D
-                f = tl.load(f_ptr + rows[:, None] * stride_f + ks[None, :], mask=rmask[:, None] & kmask[None, :],
-                            other=0.0)
-                c = tl.load(c_ptr + cols.to(tl.int64)[:, None] * stride_c + ks[None, :],
-                            mask=cmask[:, None] & kmask[None, :], other=0.0)
-                if PREC == 1:
-                    acc = tl.dot(f, tl.trans(c), acc, input_precision="tf32")
-                elif PREC == 2:
-                    acc = tl.dot(f, tl.trans(c), acc, input_precision="ieee")
-                else:
-                    acc = tl.dot(f, tl.trans(c), acc)
-            acc = tl.where(cmask[None, :], acc, float("-inf"))
-            t1 = tl.max(acc, axis=1)
-            a1 = tl.argmax(acc, axis=1).to(tl.int64)
-            # the tile's second value: its best masked out at that one position (a repeated best stays)
-            t2 = tl.max(tl.where(tl.arange(0, BN)[None, :] == a1[:, None], float("-inf"), acc), axis=1)
-            gt = t1 > v1  # a tie keeps the earlier parameter; the margin is then 0: undecided, decided exactly
-            v2 = tl.where(gt, tl.maximum(v1, t2), tl.maximum(v2, t1))
-            i1 = tl.where(gt, n0 + a1, i1)
-            v1 = tl.where(gt, t1, v1)
-        tl.store(tv_ptr + 2 * rows, v1, mask=rmask)
-        tl.store(tv_ptr + 2 * rows + 1, v2, mask=rmask)
-        tl.store(i1_ptr + rows, i1, mask=rmask)
 
 
 def top2(f: torch.Tensor, c: torch.Tensor, out: tuple[torch.Tensor, torch.Tensor] | None = None):
@@ -117,8 +72,10 @@ def top2(f: torch.Tensor, c: torch.Tensor, out: tuple[torch.Tensor, torch.Tensor
         f, c = f.float(), c.float()
     f = f if f.stride(1) == 1 else f.contiguous()
     c = c if c.stride(1) == 1 else c.contiguous()
-    _top2_kernel[(triton.cdiv(m, bm),)](f, c, tv, i1, m, b, f.stride(0), c.stride(0), D=d, BM=bm, BN=bn, BK=bk,
-                                        PREC=PRECISION[prec], num_warps=warps, num_stages=stages)
+    from bench_suite.activeft.fused_top2_kernel import top2_kernel  # imports triton: only when the kernel runs
+
+    top2_kernel[(-(-m // bm),)](f, c, tv, i1, m, b, f.stride(0), c.stride(0), D=d, BM=bm, BN=bn, BK=bk,
+                                PREC=PRECISION[prec], num_warps=warps, num_stages=stages)
     return tv, i1
 
 
