@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import warnings
 
 import torch
 
@@ -74,8 +75,10 @@ def top2(f: torch.Tensor, c: torch.Tensor, out: tuple[torch.Tensor, torch.Tensor
     c = c if c.stride(1) == 1 else c.contiguous()
     from bench_suite.activeft.fused_top2_kernel import top2_kernel  # imports triton: only when the kernel runs
 
-    top2_kernel[(-(-m // bm),)](f, c, tv, i1, m, b, f.stride(0), c.stride(0), D=d, BM=bm, BN=bn, BK=bk,
-                                PREC=PRECISION[prec], num_warps=warps, num_stages=stages)
+    with warnings.catch_warnings():  # triton 3.8 calls block pointers deprecated (they still compile to TMA loads)
+        warnings.filterwarnings("ignore", message="tl.make_block_ptr is deprecated")
+        top2_kernel[(-(-m // bm),)](f, c, tv, i1, m, b, f.stride(0), c.stride(0), D=d, BM=bm, BN=bn, BK=bk,
+                                    PREC=PRECISION[prec], num_warps=warps, num_stages=stages)
     return tv, i1
 
 
