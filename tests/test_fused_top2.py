@@ -69,6 +69,11 @@ INTERPRETED = textwrap.dedent("""
             assert on["assign_stats"]["screen_rechecked"] > 0  # the window sent rows to the exact decision
             print(loop, screen, "rechecked with / without the kernel:", on["assign_stats"]["screen_rechecked"],
                   off["assign_stats"]["screen_rechecked"])
+    # the undecided rows' written-out product in chunks of 7 rows (at ImageNet size: of 1 GiB)
+    from bench_suite.activeft import assign
+    assign.RECHECK_BYTES = 2 * 40 * 7
+    chunked, off = (run(loop="static", screen="bf16", top2_kernel=k) for k in ("on", "off"))
+    assert chunked["losses"] == off["losses"] and torch.equal(chunked["theta"], off["theta"])
     print("INTERPRETED OK")
 """)
 
@@ -77,7 +82,7 @@ INTERPRETED = textwrap.dedent("""
 def test_kernel_under_the_interpreter_and_the_selection_through_it():
     """Under ``TRITON_INTERPRET=1``: the kernel's top-2 equals the float64 product's (tile edges, B = 1, exact ties);
     a selection with ``top2_kernel=on`` equals the one without, bit for bit (losses, theta, rows) in the eager and
-    the fixed-shape loop, with the bf16 and tf32 screens."""
+    the fixed-shape loop, with the bf16 and tf32 screens, also with the undecided rows' product taken in chunks."""
     env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-c", INTERPRETED], env=env, capture_output=True, text=True, timeout=600,
                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -101,7 +106,7 @@ def rows():
     return torch.nn.functional.normalize(torch.randn(600, 24, generator=gen), dim=1)
 
 
-def test_self_check_accepts_a_right_kernel_and_names_a_wrong_or_failing_one(rows, monkeypatch):
+def test_self_check_accepts_a_right_kernel_and_names_a_wrong_overrunning_or_failing_one(rows, monkeypatch):
     _stand_in(monkeypatch, _exact_top2)
     assert fused_top2.self_check(rows, 50, "bf16") is None
 
@@ -119,6 +124,15 @@ def test_self_check_accepts_a_right_kernel_and_names_a_wrong_or_failing_one(rows
         return tv + 1e-4, i1
     _stand_in(monkeypatch, shifted)
     assert "disagreed" in fused_top2.self_check(rows, 50, "bf16")
+
+    def overrunning(f, c, out):  # right values, and one row written past the end
+        tv, i1 = _exact_top2(f, c)
+        out[0].copy_(tv)
+        out[1].copy_(i1)
+        torch.as_strided(out[0], (f.shape[0] + 1, 2), (2, 1))[-1] = 0.0
+        return out
+    _stand_in(monkeypatch, overrunning)
+    assert fused_top2.self_check(rows, 50, "bf16") == "the top-2 kernel wrote past its rows"
 
     def failing(f, c, out=None):
         raise RuntimeError("PTX compile error\nmore lines")

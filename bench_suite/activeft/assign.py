@@ -45,8 +45,12 @@ U32 = 2.0 ** -24
 # truncation of its 10-bit mantissa (the GPU converts); bf16 2^-8 is round-to-nearest of its 8-bit significand
 # (torch's own conversion, done here, and of the product's bf16 output)
 SCREEN_UNIT = {"fp32": 0.0, "tf32": 2.0 ** -10, "bf16": 2.0 ** -8}
-# covers the float32 rounding of the per-row window's own terms and arithmetic (each at most 2^-24 relative)
+# covers the float32 rounding of the per-row window's own terms and arithmetic (about 8 roundings of at most 2^-24
+# relative); the rounding of the comparisons against it (``best - window``: relative to |best|) is covered by eps
 WINDOW_SAFETY = 1.0 + 2.0 ** -16
+# bytes of an undecided block's written-out bf16 product at once (the Triton kernel's blocks are larger than
+# ``optimize.auto_block``'s 1 GiB of float32 products, so that product is taken in row chunks)
+RECHECK_BYTES = 1 << 30
 # candidates per undecided screened row, decided by float32 dots (a row with more in its window: full pass)
 RECHECK_K = 8
 # parameters examined in float64 for a float32 near-tie in fixed shapes (more within eps: flagged, redone)
@@ -115,6 +119,10 @@ class Assigner:
         self.top2_kernel = bool(top2_kernel) and screen != "fp32" and not self.prune
         self._f_low: torch.Tensor | None = None
         self._f_terms: tuple[torch.Tensor, torch.Tensor] | None = None
+        if screen == "bf16":  # built here, not lazily: a first use inside a CUDA graph capture would leave them empty
+            self._f_low = feats.to(torch.bfloat16)
+            parts = [_rounding_terms(feats[s:s + 65536]) for s in range(0, max(self.n, 1), 65536)]
+            self._f_terms = tuple(torch.cat(t) for t in zip(*parts))  # (|f - f~|, |f~|) per row, f~ = bf16(f)
         self.fnorm = float(fnorm_max)
         dev = feats.device
         self.device = dev
@@ -132,6 +140,7 @@ class Assigner:
         self.step = -1
         self._prev_c64 = None
         self.eps_base = decision_eps(self.d, self.fnorm)
+        self.eps = self.eps_base  # set_params adds the pruning's path terms
         self.totals = {"certified": 0, "refined": 0, "refreshed": 0, "pairs": 0, "screen_rechecked": 0,
                        "screen_full": 0, "verify_mismatches": 0}
         self.per_iter: list[dict] = []
@@ -454,16 +463,18 @@ class Assigner:
             fixed.flag(((cv[:, -1] >= cv[:, 0] - self.eps) & real_t).sum())
         return self._put(ti[:, 0].clone(), rr, real_t, self.f64_among(fr.index_select(0, rr), cv, ci))
 
-    def screen_window(self, key=None, fr: torch.Tensor | None = None, *, rounded_output: bool = True):
-        """A row whose screened top-2 margin exceeds this has the exact (canonical) argmax as its screened one.
+    def screen_windows(self, key=None, fr: torch.Tensor | None = None):
+        """``(screen, written)``: rows whose screened top-2 margin exceeds ``screen`` have the exact (canonical) argmax
+        as their screened one; ``written`` is the same bound for the product written out in bf16 (the candidates'
+        values). They differ only with the Triton kernel, whose values are not rounded on output.
 
-        Every screened similarity is within ``bound`` of the exact one; the window is ``2 bound + eps``. The bound
+        Every screened similarity is within ``bound`` of the exact one; a window is ``2 bound + eps``. The bound
         has three parts: the inputs' rounding, the float32 accumulation (counted at twice its round-to-nearest
-        bound: tensor cores are not documented to round to nearest) and, for a product written in bf16
-        (``rounded_output``), the output's rounding.
+        bound: tensor cores are not documented to round to nearest) and, for a product written in bf16, the
+        output's rounding.
 
-        tf32, or no rows given: a float, with the inputs' worst case ``|f| (2u + u^2)``, ``|f| <= fnorm``. bf16 with
-        the block's rows (``key``, ``fr``): one window per row (a tensor), whose inputs' part is measured, not
+        tf32, or no rows given: floats, with the inputs' worst case ``|f| (2u + u^2)``, ``|f| <= fnorm``. bf16 with
+        the block's rows (``key``, ``fr``): one window per row (tensors), whose inputs' part is measured, not
         assumed. By Cauchy-Schwarz ``|<f, c> - <f~, c~>| <= |f - f~| |c| + |f~| |c - c~|``, with the row's own
         rounding residual and the iteration's largest parameter residual (``_set_low_params``). Those residuals
         are about 0.42 u (a uniform rounding's root mean square), so the window is well under the worst case's.
@@ -471,13 +482,15 @@ class Assigner:
         without the output's rounding (the Triton kernel, ``fused_top2``)."""
         u = SCREEN_UNIT[self.screen]
         acc = 2 * (self.d + 2) * U32
-        out = u if self.screen == "bf16" and rounded_output else 0.0
+        out = u if self.screen == "bf16" else 0.0
         if self.screen != "bf16" or fr is None:
-            return 2 * self.fnorm * (2 * u + u * u + acc + out) + self.eps
+            written = 2 * self.fnorm * (2 * u + u * u + acc + out) + self.eps
+            return (written - 2 * self.fnorm * out if self.top2_kernel else written), written
         df, fl = self._row_terms(key, fr)
         cmax, dcmax, clmax = self._c_terms
-        bound = df * cmax + fl * (dcmax + clmax * (acc + out * (1 + acc)))
-        return (2 * WINDOW_SAFETY) * bound + self.eps
+        base = df * cmax + fl * (dcmax + clmax * acc)
+        written = (2 * WINDOW_SAFETY) * (base + fl * (clmax * out * (1 + acc))) + self.eps
+        return ((2 * WINDOW_SAFETY) * base + self.eps if self.top2_kernel else written), written
 
     def _set_low_params(self, c64: torch.Tensor) -> None:
         """The iteration's parameters in the screen's precision (rounded once per iteration, not per block) and,
@@ -492,19 +505,17 @@ class Assigner:
         self._c_terms = tuple(terms.float().unbind())
 
     def _row_terms(self, key, fr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(|f - f~|, |f~|)`` of a block's rows (``f~``: bf16), float32. Measured for the whole rank once (in
-        chunks: no float64 copy of the pool), then read by ``key``; rows without a key are measured on the spot."""
+        """``(|f - f~|, |f~|)`` of a block's rows (``f~``: bf16), float32: measured for the whole rank once (in
+        ``__init__``, in chunks: no float64 copy of the pool), then read by ``key``; rows without a key are measured
+        on the spot."""
         if key is None:
             return _rounding_terms(fr)
-        if self._f_terms is None:
-            parts = [_rounding_terms(self.F[s:s + 65536]) for s in range(0, max(self.n, 1), 65536)]
-            self._f_terms = tuple(torch.cat(t) for t in zip(*parts))
         return self._rows(self._f_terms[0], key), self._rows(self._f_terms[1], key)
 
     def _screened(self, key, fr: torch.Tensor, fixed=None):
         """The full pass in reduced precision (``screen``), exact where it cannot decide.
 
-        A row whose screened top-2 margin exceeds ``screen_window`` keeps its screened argmax. For the others,
+        A row whose screened top-2 margin exceeds its window (``screen_windows``) keeps its screened argmax. For the others,
         a parameter outside the row's screened top ``RECHECK_K`` that is also outside the window below its
         best cannot be (or tie with) the exact argmax, so the row is decided exactly among those candidates
         (``best_among``: RECHECK_K float32 dots, not B); a row with more candidates in its window takes the
@@ -514,31 +525,35 @@ class Assigner:
         ``fixed``: the row selections are fixed-size compactions (``static_loop``), no host sync.
         """
         f_low, c_low = self._low_inputs(key, fr)
-        window_written = self.screen_window(key, fr)
+        window, window_written = self.screen_windows(key, fr)
+        k = min(RECHECK_K, self.B)
         if self.top2_kernel:
             m = int(fr.shape[0])
             tv, i1 = fused_top2.top2(f_low, c_low, out=(self.ws.get("top2_v", (m, 2)),
                                                         self.ws.get("top2_i", (m,), torch.long)))
             p = i1.clone()
-            window = self.screen_window(key, fr, rounded_output=False)
 
-            def sims_of(rows):
-                return self._low_product(f_low.index_select(0, rows), c_low)
+            def candidates(rows):  # the rows' bf16 product written out, in chunks of at most RECHECK_BYTES
+                step = max(1, RECHECK_BYTES // (2 * self.B))
+                parts = [self._low_product(f_low.index_select(0, rows[s:s + step]), c_low).topk(k, dim=1)
+                         for s in range(0, int(rows.shape[0]), step)]
+                if len(parts) == 1:
+                    return parts[0]
+                return torch.cat([v for v, _ in parts]), torch.cat([i for _, i in parts])
         else:
             s = self._low_product(f_low, c_low)
             tv, ti = s.topk(min(2, self.B), dim=1)
             tv = tv.float()  # margins in float32 (bf16 values are exact there)
             p = ti[:, 0].clone()
-            window = window_written
 
-            def sims_of(rows):
-                return s.index_select(0, rows)
+            def candidates(rows):
+                return s.index_select(0, rows).topk(k, dim=1)
         if self.B > 1:
             unsure = (tv[:, 0] - tv[:, 1]) <= window
             rr, real = self._rows_where(unsure, "screen", fixed, "screen_rechecked")
             if fixed is not None or rr.numel():
                 fu = fr.index_select(0, rr)
-                cv, ci = sims_of(rr).topk(min(RECHECK_K, self.B), dim=1)
+                cv, ci = candidates(rr)
                 cv = cv.float()
                 pu = self.best_among(fu, ci, fixed, real)
                 if RECHECK_K < self.B:
@@ -585,16 +600,14 @@ class Assigner:
 
     def _low_inputs(self, key, fr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The block's rows and the parameters in the screening precision: float32 (TF32 in the product), or
-        bfloat16 (the rank's rows converted once: half the float32 pool's memory)."""
+        bfloat16 (the rank's rows converted once, in ``__init__``: half the float32 pool's memory)."""
         if self.screen == "tf32":
             return fr, self._c_low
-        if self._f_low is None:
-            self._f_low = self.F.to(torch.bfloat16)
         return (self._f_low[key] if key is not None else fr.to(torch.bfloat16)), self._c_low
 
     def _low_product(self, f_low: torch.Tensor, c_low: torch.Tensor) -> torch.Tensor:
         """``f_low @ c_low.T`` in the screening precision: TF32 inputs, or bfloat16 values (a top-k needs no float32
-        copy), always accumulated in float32: the bound of ``screen_window`` assumes it, so the GPU's
+        copy), always accumulated in float32: the bound of ``screen_windows`` assumes it, so the GPU's
         reduced-precision bf16 reductions (split-K partial sums in bf16) are turned off for the product."""
         cuda = torch.backends.cuda.matmul
         if self.screen == "tf32":

@@ -6,7 +6,7 @@ block by block (33 GB per iteration) and reads it back for its top-2. By arithme
 much again as the GEMM, and the GEMM alone is about 4 s of the 10 s goal for 300 iterations. Here each program
 keeps a tile of rows, runs over the parameters tile by tile (``tl.dot``, float32 accumulation) and merges each
 tile's best two into a running top-2: three numbers per row leave the chip. Its values are not rounded to bf16 on
-output either, which narrows the screen's window (``Assigner.screen_window``): on a 50k x 384 clustered pool the
+output either, which narrows the screen's window (``Assigner.screen_windows``): on a 50k x 384 clustered pool the
 rows left undecided fell from 22% to 12% at B = 1000 and from 31% to 18% at B = 5000 (measured on this CPU with
 the same arithmetic).
 
@@ -31,7 +31,7 @@ import torch
 # rows, parameters and depth per tile, warps, pipeline stages: bf16 inputs; float32 (TF32) ones
 TILES = {"bf16": (128, 128, 64, 8, 3), "fp32": (128, 64, 32, 8, 3)}
 INTERPRETER_TILE = 32  # the interpreter ignores warps and stages; small tiles keep numpy's work small
-CHECK_ROWS = 4096  # pool rows compared by self_check
+CHECK_ROWS = 4059  # pool rows compared by self_check: not a multiple of any tile, so the last tile is a partial one
 U32 = 2.0 ** -24
 PRECISION = {"default": 0, "tf32": 1, "ieee": 2}
 
@@ -75,7 +75,7 @@ def top2(f: torch.Tensor, c: torch.Tensor, out: tuple[torch.Tensor, torch.Tensor
     c = c if c.stride(1) == 1 else c.contiguous()
     from bench_suite.activeft.fused_top2_kernel import top2_kernel  # imports triton: only when the kernel runs
 
-    with warnings.catch_warnings():  # triton 3.8 calls block pointers deprecated (they still compile to TMA loads)
+    with warnings.catch_warnings():  # triton 3.8 calls block pointers deprecated (they compile to cp.async loads)
         warnings.filterwarnings("ignore", message="tl.make_block_ptr is deprecated")
         top2_kernel[(-(-m // bm),)](f, c, tv, i1, m, b, f.stride(0), c.stride(0), D=d, BM=bm, BN=bn, BK=bk,
                                     PREC=PRECISION[prec], num_warps=warps, num_stages=stages)
@@ -85,8 +85,9 @@ def top2(f: torch.Tensor, c: torch.Tensor, out: tuple[torch.Tensor, torch.Tensor
 def self_check(feats: torch.Tensor, n_params: int, screen: str) -> str | None:
     """None when the kernel gives, on up to ``CHECK_ROWS`` of this rank's rows against ``n_params`` pseudo-parameters
     (pool rows spread over the rank, in the screen's precision), the top-2 of the float64 product of the same
-    rounded inputs within float32 accumulation error, and its argmax wherever the margin clears twice that; else
-    what went wrong (one line). Any exception (no GPU compiler, a Triton error) is reported, not raised."""
+    rounded inputs within float32 accumulation error, and its argmax wherever the margin clears twice that, and
+    writes nothing past its rows; else what went wrong (one line). Any exception (no GPU compiler, a Triton error)
+    is reported, not raised."""
     why = why_unavailable(feats.device)
     if why is not None:
         return why
@@ -97,8 +98,12 @@ def self_check(feats: torch.Tensor, n_params: int, screen: str) -> str | None:
     f = feats[: min(n, CHECK_ROWS)].to(low)
     pick = torch.linspace(0, n - 1, int(n_params), device=feats.device).round().long()
     c = feats.index_select(0, pick).to(low)
+    m = int(f.shape[0])
+    # outputs with a tail past the m rows, filled with sentinels: a write out of bounds shows there
+    tv_all = torch.full((m + 256, 2), 7.0, dtype=torch.float32, device=f.device)
+    i1_all = torch.full((m + 256,), -7, dtype=torch.long, device=f.device)
     try:
-        tv, i1 = top2(f, c)
+        tv, i1 = top2(f, c, out=(tv_all[:m], i1_all[:m]))
     except Exception as exc:  # noqa: BLE001 - any failure means: do not use the kernel
         return f"the top-2 kernel failed: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc) else ''}"
     ref = f.double() @ c.double().T
@@ -114,6 +119,8 @@ def self_check(feats: torch.Tensor, n_params: int, screen: str) -> str | None:
     else:
         bad_idx = i1 != ri[:, 0]
     bad = bad_val | bad_idx
+    if bool((tv_all[m:] != 7.0).any()) or bool((i1_all[m:] != -7).any()):
+        return "the top-2 kernel wrote past its rows"
     if bool(bad.any()):
         worst = float((tv[:, :k].double() - rv).abs().max())
         return (f"the top-2 kernel disagreed with the float64 product on {int(bad.sum())} of {f.shape[0]} rows "

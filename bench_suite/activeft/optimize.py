@@ -115,14 +115,15 @@ def auto_block(b: int, requested: int = 0, device: torch.device | None = None, *
     cache). CPU, pruned: the same bound, at most 65536 rows, and the float64 [f, 1] rows of a block (when they are
     converted per block) <= 256 MiB. The pruning's bookkeeping is dozens of small ops per block, so fewer blocks
     pay: at 50k x 384, B = 1000, T = 300 on 2 cores, one 50k-row block took 37.7 s (clustered) and 35.7 s (blobs)
-    against 49.5 s and 41.0 s in 8192-row blocks. With the Triton top-2 kernel nothing of size block x B is
-    written but the undecided rows' product, so a block is the float32 rows' 256 MiB: at ImageNet size 7 launches
-    of over 1,300 row tiles each instead of 61 of 164 (one and a quarter waves on an H200's 132 SMs)."""
+    against 49.5 s and 41.0 s in 8192-row blocks. With the Triton top-2 kernel only the undecided rows' product is
+    written (in chunks), so a block is larger: block x B float32 <= 4 GiB (the float32 pass, should every row of a
+    block need it) and the block's float32 rows <= 256 MiB. At ImageNet size, B = 12,812: 16 launches of 655 row
+    tiles each (5 waves on an H200's 132 SMs) instead of 62 of 164 (one and a quarter)."""
     if requested:
         return requested
     if device is not None and device.type != "cpu":
         if top2_kernel:
-            return int(max(4096, (2 ** 28) // (4 * max(d, 1))))
+            return int(max(4096, min((2 ** 28) // (4 * max(d, 1)), (2 ** 32) // (4 * max(b, 1)))))
         return int(max(4096, (2 ** 30) // (4 * max(b, 1))))
     rows = (64 * 2 ** 20) // max(b, 1)
     if prune:
