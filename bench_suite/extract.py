@@ -258,7 +258,8 @@ def preprocess_images(prep, images: list[np.ndarray]) -> torch.Tensor:
 
 def preprocess_tensor(x: torch.Tensor, size: int, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     """``Encoder.preprocess`` on a uint8 (B,C,H,W) tensor on any device (C = 1 or 3): the same operations,
-    so on the CPU the same bytes; on a GPU the resize runs there."""
+    so on the CPU the same bytes; on a GPU the resize runs there. ``mean``/``std`` belong on ``x``'s device
+    already (``_extract_rank`` moves them once: a copy from pageable host memory would wait for the GPU)."""
     x = x.float().div_(255.0)
     if tuple(x.shape[-2:]) != (size, size):
         x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
@@ -271,6 +272,28 @@ def _is_jpeg(blob: bytes) -> bool:
     return blob[:3] == b"\xff\xd8\xff"
 
 
+def _jpeg_components(blob: bytes) -> int | None:
+    """The number of colour components in a JPEG's frame header (SOFn), None where none is found before the scan.
+    The device decoder is given only 1- or 3-component JPEGs: CMYK (4) is not among nvJPEG's outputs."""
+    i, n = 2, len(blob)
+    while i + 4 <= n:
+        if blob[i] != 0xFF:
+            return None
+        marker = blob[i + 1]
+        if marker == 0xFF:  # a fill byte
+            i += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
+            i += 2
+            continue
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # SOFn: length, precision, size, Nf
+            return blob[i + 9] if i + 9 < n else None
+        if marker == 0xDA:  # start of scan
+            return None
+        i += 2 + int.from_bytes(blob[i + 2:i + 4], "big")
+    return None
+
+
 def _chw(image: np.ndarray) -> torch.Tensor:
     arr = np.require(image, requirements=["C", "W"])
     return torch.from_numpy(arr)[None] if arr.ndim == 2 else torch.from_numpy(arr).permute(2, 0, 1).contiguous()
@@ -279,8 +302,11 @@ def _chw(image: np.ndarray) -> torch.Tensor:
 class ShardBatches(torch.utils.data.IterableDataset):
     """Batches of whole shards from a WebDataset split by worker: dicts with the shard's name, the first row
     within the shard, ids, labels and the images (``inputs``: preprocessed float (B,3,S,S) when the workers
-    preprocess; else uint8 (B,C,H,W) when the images share a shape, else a list of uint8 (C,H,W) tensors, or
-    with ``decode="device"`` the JPEG bytes as 1-D uint8 tensors where ``encoded`` says so)."""
+    preprocess; else uint8 (B,C,H,W) when the images share a shape; else ``packed``: every image of the batch in
+    one flat uint8 tensor, cut by ``offsets``, each either a uint8 (C,H,W) image of shape ``shapes[i]`` or, with
+    ``decode="device"``, a JPEG's bytes where ``encoded`` says so). One tensor per batch, not one per image: each
+    tensor a worker hands over holds a file descriptor until the main process frees it, and a batch of 256 with
+    4 batches prefetched per worker ran out of the usual 1024 (measured: "Too many open files")."""
 
     def __init__(self, shard_dir, names: list[str], batch_size: int, prep, *, preprocess: str, decode: str):
         self.urls = [str(Path(shard_dir) / n) for n in names]
@@ -313,7 +339,7 @@ class ShardBatches(torch.utils.data.IterableDataset):
                 raise CorruptDataError(f"sample {key} has no png/jpg image")
             ids.append(int(key))
             labels.append(int(s["cls"]))
-            if self.decode == "device" and _is_jpeg(blob):
+            if self.decode == "device" and _is_jpeg(blob) and _jpeg_components(blob) in (1, 3):
                 images.append(torch.frombuffer(bytearray(blob), dtype=torch.uint8))
                 encoded.append(True)
             else:
@@ -326,31 +352,51 @@ class ShardBatches(torch.utils.data.IterableDataset):
         elif not any(encoded) and all(im.shape == images[0].shape for im in images):
             out["inputs"] = torch.stack([_chw(im) for im in images])  # uint8 (B,C,H,W): one copy to the device
         else:
-            out["inputs"] = [im if enc else _chw(im) for im, enc in zip(images, encoded)]
+            items = [im if enc else _chw(im) for im, enc in zip(images, encoded)]
+            out["packed"] = torch.cat([t.reshape(-1) for t in items])
+            out["offsets"] = np.cumsum([0] + [int(t.numel()) for t in items])
+            out["shapes"] = [None if enc else tuple(t.shape) for t, enc in zip(items, encoded)]
             out["encoded"] = encoded
         return out
 
 
 def _device_inputs(batch: dict, prep, device: torch.device, non_blocking: bool) -> torch.Tensor:
-    """The encoder's (B,3,S,S) input on ``device`` from a worker's batch."""
-    inputs = batch["inputs"]
-    if torch.is_tensor(inputs) and inputs.dtype == torch.uint8:
-        return preprocess_tensor(inputs.to(device, non_blocking=non_blocking), prep.image_size, prep.mean, prep.std)
-    if torch.is_tensor(inputs):
+    """The encoder's (B,3,S,S) input on ``device`` from a worker's batch (``prep``'s mean and std on ``device``)."""
+    if "packed" not in batch:
+        inputs = batch["inputs"]
+        if inputs.dtype == torch.uint8:
+            return preprocess_tensor(inputs.to(device, non_blocking=non_blocking), prep.image_size, prep.mean,
+                                     prep.std)
         return inputs.to(device, non_blocking=non_blocking)
-    encoded = batch["encoded"]
-    moved = [t.to(device, non_blocking=non_blocking) if not enc else t for t, enc in zip(inputs, encoded)]
+    flat, cut, shapes, encoded = batch["packed"], batch["offsets"], batch["shapes"], batch["encoded"]
+    pieces = [flat[int(cut[i]):int(cut[i + 1])] for i in range(len(shapes))]
+    moved: list = [None] * len(pieces)
+    if not all(encoded):  # the images the workers decoded: one copy of the whole batch, cut on the device
+        flat_dev = flat.to(device, non_blocking=non_blocking)
+        for i, shape in enumerate(shapes):
+            if shape is not None:
+                moved[i] = flat_dev[int(cut[i]):int(cut[i + 1])].view(shape)
     if any(encoded):
         from torchvision.io import ImageReadMode, decode_jpeg
 
         idx = [i for i, enc in enumerate(encoded) if enc]
+        mode = ImageReadMode.UNCHANGED
         try:
-            decoded = decode_jpeg([inputs[i] for i in idx], mode=ImageReadMode.UNCHANGED, device=device)
-        except RuntimeError:  # a JPEG the device decoder does not take (CMYK, progressive on some versions)
-            decoded = [None] * len(idx)
+            decoded = decode_jpeg([pieces[i] for i in idx], mode=mode, device=device)
+        except RuntimeError:  # one JPEG the device decoder does not take: retry one by one, not the whole batch
+            decoded = []
+            for i in idx:
+                try:
+                    decoded.append(decode_jpeg(pieces[i], mode=mode, device=device))
+                except RuntimeError:
+                    decoded.append(None)
         for i, img in zip(idx, decoded):
-            if img is None or img.shape[0] not in (1, 3):
-                img = _chw(decode_image(inputs[i].numpy().tobytes())).to(device)
+            if img is None or img.shape[0] not in (1, 3):  # decoded here instead, as a worker would have
+                try:
+                    img = _chw(decode_image(pieces[i].numpy().tobytes())).to(device)
+                except Exception as exc:  # noqa: BLE001 - PIL's errors for a corrupt image: one message
+                    raise CorruptDataError(f"sample {int(batch['ids'][i])} in shard {batch['shard']}: cannot "
+                                           f"decode its image: {type(exc).__name__}: {exc}") from exc
             moved[i] = img
     size = prep.image_size
     if all(t.shape == moved[0].shape for t in moved):
@@ -366,6 +412,7 @@ def _extract_rank(shard_dir, names, manifest, enc, pooling, settings, parts_dir,
         return
     counts = {s["name"]: s["count"] for s in manifest["shards"]}
     prep = _preprocessor(enc)
+    prep_dev = types.SimpleNamespace(**{**vars(prep), "mean": prep.mean.to(device), "std": prep.std.to(device)})
     ds = ShardBatches(shard_dir, names, settings["batch_size"], prep, preprocess=settings["preprocess"],
                       decode=settings["decode"])
     loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=min(workers, len(names)),
@@ -396,7 +443,7 @@ def _extract_rank(shard_dir, names, manifest, enc, pooling, settings, parts_dir,
     checked = False
     try:
         for batch in _read(loader, shard_dir):
-            x = _device_inputs(batch, prep, device, non_blocking)
+            x = _device_inputs(batch, prep_dev, device, non_blocking)
             if settings["channels_last"]:
                 x = x.contiguous(memory_format=torch.channels_last)
             with autocast:
@@ -410,7 +457,7 @@ def _extract_rank(shard_dir, names, manifest, enc, pooling, settings, parts_dir,
                 host = torch.empty(f.shape, dtype=f.dtype, pin_memory=True)
                 host.copy_(f, non_blocking=True)
                 event = torch.cuda.Event()
-                event.record()
+                event.record(torch.cuda.current_stream(device))
                 pending.append((batch, host, event))
                 while len(pending) > 1:  # lag one batch: the GPU runs batch i while batch i-1 is written
                     finish(pending.pop(0))

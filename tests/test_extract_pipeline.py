@@ -181,3 +181,52 @@ def test_sigkill_then_rerun_resumes_at_the_first_unfinished_shard(small_shards, 
     first = written[0]
     assert f"resuming extraction: {len(finished)} of 6 shards already extracted; starting at {first}" in caplog.text
     assert store_bytes(out) == store_bytes(whole_store)
+
+
+def _jpeg(mode: str, size=(48, 40), **save) -> bytes:
+    import io
+
+    from PIL import Image
+
+    gen = np.random.default_rng(len(mode))
+    arr = gen.integers(0, 256, (size[1], size[0], len(mode)), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr[..., 0] if mode == "L" else arr, mode=mode).save(buf, format="JPEG", quality=90, **save)
+    return buf.getvalue()
+
+
+def test_jpeg_component_count_from_the_frame_header():
+    assert extract._jpeg_components(_jpeg("RGB")) == 3
+    assert extract._jpeg_components(_jpeg("L")) == 1
+    assert extract._jpeg_components(_jpeg("CMYK")) == 4
+    assert extract._jpeg_components(_jpeg("RGB", progressive=True)) == 3  # SOF2
+    assert extract._jpeg_components(_jpeg("RGB")[:20]) is None  # cut before its frame header
+    assert extract._jpeg_components(b"\xff\xd8\xff\xda\x00\x02") is None  # a scan before any frame header
+
+
+def test_device_decoding_packs_each_batch_takes_cmyk_and_names_a_corrupt_jpeg(tmp_path):
+    """``decode="device"`` (torchvision's decoder, here on the CPU): a batch reaches the main process as one packed
+    tensor; a CMYK JPEG goes to the worker's decoder (nvJPEG has no CMYK output) and the store matches the CPU
+    decode's; a JPEG cut short (both decoders refuse it) is named in a one-line error."""
+    rgb, cmyk, gray = _jpeg("RGB"), _jpeg("CMYK"), _jpeg("L")
+    blobs = [rgb, cmyk, gray, _jpeg("RGB", size=(30, 50)), rgb, cmyk]
+    shards = tmp_path / "shards"
+    wshards.write_blob_shards(((i, b, i % 2) for i, b in enumerate(blobs)), shards, dataset="mixed",
+                              count=len(blobs), shard_size=4, classes=["a", "b"])
+    prep = extract._preprocessor(get_encoder("efficientnet_lite0", image_size=32))
+    batches = list(extract.ShardBatches(shards, sorted(p.name for p in shards.glob("*.tar")), 4, prep,
+                                        preprocess="device", decode="device"))
+    assert [b["encoded"] for b in batches] == [[True, False, True, True], [True, False]]
+    assert all(torch.is_tensor(b["packed"]) and b["packed"].dim() == 1 for b in batches)
+    kw = dict(ENC, batch_size=4, accelerator=Acc(), num_workers=1)
+    cpu = extract.extract_features(shards, tmp_path / "cpu", **kw)
+    dev = extract.extract_features(shards, tmp_path / "dev", decode="device", **kw)
+    cos = (np.asarray(dev.features) * np.asarray(cpu.features)).sum(1)
+    assert cos.min() >= 0.999, cos
+
+    cut = rgb[: len(rgb) // 2]  # a valid frame header (3 components), half of the image data
+    corrupt = tmp_path / "corrupt"
+    wshards.write_blob_shards(((i, b, 0) for i, b in enumerate([rgb, cut])), corrupt, dataset="corrupt",
+                              count=2, shard_size=4, classes=["a"])
+    with pytest.raises(extract.CorruptDataError, match="sample 1 in shard .*: cannot decode its image"):
+        extract.extract_features(corrupt, tmp_path / "c", decode="device", **kw)
