@@ -515,9 +515,9 @@ class Assigner:
     def _screened(self, key, fr: torch.Tensor, fixed=None):
         """The full pass in reduced precision (``screen``), exact where it cannot decide.
 
-        A row whose screened top-2 margin exceeds its window (``screen_windows``) keeps its screened argmax. For the others,
-        a parameter outside the row's screened top ``RECHECK_K`` that is also outside the window below its
-        best cannot be (or tie with) the exact argmax, so the row is decided exactly among those candidates
+        A row whose screened top-2 margin exceeds its window (``screen_windows``) keeps its screened argmax. For
+        the others, a parameter outside the row's screened top ``RECHECK_K`` that is also outside the window below
+        its best cannot be (or tie with) the exact argmax, so the row is decided exactly among those candidates
         (``best_among``: RECHECK_K float32 dots, not B); a row with more candidates in its window takes the
         exact float32 pass. The similarity to the winner is then one float32 row dot (the loss needs it exact).
         With ``top2_kernel`` the block's top-2 comes from the Triton kernel (``fused_top2``) and only the
