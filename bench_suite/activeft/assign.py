@@ -119,7 +119,7 @@ class Assigner:
         self.top2_kernel = bool(top2_kernel) and screen != "fp32" and not self.prune
         self._f_low: torch.Tensor | None = None
         self._f_terms: tuple[torch.Tensor, torch.Tensor] | None = None
-        if screen == "bf16":  # built here, not lazily: a first use inside a CUDA graph capture would leave them empty
+        if screen == "bf16" and not self.prune:  # here, not lazily: a first use inside a capture would not fill them
             self._f_low = feats.to(torch.bfloat16)
             parts = [_rounding_terms(feats[s:s + 65536]) for s in range(0, max(self.n, 1), 65536)]
             self._f_terms = tuple(torch.cat(t) for t in zip(*parts))  # (|f - f~|, |f~|) per row, f~ = bf16(f)
