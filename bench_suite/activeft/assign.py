@@ -57,9 +57,15 @@ RECHECK_K = 8
 NEAR_K = 4
 
 
+def accumulation_bound(d: int) -> float:
+    """Relative error of a float32 sum of d products (with |f| |c| = 1), counted at twice round-to-nearest's bound
+    (tensor cores are not documented to round to nearest)."""
+    return 2.0 * (d + 2) * U32
+
+
 def decision_eps(d: int, fnorm: float = 1.0) -> float:
     """Margin above which a float32 similarity comparison is certainly right (2 x the rounding bound)."""
-    return 2.0 * (d + 2) * U32 * fnorm + 1e-7
+    return accumulation_bound(d) * fnorm + 1e-7
 
 
 def _rounding_terms(f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -481,7 +487,7 @@ class Assigner:
         On a 50k x 384 clustered pool with B = 1000, 22% of the rows were undecided instead of 38%, and 12%
         without the output's rounding (the Triton kernel, ``fused_top2``)."""
         u = SCREEN_UNIT[self.screen]
-        acc = 2 * (self.d + 2) * U32
+        acc = accumulation_bound(self.d)
         out = u if self.screen == "bf16" else 0.0
         if self.screen != "bf16" or fr is None:
             written = 2 * self.fnorm * (2 * u + u * u + acc + out) + self.eps

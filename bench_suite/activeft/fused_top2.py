@@ -32,7 +32,6 @@ import torch
 TILES = {"bf16": (128, 128, 64, 8, 3), "fp32": (128, 64, 32, 8, 3)}
 INTERPRETER_TILE = 32  # the interpreter ignores warps and stages; small tiles keep numpy's work small
 CHECK_ROWS = 4059  # pool rows compared by self_check: not a multiple of any tile, so the last tile is a partial one
-U32 = 2.0 ** -24
 PRECISION = {"default": 0, "tf32": 1, "ieee": 2}
 
 
@@ -106,11 +105,13 @@ def self_check(feats: torch.Tensor, n_params: int, screen: str) -> str | None:
         tv, i1 = top2(f, c, out=(tv_all[:m], i1_all[:m]))
     except Exception as exc:  # noqa: BLE001 - any failure means: do not use the kernel
         return f"the top-2 kernel failed: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc) else ''}"
+    from bench_suite.activeft.assign import accumulation_bound  # assign imports this module
+
     ref = f.double() @ c.double().T
     k = min(2, int(n_params))
     rv, ri = ref.topk(k, dim=1)
     unit = 2.0 ** -10 if screen == "tf32" else 0.0  # TF32 rounds the float32 inputs on a GPU
-    err = f.double().norm(dim=1) * c.double().norm(dim=1).max() * (2 * (d + 2) * U32 + 2 * unit + unit * unit)
+    err = f.double().norm(dim=1) * c.double().norm(dim=1).max() * (accumulation_bound(d) + 2 * unit + unit * unit)
     bound = err * 1.001 + 1e-30
     bad_val = ((tv[:, :k].double() - rv).abs() > bound[:, None]).any(dim=1)
     if k > 1:

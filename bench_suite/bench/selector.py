@@ -62,7 +62,7 @@ PATHS = {"auto": {}, "full": {"prune": False, "loop": "eager", "screen": "fp32"}
          "graph-nokernel": {"prune": False, "loop": "graph", "top2_kernel": "off"}}
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -75,7 +75,7 @@ class _DeviceMemory:
 
     def __enter__(self):
         if self.device.type == "cuda":
-            _sync(self.device)
+            sync(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
             self.base = torch.cuda.memory_allocated(self.device)
         else:
@@ -84,7 +84,7 @@ class _DeviceMemory:
 
     def __exit__(self, *exc):
         if self.device.type == "cuda":
-            _sync(self.device)
+            sync(self.device)
             self.above_mib = (torch.cuda.max_memory_allocated(self.device) - self.base) / 2 ** 20
         else:
             self.rss.__exit__(*exc)
@@ -97,10 +97,10 @@ def run_project(pool: torch.Tensor, budget: int, iters: int, seed: int, *, prune
     cfg = ActiveFT(iters=iters, progress=False, prune=prune, **cfg_kw).options
     n = int(pool.shape[0])
     with _DeviceMemory(pool.device) as mem:
-        _sync(pool.device)
+        sync(pool.device)
         w0 = time.perf_counter()
         res = optimize(pool, slice(0, n), n, budget, cfg, seed=seed, dist=Runtime(), snap_result=snap)
-        _sync(pool.device)
+        sync(pool.device)
         wall = time.perf_counter() - w0
     return {"wall": wall, "iters": iters, "per_iter": res["seconds_optimize"] / max(iters, 1),
             "snap_s": res["seconds_snap"], "losses": res["losses"], "final_loss": res["final_loss"],
@@ -117,7 +117,7 @@ def run_naive(feats: np.ndarray, budget: int, iters: int, seed: int, device: tor
         w0 = time.perf_counter()
         res = reference_select(feats, budget, seed=seed, iters=iters, literal=True, dtype=torch.float32,
                                device=device, **kw)
-        _sync(device)
+        sync(device)
         wall = time.perf_counter() - w0
     return {"wall": wall, "iters": iters, "per_iter": res["seconds_optimize"] / max(iters, 1),
             "snap_s": max(0.0, wall - res["seconds_optimize"]), "losses": res["losses"],
@@ -132,11 +132,11 @@ def brute_pass(pool: torch.Tensor, budget: int, seed: int, dtype=torch.float32, 
     block = max(1024, (2 ** 30) // (4 * budget))
     best = float("inf")
     for _ in range(repeats):
-        _sync(pool.device)
+        sync(pool.device)
         t0 = time.perf_counter()
         for s in range(0, f.shape[0], block):
             (f[s:s + block] @ c.T).argmax(dim=1)
-        _sync(pool.device)
+        sync(pool.device)
         best = min(best, time.perf_counter() - t0)
     return best
 

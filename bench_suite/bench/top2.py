@@ -16,6 +16,7 @@ import time
 import torch
 
 from bench_suite.activeft import fused_top2
+from bench_suite.bench.selector import sync
 from bench_suite.runtime import resolve_device
 
 # rows, parameters, depth per tile, warps, stages (the first: fused_top2.TILES["bf16"])
@@ -23,18 +24,13 @@ CANDIDATES = [fused_top2.TILES["bf16"], (128, 256, 64, 8, 3), (256, 128, 64, 8, 
               (128, 128, 32, 4, 4), (128, 64, 64, 4, 3)]
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _best_of(fn, reps: int, device: torch.device) -> tuple[float, object]:
     out, best = None, float("inf")
     for _ in range(reps):
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         out = fn()
-        _sync(device)
+        sync(device)
         best = min(best, time.perf_counter() - t0)
     return best, out
 
