@@ -39,8 +39,8 @@ import warnings
 import torch
 
 from bench_suite.activeft import fused_top2
+from bench_suite.activeft.rounding import U32, accumulation_bound
 
-U32 = 2.0 ** -24
 # relative rounding of an input in each screening precision of the full pass: tf32 2^-10 covers even a
 # truncation of its 10-bit mantissa (the GPU converts); bf16 2^-8 is round-to-nearest of its 8-bit significand
 # (torch's own conversion, done here, and of the product's bf16 output)
@@ -55,12 +55,6 @@ RECHECK_BYTES = 1 << 30
 RECHECK_K = 8
 # parameters examined in float64 for a float32 near-tie in fixed shapes (more within eps: flagged, redone)
 NEAR_K = 4
-
-
-def accumulation_bound(d: int) -> float:
-    """Relative error of a float32 sum of d products (with |f| |c| = 1), counted at twice round-to-nearest's bound
-    (tensor cores are not documented to round to nearest)."""
-    return 2.0 * (d + 2) * U32
 
 
 def decision_eps(d: int, fnorm: float = 1.0) -> float:

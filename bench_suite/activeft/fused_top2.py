@@ -28,6 +28,8 @@ import warnings
 
 import torch
 
+from bench_suite.activeft.rounding import accumulation_bound
+
 # rows, parameters and depth per tile, warps, pipeline stages: bf16 inputs; float32 (TF32) ones
 TILES = {"bf16": (128, 128, 64, 8, 3), "fp32": (128, 64, 32, 8, 3)}
 INTERPRETER_TILE = 32  # the interpreter ignores warps and stages; small tiles keep numpy's work small
@@ -105,8 +107,6 @@ def self_check(feats: torch.Tensor, n_params: int, screen: str) -> str | None:
         tv, i1 = top2(f, c, out=(tv_all[:m], i1_all[:m]))
     except Exception as exc:  # noqa: BLE001 - any failure means: do not use the kernel
         return f"the top-2 kernel failed: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc) else ''}"
-    from bench_suite.activeft.assign import accumulation_bound  # assign imports this module
-
     ref = f.double() @ c.double().T
     k = min(2, int(n_params))
     rv, ri = ref.topk(k, dim=1)
