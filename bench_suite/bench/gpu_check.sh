@@ -12,6 +12,17 @@
 #       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
 #       -d .whl webdataset==1.0.2 braceexpand==0.1.7 faiss-cpu==1.15.1
 # Then: device run, carry [".whl"], the command and timeout above.
+# Before spending device time, the device's software can be mimicked here on the CPU (it has Python 3.12.3, torch
+# 2.11.0, torchvision 0.26.0, triton 3.6.0, numpy 2.5.2, accelerate 1.15.0; /work/.library/device/KINDS.md):
+#   PYENV_VERSION=3.12.1 python3.12 -m venv /tmp/dev312 && PIP_CONSTRAINT= /tmp/dev312/bin/pip install torch==2.11.0 \
+#       torchvision==0.26.0 triton==3.6.0 numpy==2.5.2 accelerate==1.15.0 timm rich scikit-learn scipy pyyaml psutil \
+#       safetensors onnx onnxruntime matplotlib pytest pytest-xdist webdataset==1.0.2 braceexpand==0.1.7 faiss-cpu==1.15.1
+#   /tmp/dev312/bin/pip install --no-deps -r requirements-assets.txt
+#   PYTHONPATH=. /tmp/dev312/bin/python -m pytest -p no:cacheprovider tests/test_fused_top2.py tests/test_static_loop.py \
+#       tests/test_activeft.py tests/test_activeft_dist.py tests/test_extract_pipeline.py tests/test_features_dist.py
+# and each step below with --device cpu and small sizes. Done on 2026-12-02 (99a5d3d): all pass, and the kernel
+# compiles for sm_90a with triton 3.6 (wgmma, cp.async, no spills), except the interpreter test: triton 3.6's
+# interpreter cannot run a loop over a runtime bound (any kernel; the compiled kernel is unaffected).
 # Every step has its own time limit, so one slow step cannot eat the others. The device returns at most 8 files:
 # every step's log and JSON go into ONE archive, $OUT/gpu_check_<part>.tgz, rewritten after each step (so a
 # cut-off still returns what ran); the output's tail shows each step's last lines.
