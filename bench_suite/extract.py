@@ -137,7 +137,7 @@ def extract_features(shard_dir, out_dir, *, encoder: str, pooling: str | None = 
     settings = {
         "fingerprint": fp, "batch_size": int(batch_size), "device": device.type, "precision": precision,
         "decode": decode,
-        "preprocess": "device" if decode == "device" else preprocess or ("device" if on_gpu else "workers"),
+        "preprocess": resolve_preprocess(decode, preprocess, device),
         "channels_last": True if channels_last is None else bool(channels_last),
     }
     workers = default_workers(device, world) if num_workers is None else int(num_workers)
@@ -246,6 +246,12 @@ def _preprocessor(enc: Encoder):
     """A light stand-in for the encoder that ``Encoder.preprocess`` accepts: the workers get the preprocessing
     (bit for bit the encoder's own) without the model."""
     return types.SimpleNamespace(name=enc.name, image_size=enc.image_size, mean=enc.mean.clone(), std=enc.std.clone())
+
+
+def resolve_preprocess(decode: str, preprocess: str | None, device: torch.device) -> str:
+    """Where images are resized and normalised: on the device when it decodes them, else as told, else on a GPU
+    (from uint8: a quarter of the bytes to copy) and in the workers on a CPU."""
+    return "device" if decode == "device" else preprocess or ("device" if device.type == "cuda" else "workers")
 
 
 def preprocess_images(prep, images: list[np.ndarray]) -> torch.Tensor:
@@ -404,14 +410,11 @@ def _device_inputs(batch: dict, prep, device: torch.device, non_blocking: bool) 
     return torch.cat([preprocess_tensor(t[None], size, prep.mean, prep.std) for t in moved])
 
 
-# ---------------------------------------------------------------------------------------------- one rank's work
-@torch.inference_mode()
-def _extract_rank(shard_dir, names, manifest, enc, pooling, settings, parts_dir, device, workers, *, pin_memory,
-                  progress):
-    if not names:
-        return
-    counts = {s["name"]: s["count"] for s in manifest["shards"]}
-    prep = _preprocessor(enc)
+def input_batches(shard_dir, names: list[str], prep, settings: dict, device: torch.device, workers: int, *,
+                  pin_memory: bool):
+    """``(batch, x)`` for each worker batch of the shards ``names``: ``x`` is the encoder's input for it on
+    ``device`` (channels_last when ``settings`` say so). Extraction's whole data path short of the encoder, so that
+    the benchmark can time it alone (``bench.extract``: the rate the pipeline cannot exceed)."""
     prep_dev = types.SimpleNamespace(**{**vars(prep), "mean": prep.mean.to(device), "std": prep.std.to(device)})
     ds = ShardBatches(shard_dir, names, settings["batch_size"], prep, preprocess=settings["preprocess"],
                       decode=settings["decode"])
@@ -419,6 +422,21 @@ def _extract_rank(shard_dir, names, manifest, enc, pooling, settings, parts_dir,
                                          pin_memory=pin_memory and device.type == "cuda",
                                          prefetch_factor=4 if workers else None,
                                          persistent_workers=False)
+    non_blocking = device.type == "cuda"
+    for batch in _read(loader, shard_dir):
+        x = _device_inputs(batch, prep_dev, device, non_blocking)
+        if settings["channels_last"]:
+            x = x.contiguous(memory_format=torch.channels_last)
+        yield batch, x
+
+
+# ---------------------------------------------------------------------------------------------- one rank's work
+@torch.inference_mode()
+def _extract_rank(shard_dir, names, manifest, enc, pooling, settings, parts_dir, device, workers, *, pin_memory,
+                  progress):
+    if not names:
+        return
+    counts = {s["name"]: s["count"] for s in manifest["shards"]}
     if settings["channels_last"]:
         enc.model.to(memory_format=torch.channels_last)
     autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16) if settings["precision"] == "bf16"
@@ -442,10 +460,8 @@ def _extract_rank(shard_dir, names, manifest, enc, pooling, settings, parts_dir,
                   enabled=progress, unit="images", transient=True)
     checked = False
     try:
-        for batch in _read(loader, shard_dir):
-            x = _device_inputs(batch, prep_dev, device, non_blocking)
-            if settings["channels_last"]:
-                x = x.contiguous(memory_format=torch.channels_last)
+        for batch, x in input_batches(shard_dir, names, _preprocessor(enc), settings, device, workers,
+                                      pin_memory=pin_memory):
             with autocast:
                 f = enc.features(x, pooling=pooling)
             f = F.normalize(f.float(), dim=1)

@@ -230,3 +230,25 @@ def test_device_decoding_packs_each_batch_takes_cmyk_and_names_a_corrupt_jpeg(tm
                               count=2, shard_size=4, classes=["a"])
     with pytest.raises(extract.CorruptDataError, match="sample 1 in shard .*: cannot decode its image"):
         extract.extract_features(corrupt, tmp_path / "c", decode="device", **kw)
+
+
+def test_extraction_benchmark_runs_every_part_on_the_cpu(tmp_path, capsys):
+    """``bench.extract`` as gpu_check runs it (bf16, device decoding, given worker count and work folder), tiny:
+    it prints the bare forward, the data path alone, the pipeline, and the bf16-vs-fp32 cosine, with rates that
+    are numbers; a second run reuses the shards it wrote."""
+    import re
+
+    from bench_suite.bench import extract as bench
+
+    argv = ["--device", "cpu", "--encoder", "efficientnet_lite0", "--image-size", "32", "--images", "48",
+            "--shard-size", "12", "--batch-size", "8", "--workers", "1", "--precision", "bf16", "--decode", "device",
+            "--threads", "1", "--work", str(tmp_path)]
+    assert bench.main(argv) == 0
+    out = capsys.readouterr().out
+    for line in ("bare forward: ", "data path alone, 1 workers: ", "pipeline, 1 workers: ", "bare forward again: ",
+                 "bf16 vs fp32 features: cosine per row min "):
+        assert line in out, out
+    assert float(re.search(r"data path alone, 1 workers: ([\d,.]+) images/s", out).group(1).replace(",", "")) > 0
+    assert re.search(r"cosine per row min 0\.9\d+", out), out
+    assert bench.main(argv) == 0 and "(0.0 s to write)" in capsys.readouterr().out
+    assert bench.marginal_rate(100, 400, 2.0, 5.0) == 100.0 and bench.marginal_rate(400, 400, 2.0, 4.0) == 100.0

@@ -8,6 +8,9 @@ brightness-jittered, JPEG quality 90, ``--shard-size`` per shard), then, in this
   workers and writing the store do not count (they are printed apart);
 - **bare forward**: the same encoder on batches of the same size already preprocessed in memory (on the
   device), the same precision, channels_last as the pipeline, timed over as many images;
+- **data path alone**: the pipeline's reading, decoding and preprocessing up to the encoder's input on the device
+  (``extract.input_batches``), with no encoder, marginal as above: the rate the pipeline cannot exceed with these
+  workers (on a GPU node, the CPU's or nvJPEG's decode limit);
 - with ``--processes 2 ...``: the same pipeline under ``accelerate launch --multi_gpu --num_processes P``
   (``python -m bench_suite.cli.features``, the shards split between the processes, each with its share of the
   cores), timed from outside over the same two shard sets, so the launcher's and the encoders' start-up cancel
@@ -47,6 +50,8 @@ from bench_suite.bench.memory import PeakMemory
 from bench_suite.data.shards import write_blob_shards
 from bench_suite.encoders import get_encoder
 from bench_suite.encoders.assets import sample_photos
+from bench_suite import extract
+from bench_suite.data import shards as wshards
 from bench_suite.extract import default_workers, extract_features
 from bench_suite.runtime import resolve_device
 from bench_suite.store import FeatureStore
@@ -100,6 +105,12 @@ def sub_shards(src: Path, dst: Path, k: int) -> None:
     (dst / "manifest.json").write_text(json.dumps(m))
 
 
+def marginal_rate(n1: int, n: int, t1: float, tn: float) -> float:
+    """Images per second between a run over ``n1`` images (``t1`` seconds) and one over ``n`` (``tn``), so that
+    start-up costs cancel; the whole run's rate when the two are the same."""
+    return (n - n1) / max(1e-9, tn - t1) if n > n1 else n / tn
+
+
 def cpu_seconds() -> float:
     """CPU seconds of this process and of its finished children (the DataLoader workers, once joined)."""
     me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -119,6 +130,22 @@ def run_pipeline(shards, out, args, device, workers, precision):
             torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
     return seconds, mem.above_kib / 1024, cpu_seconds() - c0
+
+
+@torch.inference_mode()
+def data_path_seconds(shards, args, device, workers: int) -> float:
+    """Wall seconds of the pipeline's data path alone over ``shards`` (``extract.input_batches`` with the
+    pipeline's settings: shards read, images decoded and preprocessed to the encoder's input on the device)."""
+    prep = extract._preprocessor(get_encoder(args.encoder, image_size=args.image_size, device="cpu"))
+    names = [s["name"] for s in wshards.load_manifest(shards)["shards"]]
+    settings = {"batch_size": args.batch_size, "decode": args.decode, "channels_last": True,
+                "preprocess": extract.resolve_preprocess(args.decode, None, device)}
+    t0 = time.perf_counter()
+    for _ in extract.input_batches(shards, names, prep, settings, device, workers, pin_memory=device.type == "cuda"):
+        pass
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
 
 
 def run_processes(shards, out, args, processes: int) -> float:
@@ -209,11 +236,14 @@ def main(argv=None) -> int:
         print(f"bare forward: {bare:,.0f} images/s ({bare_cpu:,.0f} images per CPU second)")
         rates = []
         for workers in (args.workers if args.workers else [default_workers(device)]):
+            d1, dn = (data_path_seconds(sh, args, device, workers) for sh in (first, shards))
+            data_rate = marginal_rate(n1, args.images, d1, dn)
+            print(f"data path alone, {workers} workers: {data_rate:,.0f} images/s marginal ({n1} images {d1:.1f} s, "
+                  f"{args.images} images {dn:.1f} s; read, decode {args.decode}, preprocess to the device's input, "
+                  f"no encoder): {data_rate / bare:.2f} x the bare forward")
             t1, m1, c1 = run_pipeline(first, work / "store-first", args, device, workers, args.precision)
             tn, mn, cn = run_pipeline(shards, work / "store-all", args, device, workers, args.precision)
-            more = args.images - n1
-            rate = more / max(1e-9, tn - t1) if more else args.images / tn
-            rate_cpu = more / max(1e-9, cn - c1) if more else args.images / cn
+            rate, rate_cpu = marginal_rate(n1, args.images, t1, tn), marginal_rate(n1, args.images, c1, cn)
             rates.append((workers, rate, rate_cpu))
             print(f"pipeline, {workers} workers: {rate:,.0f} images/s marginal ({n1} images {t1:.1f} s, {args.images} "
                   f"images {tn:.1f} s, {args.images / tn:,.0f} images/s overall; {rate_cpu:,.0f} images per CPU "
@@ -225,8 +255,7 @@ def main(argv=None) -> int:
                 continue
             t1 = run_processes(first, work / "store-first-p", args, procs)
             tn = run_processes(shards, work / "store-all-p", args, procs)
-            more = args.images - n1
-            rate = more / max(1e-9, tn - t1) if more else args.images / tn
+            rate = marginal_rate(n1, args.images, t1, tn)
             rates.append((f"{procs} processes", rate, None))
             print(f"pipeline, {procs} processes (accelerate launch): {rate:,.0f} images/s marginal ({n1} images "
                   f"{t1:.1f} s, {args.images} images {tn:.1f} s, both with start-up); ratio to the bare forward "

@@ -91,7 +91,8 @@ fi
 
 if [ "$PART" != selector ]; then
     # issue 11: extraction vs the bare forward, DINO ViT-S/16 at 224 px (random weights in the DINO file format: the
-    # speed does not depend on the values). The first step also writes the 12,000 JPEGs' shards into /tmp/bx (single
+    # speed does not depend on the values), and the data path alone (decode and preprocess, no encoder: the CPU's
+    # decode limit with 12 workers in the first step, nvJPEG's in the second). The first step also writes the 12,000 JPEGs' shards into /tmp/bx (single
     # threaded, about 40 s on a 2-core machine); the second reuses them.
     export BENCH_SUITE_CACHE=/tmp/bs_cache
     mkdir -p "$BENCH_SUITE_CACHE"
