@@ -175,7 +175,7 @@ def test_loops_equal_check_passes_on_the_cpu(capsys):
                              "--subset", "1000"])
     out = capsys.readouterr().out
     assert code == 0, out
-    assert out.count("PASS") == 3 and "FAIL" not in out
+    assert out.count("PASS") == 4 and "FAIL" not in out
 
 
 class Replayer:

@@ -11,7 +11,9 @@ then each other loop, and prints PASS or FAIL per check; the exit status is 1 if
 * ``graph`` against ``static``: the same code, captured or not (1e-9);
 * ``graph`` with capacities forced to overflow (every compaction too small): redone iterations and recaptures;
 * ``graph`` with a per-iteration subset (``--subset``);
-* ``graph`` with the bf16 screen without the Triton top-2 kernel (``top2_kernel=off``), and with the tf32 screen.
+* ``graph`` with the bf16 screen without the Triton top-2 kernel (``top2_kernel=off``), and with the tf32 screen;
+* the bf16 run (``graph`` on a GPU, else ``static``) again: the same losses, parameters and ids bit for bit (the
+  per-parameter sums are cuSPARSE's on a GPU, whose run-to-run determinism this shows).
 
 A graph run must have used the graph (no ``loop_fallback``), and on a GPU a screened run the Triton top-2 kernel
 (``fused_top2``; no ``top2_kernel_fallback``). On a CPU only the uncaptured loops run, without the kernel.
@@ -93,6 +95,13 @@ def main(argv=None) -> int:
                              args.rtol, graph=True)
         failures += _compare("graph tf32 vs eager fp32", _run(pool, args.budget, loop="graph", screen="tf32", **kw),
                              ref, args.rtol, graph=True, kernel=True)
+    first = graph if on_gpu else static
+    again = _run(pool, args.budget, loop=loop, screen="bf16", **kw)
+    failures += _compare(f"{loop} bf16 run twice, bit for bit", again, first, 0.0, graph=on_gpu, kernel=on_gpu)
+    if not torch.equal(again["theta"], first["theta"]):
+        failures.append("the parameters differ between two identical runs")
+        print(f"FAIL {loop} bf16 run twice: the parameters differ (max |d theta| "
+              f"{float((again['theta'] - first['theta']).abs().max()):.2e})")
     # every compaction too small: each iteration is redone (and, in a graph, recaptured): 20 iterations will do
     short = {**kw, "iters": min(args.iters, 20)}
     caps = (static_loop.MIN_CAP, static_loop.CAP_FACTOR)
