@@ -83,6 +83,10 @@ def test_kernel_under_the_interpreter_and_the_selection_through_it():
     """Under ``TRITON_INTERPRET=1``: the kernel's top-2 equals the float64 product's (tile edges, B = 1, exact ties);
     a selection with ``top2_kernel=on`` equals the one without, bit for bit (losses, theta, rows) in the eager and
     the fixed-shape loop, with the bf16 and tf32 screens, also with the undecided rows' product taken in chunks."""
+    triton = pytest.importorskip("triton")
+    if tuple(int(v) for v in triton.__version__.split(".")[:2]) < (3, 8):  # e.g. the GPU machine's 3.6
+        pytest.skip(f"triton {triton.__version__}'s interpreter cannot run a loop over a runtime bound (any kernel, "
+                    "with numpy 2.4-2.5; checked with 3.6.0); the compiled kernel is unaffected")
     env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-c", INTERPRETED], env=env, capture_output=True, text=True, timeout=600,
                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -21,8 +21,8 @@
 #   PYTHONPATH=. /tmp/dev312/bin/python -m pytest -p no:cacheprovider tests/test_fused_top2.py tests/test_static_loop.py \
 #       tests/test_activeft.py tests/test_activeft_dist.py tests/test_extract_pipeline.py tests/test_features_dist.py
 # and each step below with --device cpu and small sizes. Done on 2026-12-02 (99a5d3d): all pass, and the kernel
-# compiles for sm_90a with triton 3.6 (wgmma, cp.async, no spills), except the interpreter test: triton 3.6's
-# interpreter cannot run a loop over a runtime bound (any kernel; the compiled kernel is unaffected).
+# compiles for sm_90a with triton 3.6 (wgmma, cp.async, no spills); the interpreter test skips there (triton 3.6's
+# interpreter cannot run a loop over a runtime bound, in any kernel; the compiled kernel is unaffected).
 # Every step has its own time limit, so one slow step cannot eat the others. The device returns at most 8 files:
 # every step's log and JSON go into ONE archive, $OUT/gpu_check_<part>.tgz, rewritten after each step (so a
 # cut-off still returns what ran); the output's tail shows each step's last lines.
