@@ -242,7 +242,7 @@ class _ShardWriter:
 
 
 # ---------------------------------------------------------------------------------------------- the workers
-def _preprocessor(enc: Encoder):
+def preprocessor(enc: Encoder):
     """A light stand-in for the encoder that ``Encoder.preprocess`` accepts: the workers get the preprocessing
     (bit for bit the encoder's own) without the model."""
     return types.SimpleNamespace(name=enc.name, image_size=enc.image_size, mean=enc.mean.clone(), std=enc.std.clone())
@@ -460,7 +460,7 @@ def _extract_rank(shard_dir, names, manifest, enc, pooling, settings, parts_dir,
                   enabled=progress, unit="images", transient=True)
     checked = False
     try:
-        for batch, x in input_batches(shard_dir, names, _preprocessor(enc), settings, device, workers,
+        for batch, x in input_batches(shard_dir, names, preprocessor(enc), settings, device, workers,
                                       pin_memory=pin_memory):
             with autocast:
                 f = enc.features(x, pooling=pooling)

@@ -213,7 +213,7 @@ def test_device_decoding_packs_each_batch_takes_cmyk_and_names_a_corrupt_jpeg(tm
     shards = tmp_path / "shards"
     wshards.write_blob_shards(((i, b, i % 2) for i, b in enumerate(blobs)), shards, dataset="mixed",
                               count=len(blobs), shard_size=4, classes=["a", "b"])
-    prep = extract._preprocessor(get_encoder("efficientnet_lite0", image_size=32))
+    prep = extract.preprocessor(get_encoder("efficientnet_lite0", image_size=32))
     batches = list(extract.ShardBatches(shards, sorted(p.name for p in shards.glob("*.tar")), 4, prep,
                                         preprocess="device", decode="device"))
     assert [b["encoded"] for b in batches] == [[True, False, True, True], [True, False]]

@@ -47,12 +47,10 @@ import numpy as np
 import torch
 
 from bench_suite.bench.memory import PeakMemory
-from bench_suite.data.shards import write_blob_shards
+from bench_suite.data.shards import load_manifest, write_blob_shards
 from bench_suite.encoders import get_encoder
 from bench_suite.encoders.assets import sample_photos
-from bench_suite import extract
-from bench_suite.data import shards as wshards
-from bench_suite.extract import default_workers, extract_features
+from bench_suite.extract import default_workers, extract_features, input_batches, preprocessor, resolve_preprocess
 from bench_suite.runtime import resolve_device
 from bench_suite.store import FeatureStore
 
@@ -133,15 +131,15 @@ def run_pipeline(shards, out, args, device, workers, precision):
 
 
 @torch.inference_mode()
-def data_path_seconds(shards, args, device, workers: int) -> float:
+def data_path_seconds(shards, prep, args, device, workers: int) -> float:
     """Wall seconds of the pipeline's data path alone over ``shards`` (``extract.input_batches`` with the
-    pipeline's settings: shards read, images decoded and preprocessed to the encoder's input on the device)."""
-    prep = extract._preprocessor(get_encoder(args.encoder, image_size=args.image_size, device="cpu"))
-    names = [s["name"] for s in wshards.load_manifest(shards)["shards"]]
+    pipeline's settings: shards read, images decoded and preprocessed to the encoder's input on the device;
+    ``prep``: the encoder's ``extract.preprocessor``)."""
+    names = [s["name"] for s in load_manifest(shards)["shards"]]
     settings = {"batch_size": args.batch_size, "decode": args.decode, "channels_last": True,
-                "preprocess": extract.resolve_preprocess(args.decode, None, device)}
+                "preprocess": resolve_preprocess(args.decode, None, device)}
     t0 = time.perf_counter()
-    for _ in extract.input_batches(shards, names, prep, settings, device, workers, pin_memory=device.type == "cuda"):
+    for _ in input_batches(shards, names, prep, settings, device, workers, pin_memory=device.type == "cuda"):
         pass
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -235,8 +233,9 @@ def main(argv=None) -> int:
         bare, bare_cpu = bare_forward(args, device, args.precision, args.images)
         print(f"bare forward: {bare:,.0f} images/s ({bare_cpu:,.0f} images per CPU second)")
         rates = []
+        prep = preprocessor(get_encoder(args.encoder, image_size=args.image_size, device="cpu"))
         for workers in (args.workers if args.workers else [default_workers(device)]):
-            d1, dn = (data_path_seconds(sh, args, device, workers) for sh in (first, shards))
+            d1, dn = (data_path_seconds(sh, prep, args, device, workers) for sh in (first, shards))
             data_rate = marginal_rate(n1, args.images, d1, dn)
             print(f"data path alone, {workers} workers: {data_rate:,.0f} images/s marginal ({n1} images {d1:.1f} s, "
                   f"{args.images} images {dn:.1f} s; read, decode {args.decode}, preprocess to the device's input, "
