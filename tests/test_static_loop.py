@@ -12,7 +12,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from bench_suite import runtime as bdist
-from bench_suite.activeft import ActiveFT, assign, optimize, reference_select, static_loop
+from bench_suite.activeft import ActiveFT, assign, fused_top2, optimize, reference_select, static_loop
 from bench_suite.activeft.optimize import resolve_screen
 from bench_suite.activeft.static_loop import resolve_loop
 from bench_suite.bench.pools import clustered_sphere
@@ -263,19 +263,26 @@ def test_graph_whose_replay_differs_is_not_used(pool):
 
 class SyncAudit(TorchDispatchMode):
     """Records the ops that a CUDA stream capture rejects or that wait for the GPU: a value read on the host
-    (``item``, ``int()``, ``bool()``, ``if tensor``), and ops whose output size depends on the data (``nonzero``,
-    boolean indexing, ``masked_select``, ``unique``...). On a GPU each one breaks the capture (the graph falls back
-    to the uncaptured loop) or drains the queue; on a CPU nothing complains, hence this audit. ``allowed``: tensors
+    (``item``, ``int()``, ``bool()``, ``if tensor``), a tensor made from host data or copied across devices
+    (``torch.tensor(list)``, ``.to(device)``), and ops whose output size depends on the data (``nonzero``, boolean
+    indexing, ``masked_select``, ``unique``...). On a GPU each one breaks the capture (the graph falls back to the
+    uncaptured loop) or drains the queue; on a CPU nothing complains, hence this audit. Reads that never reach the
+    dispatcher on a CPU (``tolist``, ``numpy``, ``cpu``) are caught by ``AuditingReplayer``. ``allowed``: tensors
     whose host reads are the CPU stand-in's own (the host Adam's step counter, which is on the device in a graph)."""
 
     SYNCING = {"_local_scalar_dense", "nonzero", "masked_select", "_unique", "_unique2", "unique_dim",
                "unique_consecutive", "unique_dim_consecutive", "is_nonzero", "equal", "bincount", "histc",
-               "argwhere", "nonzero_numpy", "allclose"}
+               "argwhere", "nonzero_numpy", "allclose", "lift_fresh", "lift_fresh_copy"}
 
     def __init__(self, allowed=()):
         super().__init__()
         self.allowed = [t.data_ptr() for t in allowed]
         self.found: list[str] = []
+
+    def note(self, what: str) -> None:
+        where = [f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno}" for f in traceback.extract_stack()
+                 if "/bench_suite/" in f.filename]
+        self.found.append(f"{what} at {' < '.join(reversed(where[-3:]))}")
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -285,15 +292,18 @@ class SyncAudit(TorchDispatchMode):
             bad = True
         if name in ("index", "index_put", "index_put_"):
             bad = any(i is not None and i.dtype in (torch.bool, torch.uint8) for i in args[1])
+        if name == "_to_copy" and kwargs.get("device") is not None:  # a copy between devices
+            bad = True
         if bad and not (args and isinstance(args[0], torch.Tensor) and args[0].data_ptr() in self.allowed):
-            where = [f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno}" for f in traceback.extract_stack()
-                     if "/bench_suite/" in f.filename]
-            self.found.append(f"{func} at {' < '.join(reversed(where[-3:]))}")
+            self.note(str(func))
         return func(*args, **kwargs)
 
 
 class AuditingReplayer(Replayer):
-    """A ``Replayer`` whose "capture" runs the body under ``SyncAudit``: what a real capture would run."""
+    """A ``Replayer`` whose "capture" runs the body under ``SyncAudit``: what a real capture would run. The tensor
+    methods that read a CPU tensor on the host without the dispatcher are wrapped meanwhile, so they are noted too."""
+
+    HOST_READS = ("tolist", "numpy", "cpu", "__array__")
 
     def __init__(self, run):
         super().__init__()
@@ -301,25 +311,56 @@ class AuditingReplayer(Replayer):
 
     def capture(self, body):
         audit = SyncAudit(allowed=[self.run.opt.step_t])
-        with audit:
-            graph = super().capture(body)
-            body()
+        saved = {name: getattr(torch.Tensor, name) for name in self.HOST_READS}
+
+        def noting(name):
+            def read(t, *args, **kwargs):
+                audit.note(f"Tensor.{name}")
+                return saved[name](t, *args, **kwargs)
+            return read
+        try:
+            for name in self.HOST_READS:
+                setattr(torch.Tensor, name, noting(name))
+            with audit:
+                graph = super().capture(body)
+                body()
+        finally:
+            for name, fn in saved.items():
+                setattr(torch.Tensor, name, fn)
         self.found += audit.found
         return graph
+
+
+def _top2_stand_in(f, c, out=None):
+    """The Triton kernel's result by torch ops (for the audit of the kernel's path on a CPU)."""
+    tv, ti = (f.double() @ c.double().T).topk(2, dim=1)
+    if out is None:
+        return tv.float(), ti[:, 0].clone()
+    out[0].copy_(tv)
+    out[1].copy_(ti[:, 0])
+    return out
 
 
 @pytest.mark.parametrize("cfg", [
     {"screen": "bf16", "subset": 1200, "block_size": 700},  # rows rechecked in blocks, a subset drawn each iteration
     {"screen": "fp32"},  # float32 near-ties decided exactly
     {"screen": "bf16", "recheck": 3},  # rows with more candidates than RECHECK_K take the full float32 pass
-], ids=["bf16-subset-blocks", "fp32", "bf16-3-candidates"])
+    # the GPU's default: the top-2 kernel's path (a torch stand-in here), the undecided rows' product in chunks
+    {"screen": "bf16", "top2_kernel": "on", "subset": 1200, "chunk_rows": 7},
+], ids=["bf16-subset-blocks", "fp32", "bf16-3-candidates", "bf16-kernel-chunks"])
 def test_the_captured_iteration_never_waits_for_the_device(pool, tied_pool, cfg, monkeypatch):
     """The iteration a CUDA graph captures reads nothing back on the host and has no data-dependent shapes (the
     loop's point: one launch and one sync per iteration), with every compaction path in use (near-ties, screened
-    rows, rechecks, exact ties); checked on the CPU under a dispatch audit, as CI has no GPU."""
+    rows, rechecks, exact ties, the top-2 kernel's chunked recheck); checked on the CPU under a dispatch audit, as CI
+    has no GPU."""
     cfg = dict(cfg)
     if cfg.pop("recheck", None):
         monkeypatch.setattr(assign, "RECHECK_K", 3)
+    chunk_rows = cfg.pop("chunk_rows", None)
+    if chunk_rows:
+        monkeypatch.setattr(fused_top2, "why_unavailable", lambda device: None)
+        monkeypatch.setattr(fused_top2, "top2", _top2_stand_in)
+        monkeypatch.setattr(assign, "RECHECK_BYTES", 2 * 40 * chunk_rows)  # B = 40
     for x in (pool, tied_pool):
         made = []
 
@@ -329,4 +370,5 @@ def test_the_captured_iteration_never_waits_for_the_device(pool, tied_pool, cfg,
 
         got = _graph_run(x, 40, graphs, iters=12, lr=0.05, **cfg)
         assert got["loop"] == "graph" and made[0].captured >= 1
+        assert got["top2_kernel"] == bool(chunk_rows)
         assert made[0].found == [], "\n".join(made[0].found[:20])

@@ -535,8 +535,9 @@ class Assigner:
 
             def candidates(rows):  # the rows' bf16 product written out, in chunks of at most RECHECK_BYTES
                 step = max(1, RECHECK_BYTES // (2 * self.B))
+                # at least one chunk: no rows to recheck (a dynamic iteration's block) gives empty candidates
                 parts = [self._low_product(f_low.index_select(0, rows[s:s + step]), c_low).topk(k, dim=1)
-                         for s in range(0, int(rows.shape[0]), step)]
+                         for s in range(0, max(1, int(rows.shape[0])), step)]
                 if len(parts) == 1:
                     return parts[0]
                 return torch.cat([v for v, _ in parts]), torch.cat([i for _, i in parts])
