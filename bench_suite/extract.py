@@ -418,7 +418,8 @@ def input_batches(shard_dir, names: list[str], prep, settings: dict, device: tor
     prep_dev = types.SimpleNamespace(**{**vars(prep), "mean": prep.mean.to(device), "std": prep.std.to(device)})
     ds = ShardBatches(shard_dir, names, settings["batch_size"], prep, preprocess=settings["preprocess"],
                       decode=settings["decode"])
-    loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=min(workers, len(names)),
+    workers = min(workers, len(names))
+    loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers,
                                          pin_memory=pin_memory and device.type == "cuda",
                                          prefetch_factor=4 if workers else None,
                                          persistent_workers=False)

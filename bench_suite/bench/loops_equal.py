@@ -13,7 +13,7 @@ then each other loop, and prints PASS or FAIL per check; the exit status is 1 if
 * ``graph`` with a per-iteration subset (``--subset``);
 * ``graph`` with the bf16 screen without the Triton top-2 kernel (``top2_kernel=off``), and with the tf32 screen;
 * the bf16 run (``graph`` on a GPU, else ``static``) again: the same losses, parameters and ids bit for bit (the
-  per-parameter sums are cuSPARSE's on a GPU, whose run-to-run determinism this shows).
+  per-parameter sums are cuSPARSE's on a GPU: a run-to-run difference there would show).
 
 A graph run must have used the graph (no ``loop_fallback``), and on a GPU a screened run the Triton top-2 kernel
 (``fused_top2``; no ``top2_kernel_fallback``). On a CPU only the uncaptured loops run, without the kernel.
