@@ -252,3 +252,26 @@ def test_extraction_benchmark_runs_every_part_on_the_cpu(tmp_path, capsys):
     assert re.search(r"cosine per row min 0\.9\d+", out), out
     assert bench.main(argv) == 0 and "(0.0 s to write)" in capsys.readouterr().out
     assert bench.marginal_rate(100, 400, 2.0, 5.0) == 100.0 and bench.marginal_rate(400, 400, 2.0, 4.0) == 100.0
+
+
+def test_preprocessing_one_image_at_a_time_or_in_slices_gives_the_batch_bytes(monkeypatch):
+    """The workers preprocess each image as it is decoded and the device preprocesses big batches in slices: both
+    give bit for bit what ``Encoder.preprocess`` gives for the stacked batch (the stores' bytes do not depend on
+    it), photos shrunk (antialiased) and digits enlarged, RGB and gray."""
+    from bench_suite.encoders.assets import sample_photos
+
+    enc = get_encoder("efficientnet_lite0", image_size=48)
+    prep = extract.preprocessor(enc)
+    photos = sample_photos()[:, :300, :400]  # 4 x 300 x 400 x 3 (cut to the crop size)
+    from sklearn.datasets import load_digits
+
+    digits = (load_digits().images[:5] * 15).astype(np.uint8)  # 8 x 8, gray
+    batches = [photos, photos.mean(-1).astype(np.uint8), digits]
+    monkeypatch.setattr(extract, "PREPROCESS_SLICE_BYTES", 3 * 4 * 300 * 400 * 2)  # two photos per slice
+    for images in batches:
+        whole = enc.preprocess(images)
+        one_by_one = torch.cat([extract.preprocess_image(prep, im) for im in images])
+        x = torch.from_numpy(images[..., None] if images.ndim == 3 else images).permute(0, 3, 1, 2).contiguous()
+        sliced = extract.preprocess_stacked(x, prep)
+        assert whole.shape[1:] == (3, 48, 48)
+        assert torch.equal(one_by_one, whole) and torch.equal(sliced, whole)
