@@ -39,6 +39,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import types
 from pathlib import Path
@@ -49,7 +50,7 @@ import torch.nn.functional as F
 
 from bench_suite import atomic
 from bench_suite.data import shards as wshards
-from bench_suite.data.sources import decode_image
+from bench_suite.data.sources import decode_image, exif_orientation
 from bench_suite.digest import json_digest
 from bench_suite.encoders import get_encoder
 from bench_suite.encoders.base import Encoder
@@ -127,6 +128,8 @@ def extract_features(shard_dir, out_dir, *, encoder: str, pooling: str | None = 
     enc = get_encoder(encoder, image_size=image_size, weights=weights, cache_dir=cache_dir, device=str(device))
     pooling = enc.check_pooling(pooling)
     variant = {k: v for k, v, default in (("precision", precision, "fp32"), ("decode", decode, "cpu")) if v != default}
+    if manifest.get("orientation") == "exif":  # a folder of photos (write_folder_shards): turned upright
+        variant["orientation"] = "exif"
     fp = _fingerprint(manifest, enc.meta, pooling, variant)
     meta_path = out_dir / "meta.json"
     if not force and meta_path.exists() and json.loads(meta_path.read_text()).get("fingerprint") == fp:
@@ -139,6 +142,7 @@ def extract_features(shard_dir, out_dir, *, encoder: str, pooling: str | None = 
         "decode": decode,
         "preprocess": resolve_preprocess(decode, preprocess, device),
         "channels_last": True if channels_last is None else bool(channels_last),
+        "orientation": variant.get("orientation", "as stored"),
     }
     workers = default_workers(device, world) if num_workers is None else int(num_workers)
     parts_dir = out_dir.parent / f".{out_dir.name}.parts-{fp}"
@@ -160,7 +164,8 @@ def extract_features(shard_dir, out_dir, *, encoder: str, pooling: str | None = 
         meta = {"dataset": manifest["dataset"], "split": manifest["split"], "encoder": enc.meta, "pooling": pooling,
                 **shards_meta(shard_dir, out_dir), "shards_checksum": manifest["checksum"], "fingerprint": fp,
                 "num_classes": manifest.get("num_classes"), "classes": manifest.get("classes"), "processes": world,
-                "extraction": {**{k: v for k, v in settings.items() if k != "fingerprint"}, "workers": workers}}
+                "extraction": {**{k: v for k, v in settings.items() if k != "fingerprint"},
+                               "workers": min(workers, len(names))}}
         if variant:
             meta["variant"] = variant
         _merge_shards(parts_dir, manifest, out_dir, meta)
@@ -329,11 +334,13 @@ class ShardBatches(torch.utils.data.IterableDataset):
     tensor a worker hands over holds a file descriptor until the main process frees it, and a batch of 256 with
     4 batches prefetched per worker ran out of the usual 1024 (measured: "Too many open files")."""
 
-    def __init__(self, shard_dir, names: list[str], batch_size: int, prep, *, preprocess: str, decode: str):
+    def __init__(self, shard_dir, names: list[str], batch_size: int, prep, *, preprocess: str, decode: str,
+                 orient: bool = False):
         if decode == "device" and preprocess == "workers":
             raise ValueError("decoding on the device means preprocessing there too (see resolve_preprocess)")
         self.urls = [str(Path(shard_dir) / n) for n in names]
         self.batch_size, self.prep, self.preprocess, self.decode = batch_size, prep, preprocess, decode
+        self.orient = orient  # EXIF orientation applied (folders of photos); oriented JPEGs are decoded here
 
     def __iter__(self):
         import webdataset as wds
@@ -362,15 +369,19 @@ class ShardBatches(torch.utils.data.IterableDataset):
                 raise CorruptDataError(f"sample {key} has no png/jpg image")
             ids.append(int(key))
             labels.append(int(s["cls"]))
-            if self.decode == "device" and _is_jpeg(blob) and _jpeg_components(blob) in (1, 3):
+            if (self.decode == "device" and _is_jpeg(blob) and _jpeg_components(blob) in (1, 3)
+                    and not (self.orient and exif_orientation(blob) != 1)):
                 images.append(torch.frombuffer(bytearray(blob), dtype=torch.uint8))
                 encoded.append(True)
-            elif self.preprocess == "workers":  # (never with device decoding: resolve_preprocess)
-                images.append(preprocess_image(self.prep, decode_image(blob)))
-                encoded.append(False)
-            else:
-                images.append(decode_image(blob))
-                encoded.append(False)
+                continue
+            try:
+                image = decode_image(blob, orient=self.orient)
+            except Exception as exc:  # noqa: BLE001 - PIL's errors for a corrupt image: one message, named
+                raise CorruptDataError(f"sample {int(key)} in shard {Path(url).name}: cannot decode its image: "
+                                       f"{type(exc).__name__}: {exc}") from exc
+            # the workers preprocess here unless told otherwise (never with device decoding: resolve_preprocess)
+            images.append(preprocess_image(self.prep, image) if self.preprocess == "workers" else image)
+            encoded.append(False)
         out = {"shard": Path(url).name, "start": start, "ids": np.asarray(ids, np.int64),
                "labels": np.asarray(labels, np.int64)}
         if self.preprocess == "workers":
@@ -436,18 +447,24 @@ def input_batches(shard_dir, names: list[str], prep, settings: dict, device: tor
     the benchmark can time it alone (``bench.extract``: the rate the pipeline cannot exceed)."""
     prep_dev = types.SimpleNamespace(**{**vars(prep), "mean": prep.mean.to(device), "std": prep.std.to(device)})
     ds = ShardBatches(shard_dir, names, settings["batch_size"], prep, preprocess=settings["preprocess"],
-                      decode=settings["decode"])
+                      decode=settings["decode"], orient=settings.get("orientation") == "exif")
     workers = min(workers, len(names))
     loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers,
                                          pin_memory=pin_memory and device.type == "cuda",
                                          prefetch_factor=4 if workers else None,
                                          persistent_workers=False)
     non_blocking = device.type == "cuda"
-    for batch in _read(loader, shard_dir):
-        x = _device_inputs(batch, prep_dev, device, non_blocking)
-        if settings["channels_last"]:
-            x = x.contiguous(memory_format=torch.channels_last)
-        yield batch, x
+    try:
+        for batch in _read(loader, shard_dir):
+            x = _device_inputs(batch, prep_dev, device, non_blocking)
+            if settings["channels_last"]:
+                x = x.contiguous(memory_format=torch.channels_last)
+            yield batch, x
+    except CorruptDataError as exc:
+        named = _with_path(exc, shard_dir)
+        if named is exc:
+            raise
+        raise named from exc
 
 
 # ---------------------------------------------------------------------------------------------- one rank's work
@@ -540,13 +557,30 @@ def _check_bf16(parts_dir: Path, cosine: float, rows: int, encoder: str) -> None
 def _read(loader, shard_dir):
     try:
         yield from loader
-    except (CorruptDataError, BadInputError):
-        raise
     except Exception as exc:  # tarfile / decode errors inside webdataset or a worker
-        lines = str(exc).strip().splitlines()
-        if "Original Traceback" in str(exc) and lines:  # a worker's error: keep its last line, the message
-            raise CorruptDataError(f"reading shards in {shard_dir} failed: {lines[-1]}") from exc
+        text = str(exc).strip()
+        if "Original Traceback" in text:  # a worker's error (any type): its last line is the message
+            last = text.splitlines()[-1]
+            if isinstance(exc, (CorruptDataError, BadInputError)):
+                raise type(exc)(last.partition(": ")[2] or last) from exc  # without "module.Class: "
+            raise CorruptDataError(f"reading shards in {shard_dir} failed: {last}") from exc
+        if isinstance(exc, (CorruptDataError, BadInputError)):
+            raise
         raise CorruptDataError(f"reading shards in {shard_dir} failed: {type(exc).__name__}: {exc}") from exc
+
+
+_A_SAMPLE = re.compile(r"sample (\d+) in shard ")
+
+
+def _with_path(exc: CorruptDataError, shard_dir) -> CorruptDataError:
+    """The error about one sample, led by that image's path where the shards were made from a folder."""
+    found = _A_SAMPLE.match(str(exc))
+    manifest = wshards.load_manifest(shard_dir) if found else {}
+    paths = manifest.get("paths") or []
+    i = int(found.group(1)) if found else -1
+    if not 0 <= i < len(paths):
+        return exc
+    return CorruptDataError(f"{Path(manifest.get('source', '.')) / paths[i]}: {exc}")
 
 
 # ---------------------------------------------------------------------------------------------- the merge

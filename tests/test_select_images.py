@@ -77,3 +77,110 @@ def test_images_errors(tmp_path, cli_error):
                                                            tmp_path / "w", "--out", tmp_path / "s.json"])
     assert "give one of" in cli_error(select_cli.main, ["--images", tmp_path, "--shards", tmp_path, "--budget", "2",
                                                         "--out", tmp_path / "s.json"])
+
+
+def test_unreadable_images_and_a_budget_too_large_stop_the_run_before_any_work(tmp_path, cli_error):
+    """A folder with an empty .jpg and a text file named .png fails at once, naming both (no shards written); a
+    budget larger than the folder and an unknown encoder fail before the folder is sharded too."""
+    images = tmp_path / "photos"
+    photo_folder(images)
+    (images / "notes.txt").unlink()  # its note in the log would be a second line on stderr
+    (images / "empty.jpg").write_bytes(b"")
+    (images / "misc" / "fake.png").write_text("not a png")
+    work = tmp_path / "work"
+    common = ["--encoder", "efficientnet_lite0", "--budget", "3", "--work", work, "--out", tmp_path / "s.json"]
+    err = cli_error(select_cli.main, ["--images", images, *common])
+    assert "2 of 26 files are not readable images: empty.jpg (empty file), misc/fake.png (" in err, err
+    assert not (work / "shards").exists() or not any((work / "shards").iterdir())
+    (images / "empty.jpg").unlink()
+    (images / "misc" / "fake.png").unlink()
+    err = cli_error(select_cli.main, ["--images", images, *common[:3], "100", *common[4:]])
+    assert err == "error: budget 100 is larger than the pool (24 samples)", err
+    err = cli_error(select_cli.main, ["--images", images, "--encoder", "effnet", *common[2:]])
+    assert "effnet" in err and "efficientnet_lite0" in err, err
+    assert not (work / "shards").exists() or not any((work / "shards").iterdir())
+
+
+def _jpeg_bytes(array, **save):
+    import io
+
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="JPEG", quality=90, **save)
+    return buf.getvalue()
+
+
+def test_an_image_cut_short_is_named_by_its_path(tmp_path, capsys):
+    """A JPEG whose header reads but whose data is cut short passes the folder check and fails in extraction:
+    the error (one line, after the progress lines) names its path, from the worker (1 worker) as from the main
+    process (0 workers)."""
+    import pytest
+
+    images = tmp_path / "photos"
+    photo_folder(images)
+    whole = _jpeg_bytes(sample_photos()[1][:200, :200])
+    (images / "outdoor" / "cut.jpg").write_bytes(whole[: len(whole) // 2])
+    for workers in (0, 1):
+        with pytest.raises(SystemExit) as exc:
+            select_cli.main([str(a) for a in ["--images", images, "--encoder", "efficientnet_lite0", "--image-size",
+                                              "32", "--budget", "3", "--workers", workers, "--work", tmp_path / "w",
+                                              "--out", tmp_path / "s.json"]])
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert exc.value.code == 2
+        assert err.startswith(f"error: {images.resolve() / 'outdoor' / 'cut.jpg'}: sample ") and \
+            "cannot decode its image: OSError: image file is truncated" in err, err
+
+
+def test_photos_are_turned_upright_by_their_exif_orientation(tmp_path):
+    """A photo stored sideways with EXIF orientation 6 (as phones store portraits) gets the features of the
+    same photo stored upright when it comes from a folder (PNG: the same pixels, so the same row); shards of a
+    dataset keep images as stored (the paper's loaders), where the two differ."""
+    from bench_suite import extract
+    from bench_suite.data import shards as wshards
+    from bench_suite.store import FeatureStore
+
+    upright = Image.fromarray(sample_photos()[2][:120, :180])
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "turn 90 degrees clockwise to show"
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    upright.save(folder / "a_upright.png")
+    upright.transpose(Image.Transpose.ROTATE_90).save(folder / "b_sideways.png", exif=exif.tobytes())
+    Image.fromarray(sample_photos()[3][:120, :180]).save(folder / "c_other.png")
+    kw = dict(encoder="efficientnet_lite0", image_size=48, batch_size=4, progress=False, threads=1, num_workers=0)
+    wshards.write_folder_shards(folder, tmp_path / "folder-shards")
+    oriented = np.asarray(extract.extract_features(tmp_path / "folder-shards", tmp_path / "f1", **kw).features)
+    assert np.array_equal(oriented[0], oriented[1])
+    blobs = [(folder / n).read_bytes() for n in ("a_upright.png", "b_sideways.png", "c_other.png")]
+    wshards.write_blob_shards(((i, b, 0) for i, b in enumerate(blobs)), tmp_path / "set-shards", dataset="set",
+                              count=3, classes=["x"])
+    stored = np.asarray(extract.extract_features(tmp_path / "set-shards", tmp_path / "f2", **kw).features)
+    assert float(stored[0] @ stored[1]) < 0.99
+    assert FeatureStore.open(tmp_path / "f1").meta["variant"] == {"orientation": "exif"}
+
+
+def test_device_decoding_leaves_an_oriented_jpeg_to_the_worker(tmp_path):
+    """With device decoding, a JPEG with an EXIF orientation goes to the worker's decoder, which turns it."""
+    from bench_suite import extract
+    from bench_suite.data import shards as wshards
+    from bench_suite.encoders import get_encoder
+
+    photo = sample_photos()[0][:64, :96]
+    exif = Image.Exif()
+    exif[0x0112] = 8
+    blobs = [_jpeg_bytes(photo), _jpeg_bytes(photo, exif=exif.tobytes())]
+    wshards.write_blob_shards(((i, b, 0) for i, b in enumerate(blobs)), tmp_path / "s", dataset="d", count=2,
+                              classes=["x"])
+    prep = extract.preprocessor(get_encoder("efficientnet_lite0", image_size=32))
+    names = [p.name for p in (tmp_path / "s").glob("*.tar")]
+    for orient, flags in ((True, [True, False]), (False, [True, True])):
+        batch, = extract.ShardBatches(tmp_path / "s", names, 4, prep, preprocess="device", decode="device",
+                                      orient=orient)
+        assert batch["encoded"] == flags
+        if orient:
+            assert batch["shapes"][1] == (3, 96, 64)  # turned: 96 high, 64 wide
+
+
+def test_folder_shard_size_leaves_the_workers_shards_to_share():
+    from bench_suite.data.shards import folder_shard_size
+
+    assert [folder_shard_size(n) for n in (1, 24, 900, 5000, 10**6)] == [64, 64, 64, 157, 1000]

@@ -33,6 +33,7 @@ def setup_logging(verbose: bool = False) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, handlers=[handler], force=True)
     for name in PROJECT_LOGGERS:
         logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.INFO)
+    logging.getLogger("PIL").setLevel(logging.INFO)  # its DEBUG is a line per PNG chunk and EXIF tag read
 
 
 def main_guard(fn):
@@ -46,6 +47,9 @@ def main_guard(fn):
         except BenchError as exc:
             print(f"error: {exc}", file=sys.stderr)
             sys.exit(2)
+        except KeyboardInterrupt:  # one line, not a traceback; what finished is kept (extraction resumes)
+            print("interrupted", file=sys.stderr)
+            sys.exit(130)
         except RuntimeError as exc:  # gloo / NCCL report a dead peer as a RuntimeError naming an address
             diagnosis = heartbeat.describe_loss(exc)
             if diagnosis is None:

@@ -4,16 +4,25 @@ folder of images (or a shard folder) to the list of images to annotate in one co
     python -m bench_suite.cli.select --features STORE_DIR_OR_NPY (--budget B | --ratio R) --method NAME \
         [--seed S] [--objective official|paper] [--set key=value ...] [--labels FILE] --out sel.json
     python -m bench_suite.cli.select --images DIR --encoder NAME --budget B --method activeft --out sel.json \
-        [--out-list picks.txt] [--work work_dirs] [--image-size S] [--workers W] [--precision fp32|bf16]
+        [--out-list picks.txt] [--work work_dirs] [--image-size S] [--workers W] [--precision fp32|bf16] \
+        [--decode cpu|device]
     python -m bench_suite.cli.select --shards DIR --encoder NAME --budget B ... --out sel.json
     python -m bench_suite.cli.select --list
 
 With ``--images``/``--shards`` every stage is cached under ``--work``: the folder's shards (keyed by each
-image's relative path, size and modification time), the features (bench_suite.extract's fingerprint) and the
-selection (keyed by the features' fingerprint, method, budget, seed and options); a rerun redoes only what
-changed (``--force`` redoes the features and the selection). The JSON lists the selected images' paths
-relative to the folder (``paths``, in the order of ``ids``); ``--out-list`` writes just those paths, one per
-line. Shards not made from a folder name their samples ``<shard>/<id>``.
+image's relative path, size and modification time, and the shard size), the features (bench_suite.extract's
+fingerprint) and the selection (keyed by the features' fingerprint, method, budget, seed and options). A rerun
+with the same folder and settings reuses all three; another method, budget or seed reuses the features; a
+folder with any image added, removed or changed is sharded and extracted again as a whole (``--force`` redoes
+the features and the selection). Caches are never removed: delete ``--work`` (or its ``shards``/``features``
+folders) to reclaim the space. The JSON lists the selected images' paths relative to the folder (``paths``, in
+the order of ``ids``); ``--out-list`` writes just those paths, one per line. Shards not made from a folder name
+their samples ``<shard>/<id>``.
+
+A folder's images are checked before any work: a file that is not a readable image (empty, not an image) stops
+the run with one line naming it; one cut short after its header is named when it is decoded. Files without an
+image suffix (.jpg .jpeg .png .bmp .webp .tif .tiff; HEIC is not read) are skipped and counted in the log.
+Photos are turned upright by their EXIF orientation, as a viewer (and the annotator) shows them.
 """
 
 from __future__ import annotations
@@ -34,6 +43,7 @@ from bench_suite.errors import BadInputError, MissingDataError
 from bench_suite.methods import Selection, budget_from_ratio, check_budget, run_selection
 from bench_suite.digest import json_digest
 from bench_suite.data import shards as wshards
+from bench_suite.encoders.registry import encoder_names, spec
 from bench_suite.store import FeatureStore
 
 log = logging.getLogger("bench_suite.cli.select")
@@ -47,21 +57,25 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--images", help="a folder of images (searched recursively): shards -> features -> selection")
     src.add_argument("--shards", help="a WebDataset shard folder (launchers.prepare_shards): features -> selection")
     ext = p.add_argument_group("features, with --images / --shards")
-    ext.add_argument("--encoder", help="encoder name (bench_suite.encoders)")
-    ext.add_argument("--image-size", type=int)
+    ext.add_argument("--encoder", help="encoder name (bench_suite.encoders; an unknown name lists them)")
+    ext.add_argument("--image-size", type=int, help="the encoder's input size (default: its own; "
+                     "efficientnet_lite0: 112)")
     ext.add_argument("--pooling", choices=["cls", "cls+mean", "gap"])
     ext.add_argument("--weights", help="local checkpoint for encoders that need one (dino_vits16)")
     ext.add_argument("--batch-size", type=int, default=64)
     ext.add_argument("--workers", type=int, help="DataLoader workers per process (default: by device and cores)")
     ext.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
-    ext.add_argument("--shard-size", type=int, default=1000, help="images per shard (--images)")
+    ext.add_argument("--decode", choices=["cpu", "device"], default="cpu",
+                     help="where JPEGs are decoded: cpu (the workers) or device (nvJPEG on a GPU)")
+    ext.add_argument("--shard-size", type=int, help="images per shard (--images; default: 64-1000, at least 32 "
+                     "shards where that leaves 64 in each, so that the workers share the folder)")
     ext.add_argument("--work", default="work_dirs", help="where the stages are cached (default: work_dirs)")
     ext.add_argument("--force", action="store_true", help="recompute the features and the selection")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--budget", type=int)
-    g.add_argument("--ratio", type=float)
-    p.add_argument("--method", default="activeft")
-    p.add_argument("--seed", type=int, default=0)
+    g.add_argument("--budget", type=int, help="how many samples to select")
+    g.add_argument("--ratio", type=float, help="or the fraction of the pool to select, in (0, 1]")
+    p.add_argument("--method", default="activeft", help="selection method (default: activeft; --list shows all)")
+    p.add_argument("--seed", type=int, default=0, help="the same seed gives the same selection (default: 0)")
     p.add_argument("--objective", choices=None, help="ActiveFT objective: official | paper")
     p.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="method options, e.g. --set iters=300 temperature=0.07")
     p.add_argument("--labels", help="labels for the AL methods' oracle: an .npy (N,) or 'store'")
@@ -119,14 +133,15 @@ def main(argv=None) -> int:
         store = FeatureStore.open(args.features)
     else:
         if not args.encoder:
-            raise BadInputError(f"--{given[0]} needs --encoder NAME (python -m bench_suite.cli.prepare_encoders "
-                                "lists them)")
+            raise BadInputError(f"--{given[0]} needs --encoder NAME (one of {', '.join(encoder_names())})")
+        spec(args.encoder)  # an unknown name fails here, listing the known ones, before any work
         store = features_of(args)
         d = bdist.init_from_env()  # the extraction's Accelerator already joined the process group, if any
     n = store.total_rows
     budget = check_budget(args.budget, n) if args.budget is not None else budget_from_ratio(args.ratio, n)
     cache = None if args.features else selection_path(args, store, config, budget)
-    if cache is not None and not args.force and cache.exists():
+    cached = cache is not None and not args.force and cache.exists()
+    if cached:
         sel = Selection.load(cache)
         log.info("selection cached in %s", cache)
     else:
@@ -137,13 +152,19 @@ def main(argv=None) -> int:
     if d.is_main:
         out = sel.to_json()
         names = sample_names(store, sel.ids, required=bool(args.out_list))
-        if names is not None:
-            out["paths"] = names
-            out["source"] = args.images or store.meta.get("shards")
+        if names is not None:  # next to the ids, ahead of the method's long details (a loss curve)
+            head = {k: out.pop(k) for k in list(out) if k in ("method", "budget", "seed", "ids")}
+            source = str(Path(args.images).resolve()) if args.images else store.meta.get("shards")
+            out = {**head, "paths": names, "source": source, **out}
+        if args.out_list and any("\n" in name or "\r" in name for name in names):
+            bad = next(name for name in names if "\n" in name or "\r" in name)
+            raise BadInputError(f"--out-list: the selected image {bad!r} has a line break in its name; "
+                                "take the paths from the JSON instead")
         atomic.write_json(args.out, out)
         if args.out_list:
             atomic.write_text(args.out_list, "".join(name + "\n" for name in names))
-        log.info("%s selected %d ids in %.2fs -> %s%s", args.method, budget, sel.seconds, args.out,
+        log.info("%s selected %d ids %s -> %s%s", args.method, budget,
+                 "(cached)" if cached else f"in {sel.seconds:.2f}s", args.out,
                  f" and {args.out_list}" if args.out_list else "")
     return bdist.exit_process(0)  # ends a distributed run without the gloo-at-exit abort
 
@@ -155,14 +176,17 @@ def features_of(args) -> FeatureStore:
     from bench_suite.runtime import make_accelerator
 
     work = Path(args.work)
-    acc = make_accelerator()
     if args.images:
         images = Path(args.images)
-        shard_dir = work / "shards" / f"images-{images.resolve().name}-{wshards.folder_key(images)}"
+        files = wshards.list_images(images)
+        check_budget_early(args, len(files))  # before the folder is copied into shards and encoded
+        size = args.shard_size or wshards.folder_shard_size(len(files))
+        shard_dir = work / "shards" / f"images-{images.resolve().name}-{wshards.folder_key(images, files)}-{size}"
+        acc = make_accelerator()
         if acc.process_index == 0:
             with locks.held(shard_dir.with_name(shard_dir.name + ".lock"), "writing shards"):
                 if not (shard_dir / wshards.MANIFEST).exists():
-                    manifest = wshards.write_folder_shards(images, shard_dir, shard_size=args.shard_size)
+                    manifest = wshards.write_folder_shards(images, shard_dir, shard_size=size, files=files)
                     log.info("%s: %d images -> %d shards in %s", images, manifest["count"], len(manifest["shards"]),
                              shard_dir)
                 else:
@@ -170,16 +194,27 @@ def features_of(args) -> FeatureStore:
         acc.wait_for_everyone()
     else:
         shard_dir = Path(args.shards)
+        check_budget_early(args, wshards.load_manifest(shard_dir)["count"])
+        acc = make_accelerator()
     manifest = wshards.load_manifest(shard_dir)
-    tag = "-".join(str(v) for v in (args.encoder, args.image_size or "default", args.pooling or "default",
-                                    args.precision))
+    image_size = args.image_size or spec(args.encoder).image_size  # the default and the same size given: one store
+    tag = "-".join(str(v) for v in (args.encoder, image_size, args.pooling or "default", args.precision,
+                                    *([args.decode] if args.decode != "cpu" else [])))
     feat_dir = work / "features" / f"{shard_dir.name}-{manifest['checksum'][:8]}-{tag}"
     lock = feat_dir.with_name(feat_dir.name + ".lock")
     with locks.held(lock, "extracting features") if acc.process_index == 0 else contextlib.nullcontext():
         return extract_features(shard_dir, feat_dir, encoder=args.encoder, pooling=args.pooling,
                                 image_size=args.image_size, batch_size=args.batch_size, accelerator=acc,
                                 weights=args.weights, num_workers=args.workers, precision=args.precision,
-                                force=args.force)
+                                decode=args.decode, force=args.force)
+
+
+def check_budget_early(args, n: int) -> None:
+    """The budget against the pool's size before any shards are written or features extracted."""
+    if args.budget is not None:
+        check_budget(args.budget, n)
+    else:
+        budget_from_ratio(args.ratio, n)
 
 
 def selection_path(args, store: FeatureStore, config: dict, budget: int) -> Path:

@@ -108,31 +108,72 @@ def write_shards(dataset: str, split: str, out_dir, *, source=None, limit: int |
 
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+# Folder shards' layout, part of the folder's key: 2 = the manifest says to orient images by their EXIF tag.
+FOLDER_LAYOUT = 2
 
 
-def list_images(image_dir) -> list[Path]:
+def list_images(image_dir, *, note_skipped: bool = True) -> list[Path]:
     """The image files under ``image_dir`` (recursively, hidden files and folders skipped), in sorted order of
-    their relative paths."""
+    their relative paths; the other files are counted by suffix in one log line (``note_skipped``)."""
     root = Path(image_dir)
     if not root.is_dir():
         raise MissingDataError(f"--images {root}: not a folder")
-    files = sorted((p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
-                    and not any(part.startswith(".") for part in p.relative_to(root).parts)),
-                   key=lambda p: p.relative_to(root).as_posix())
+    files, skipped = [], {}
+    for p in root.rglob("*"):
+        if any(part.startswith(".") for part in p.relative_to(root).parts) or not p.is_file():
+            continue
+        if p.suffix.lower() in IMAGE_SUFFIXES:
+            files.append(p)
+        else:
+            kind = p.suffix.lower() or "no suffix"
+            skipped[kind] = skipped.get(kind, 0) + 1
+    if skipped and note_skipped:
+        log.info("--images %s: skipped %d files that are not images by their suffix (%s); read are %s", root,
+                 sum(skipped.values()), ", ".join(f"{k} {v}" for k, v in sorted(skipped.items())),
+                 " ".join(IMAGE_SUFFIXES))
     if not files:
         raise BadInputError(f"--images {root}: no image files ({', '.join(IMAGE_SUFFIXES)}) in it")
-    return files
+    return sorted(files, key=lambda p: p.relative_to(root).as_posix())
 
 
-def folder_key(image_dir) -> str:
-    """A digest of a folder's images as listed by ``list_images``: relative path, size and modification time
-    of each (what decides whether its shards are still current, without reading every image)."""
+def folder_key(image_dir, files: list[Path] | None = None) -> str:
+    """A digest of a folder's images as listed by ``list_images`` (or ``files``, that listing): relative path,
+    size and modification time of each (what decides whether its shards are still current, without reading
+    every image), and the folder shards' layout."""
     root = Path(image_dir)
     entries = []
-    for p in list_images(root):
+    for p in list_images(root) if files is None else files:
         st = p.stat()
         entries.append((p.relative_to(root).as_posix(), st.st_size, st.st_mtime_ns))
-    return json_digest({"images": entries})
+    return json_digest({"images": entries, "layout": FOLDER_LAYOUT})
+
+
+def folder_shard_size(count: int) -> int:
+    """Images per shard for a folder of ``count``: at least 32 shards where that leaves 64 images in each (a
+    shard is a DataLoader worker's unit of work and a batch never spans two: 1,000-image shards would give a
+    folder of 900 photos one worker), at most 1,000 per shard."""
+    return min(1000, max(64, math.ceil(count / 32)))
+
+
+def check_images(root: Path, files: list[Path]) -> None:
+    """Every file opens as an image (its header: cheap), before any is sharded; else one line naming the bad ones.
+    An image cut short after its header is found when it is decoded (extraction names its path)."""
+    from PIL import Image
+
+    bad = []
+    for p in files:
+        if p.stat().st_size == 0:
+            bad.append((p, "empty file"))
+            continue
+        try:
+            with Image.open(p):
+                pass
+        except Exception as exc:  # noqa: BLE001 - whatever PIL raises for it, the file is named
+            bad.append((p, type(exc).__name__))
+    if bad:
+        shown = ", ".join(f"{p.relative_to(root).as_posix()} ({why})" for p, why in bad[:5])
+        raise BadInputError(f"--images {root}: {len(bad)} of {len(files)} files are not readable images: {shown}"
+                            f"{', ...' if len(bad) > 5 else ''}; move them out of the folder or repair them")
 
 
 def write_blob_shards(samples, out_dir, *, dataset: str, split: str = "all", count: int, shard_size: int = 1000,
@@ -170,14 +211,19 @@ def write_blob_shards(samples, out_dir, *, dataset: str, split: str = "all", cou
     return manifest
 
 
-def write_folder_shards(image_dir, out_dir, *, shard_size: int = 1000, progress=None) -> dict:
-    """Shard a folder of images (``list_images`` order; id = position, label -1, ``paths`` in the manifest)."""
+def write_folder_shards(image_dir, out_dir, *, shard_size: int | None = None, progress=None,
+                        files: list[Path] | None = None) -> dict:
+    """Shard a folder of images (``list_images`` order, or ``files``, that listing; id = position, label -1,
+    ``paths`` in the manifest; ``shard_size`` None: ``folder_shard_size``). Unreadable files fail first, named
+    (``check_images``); the manifest's ``orientation: exif`` has extraction turn photos upright."""
     root = Path(image_dir)
-    files = list_images(root)
+    files = list_images(root, note_skipped=False) if files is None else files
+    check_images(root, files)
     paths = [p.relative_to(root).as_posix() for p in files]
     samples = ((i, p.read_bytes(), -1) for i, p in enumerate(files))
     return write_blob_shards(samples, out_dir, dataset=f"folder:{root.name}", split="all", count=len(files),
-                             shard_size=shard_size, extra={"source": str(root.resolve()), "paths": paths},
+                             shard_size=shard_size or folder_shard_size(len(files)),
+                             extra={"source": str(root.resolve()), "paths": paths, "orientation": "exif"},
                              progress=progress)
 
 

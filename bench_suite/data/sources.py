@@ -116,11 +116,27 @@ def read_image_folder(root: Path):
     return paths, np.asarray(labels, dtype=np.int64), classes
 
 
-def decode_image(blob_or_path) -> np.ndarray:
-    from PIL import Image
+EXIF_ORIENTATION = 0x0112  # the EXIF tag; 1 = upright, 2-8 = mirrored and/or turned
+
+
+def decode_image(blob_or_path, *, orient: bool = False) -> np.ndarray:
+    """uint8 (H,W) gray or (H,W,3) RGB. ``orient``: turn the image upright as its EXIF orientation says (phone
+    photos are stored sideways with a tag; a viewer, and so the annotator, shows them upright). Datasets are
+    decoded as stored (``orient`` False), as the paper's loaders did; folders of photos are oriented."""
+    from PIL import Image, ImageOps
 
     src = io.BytesIO(blob_or_path) if isinstance(blob_or_path, (bytes, bytearray)) else blob_or_path
     with Image.open(src) as im:
+        if orient and im.getexif().get(EXIF_ORIENTATION, 1) not in (0, 1):
+            im = ImageOps.exif_transpose(im)
         if im.mode not in ("L", "RGB"):
             im = im.convert("RGB")
         return np.asarray(im)
+
+
+def exif_orientation(blob: bytes) -> int:
+    """The EXIF orientation of an encoded image (1 where it has none), from its header."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(blob)) as im:
+        return int(im.getexif().get(EXIF_ORIENTATION, 1) or 1)
