@@ -4,7 +4,6 @@ selection in one command; each stage cached; the JSON names the selected images 
 ``--shards`` on the same shards gives the same selection."""
 
 import json
-import os
 
 import numpy as np
 from PIL import Image

@@ -174,7 +174,6 @@ def compare_cells(a: dict[tuple, Cell], b: dict[tuple, Cell], metric: str) -> li
     for key in list(a) + [k for k in b if k not in a]:
         ca, cb = a.get(key), b.get(key)
         if ca is None or cb is None:
-            side = ca or cb
             rows.append(Row(key, "only in A" if cb is None else "only in B",
                             _fmt(ca.values, ca.status, metric) if ca else "", _fmt(cb.values, cb.status, metric) if cb else ""))
             continue
