@@ -50,7 +50,7 @@ import torch.nn.functional as F
 
 from bench_suite import atomic
 from bench_suite.data import shards as wshards
-from bench_suite.data.sources import decode_image, exif_orientation
+from bench_suite.data.sources import decode_image, is_turned
 from bench_suite.digest import json_digest
 from bench_suite.encoders import get_encoder
 from bench_suite.encoders.base import Encoder
@@ -130,6 +130,9 @@ def extract_features(shard_dir, out_dir, *, encoder: str, pooling: str | None = 
     variant = {k: v for k, v, default in (("precision", precision, "fp32"), ("decode", decode, "cpu")) if v != default}
     if manifest.get("orientation") == "exif":  # a folder of photos (write_folder_shards): turned upright
         variant["orientation"] = "exif"
+    elif "paths" in manifest:
+        log.warning("the shards in %s were made from a folder before photos were turned upright by their EXIF "
+                    "orientation; sideways photos stay sideways (select --images DIR writes new shards)", shard_dir)
     fp = _fingerprint(manifest, enc.meta, pooling, variant)
     meta_path = out_dir / "meta.json"
     if not force and meta_path.exists() and json.loads(meta_path.read_text()).get("fingerprint") == fp:
@@ -142,8 +145,9 @@ def extract_features(shard_dir, out_dir, *, encoder: str, pooling: str | None = 
         "decode": decode,
         "preprocess": resolve_preprocess(decode, preprocess, device),
         "channels_last": True if channels_last is None else bool(channels_last),
-        "orientation": variant.get("orientation", "as stored"),
     }
+    if "orientation" in variant:  # only then: the parts of a dataset's extraction interrupted earlier stay usable
+        settings["orientation"] = variant["orientation"]
     workers = default_workers(device, world) if num_workers is None else int(num_workers)
     parts_dir = out_dir.parent / f".{out_dir.name}.parts-{fp}"
     if rank == 0:
@@ -369,12 +373,12 @@ class ShardBatches(torch.utils.data.IterableDataset):
                 raise CorruptDataError(f"sample {key} has no png/jpg image")
             ids.append(int(key))
             labels.append(int(s["cls"]))
-            if (self.decode == "device" and _is_jpeg(blob) and _jpeg_components(blob) in (1, 3)
-                    and not (self.orient and exif_orientation(blob) != 1)):
-                images.append(torch.frombuffer(bytearray(blob), dtype=torch.uint8))
-                encoded.append(True)
-                continue
             try:
+                if (self.decode == "device" and _is_jpeg(blob) and _jpeg_components(blob) in (1, 3)
+                        and not (self.orient and is_turned(blob))):
+                    images.append(torch.frombuffer(bytearray(blob), dtype=torch.uint8))
+                    encoded.append(True)
+                    continue
                 image = decode_image(blob, orient=self.orient)
             except Exception as exc:  # noqa: BLE001 - PIL's errors for a corrupt image: one message, named
                 raise CorruptDataError(f"sample {int(key)} in shard {Path(url).name}: cannot decode its image: "
@@ -575,12 +579,15 @@ _A_SAMPLE = re.compile(r"sample (\d+) in shard ")
 def _with_path(exc: CorruptDataError, shard_dir) -> CorruptDataError:
     """The error about one sample, led by that image's path where the shards were made from a folder."""
     found = _A_SAMPLE.match(str(exc))
-    manifest = wshards.load_manifest(shard_dir) if found else {}
+    try:
+        manifest = wshards.load_manifest(shard_dir) if found else {}
+    except Exception:  # noqa: BLE001 - the error being reported matters more than a name for it
+        return exc
     paths = manifest.get("paths") or []
     i = int(found.group(1)) if found else -1
     if not 0 <= i < len(paths):
         return exc
-    return CorruptDataError(f"{Path(manifest.get('source', '.')) / paths[i]}: {exc}")
+    return CorruptDataError(f"{wshards.shown(Path(manifest.get('source', '.')) / paths[i])}: {exc}")
 
 
 # ---------------------------------------------------------------------------------------------- the merge

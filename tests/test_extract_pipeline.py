@@ -268,11 +268,11 @@ def test_preprocessing_one_image_at_a_time_or_in_slices_gives_the_batch_bytes(mo
 
     digits = (load_digits().images[:5] * 15).astype(np.uint8)  # 8 x 8, gray
     batches = [photos, photos.mean(-1).astype(np.uint8), digits]
-    monkeypatch.setattr(extract, "PREPROCESS_SLICE_BYTES", 3 * 4 * 300 * 400 * 2)  # two photos per slice
     for images in batches:
         whole = enc.preprocess(images)
         one_by_one = torch.cat([extract.preprocess_image(prep, im) for im in images])
         x = torch.from_numpy(images[..., None] if images.ndim == 3 else images).permute(0, 3, 1, 2).contiguous()
+        monkeypatch.setattr(extract, "PREPROCESS_SLICE_BYTES", 2 * 4 * x[0].numel())  # two images per slice
         sliced = extract.preprocess_stacked(x, prep)
         assert whole.shape[1:] == (3, 48, 48)
         assert torch.equal(one_by_one, whole) and torch.equal(sliced, whole)

@@ -108,23 +108,30 @@ def _jpeg_bytes(array, **save):
     return buf.getvalue()
 
 
+def last_error_line(argv, capsys) -> str:
+    """Run the command line in this process where it fails after some work: exit status 2, and its last line on
+    stderr (after the progress lines), which is returned."""
+    import pytest
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        select_cli.main([str(a) for a in argv])
+    assert exc.value.code == 2
+    return capsys.readouterr().err.strip().splitlines()[-1]
+
+
 def test_an_image_cut_short_is_named_by_its_path(tmp_path, capsys):
     """A JPEG whose header reads but whose data is cut short passes the folder check and fails in extraction:
     the error (one line, after the progress lines) names its path, from the worker (1 worker) as from the main
     process (0 workers)."""
-    import pytest
-
     images = tmp_path / "photos"
     photo_folder(images)
     whole = _jpeg_bytes(sample_photos()[1][:200, :200])
     (images / "outdoor" / "cut.jpg").write_bytes(whole[: len(whole) // 2])
     for workers in (0, 1):
-        with pytest.raises(SystemExit) as exc:
-            select_cli.main([str(a) for a in ["--images", images, "--encoder", "efficientnet_lite0", "--image-size",
-                                              "32", "--budget", "3", "--workers", workers, "--work", tmp_path / "w",
-                                              "--out", tmp_path / "s.json"]])
-        err = capsys.readouterr().err.strip().splitlines()[-1]
-        assert exc.value.code == 2
+        argv = ["--images", images, "--encoder", "efficientnet_lite0", "--image-size", "32", "--budget", "3",
+                "--workers", workers, "--work", tmp_path / "w", "--out", tmp_path / "s.json"]
+        err = last_error_line(argv, capsys)
         assert err.startswith(f"error: {images.resolve() / 'outdoor' / 'cut.jpg'}: sample ") and \
             "cannot decode its image: OSError: image file is truncated" in err, err
 
@@ -183,3 +190,17 @@ def test_folder_shard_size_leaves_the_workers_shards_to_share():
     from bench_suite.data.shards import folder_shard_size
 
     assert [folder_shard_size(n) for n in (1, 24, 900, 5000, 10**6)] == [64, 64, 64, 157, 1000]
+    assert folder_shard_size(900, batch_size=256) == 256 and folder_shard_size(10**6, batch_size=2048) == 2048
+
+
+def test_a_line_break_in_a_picked_name_writes_the_json_but_no_list(tmp_path, capsys):
+    images = tmp_path / "photos"
+    images.mkdir()
+    for i, name in enumerate(["a.png", "b\nc.png", "d.png"]):
+        Image.fromarray(sample_photos()[i][:40, :40]).save(images / name)
+    out, picks = tmp_path / "sel.json", tmp_path / "picks.txt"
+    out.write_text('{"old": "stale"}')
+    err = last_error_line(["--images", images, "--encoder", "efficientnet_lite0", "--image-size", "32", "--budget", "3",
+                           "--set", "iters=5", "--work", tmp_path / "w", "--out", out, "--out-list", picks], capsys)
+    assert "b\\nc.png has a line break in its name, so no list is written" in err, err
+    assert sorted(json.loads(out.read_text())["paths"]) == ["a.png", "b\nc.png", "d.png"] and not picks.exists()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -48,8 +49,11 @@ def main_guard(fn):
             print(f"error: {exc}", file=sys.stderr)
             sys.exit(2)
         except KeyboardInterrupt:  # one line, not a traceback; what finished is kept (extraction resumes)
-            print("interrupted", file=sys.stderr)
-            sys.exit(130)
+            print("interrupted", file=sys.stderr, flush=True)
+            # then die of SIGINT, as Python does: a shell loop around the command stops too (exit 130 would not)
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGINT)
+            sys.exit(130)  # (where SIGINT cannot end the process)
         except RuntimeError as exc:  # gloo / NCCL report a dead peer as a RuntimeError naming an address
             diagnosis = heartbeat.describe_loss(exc)
             if diagnosis is None:

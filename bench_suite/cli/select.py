@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -156,11 +157,11 @@ def main(argv=None) -> int:
             head = {k: out.pop(k) for k in list(out) if k in ("method", "budget", "seed", "ids")}
             source = str(Path(args.images).resolve()) if args.images else store.meta.get("shards")
             out = {**head, "paths": names, "source": source, **out}
+        atomic.write_json(args.out, out)
         if args.out_list and any("\n" in name or "\r" in name for name in names):
             bad = next(name for name in names if "\n" in name or "\r" in name)
-            raise BadInputError(f"--out-list: the selected image {bad!r} has a line break in its name; "
-                                "take the paths from the JSON instead")
-        atomic.write_json(args.out, out)
+            raise BadInputError(f"--out-list: the selected image {wshards.shown(bad)} has a line break in its "
+                                f"name, so no list is written; take the paths from {args.out}")
         if args.out_list:
             atomic.write_text(args.out_list, "".join(name + "\n" for name in names))
         log.info("%s selected %d ids %s -> %s%s", args.method, budget,
@@ -178,15 +179,19 @@ def features_of(args) -> FeatureStore:
     work = Path(args.work)
     if args.images:
         images = Path(args.images)
-        files = wshards.list_images(images)
+        files = wshards.list_images(images, note_skipped=os.environ.get("RANK", "0") == "0")
         check_budget_early(args, len(files))  # before the folder is copied into shards and encoded
-        size = args.shard_size or wshards.folder_shard_size(len(files))
+        size = (wshards.folder_shard_size(len(files), args.batch_size) if args.shard_size is None
+                else args.shard_size)
         shard_dir = work / "shards" / f"images-{images.resolve().name}-{wshards.folder_key(images, files)}-{size}"
+        if not (shard_dir / wshards.MANIFEST).exists():  # on every rank: each stops with the same one line
+            wshards.check_images(images, files)
         acc = make_accelerator()
         if acc.process_index == 0:
             with locks.held(shard_dir.with_name(shard_dir.name + ".lock"), "writing shards"):
                 if not (shard_dir / wshards.MANIFEST).exists():
-                    manifest = wshards.write_folder_shards(images, shard_dir, shard_size=size, files=files)
+                    manifest = wshards.write_folder_shards(images, shard_dir, shard_size=size, files=files,
+                                                           check=False)
                     log.info("%s: %d images -> %d shards in %s", images, manifest["count"], len(manifest["shards"]),
                              shard_dir)
                 else:

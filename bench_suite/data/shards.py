@@ -148,11 +148,16 @@ def folder_key(image_dir, files: list[Path] | None = None) -> str:
     return json_digest({"images": entries, "layout": FOLDER_LAYOUT})
 
 
-def folder_shard_size(count: int) -> int:
-    """Images per shard for a folder of ``count``: at least 32 shards where that leaves 64 images in each (a
-    shard is a DataLoader worker's unit of work and a batch never spans two: 1,000-image shards would give a
-    folder of 900 photos one worker), at most 1,000 per shard."""
-    return min(1000, max(64, math.ceil(count / 32)))
+def folder_shard_size(count: int, batch_size: int = 64) -> int:
+    """Images per shard for a folder of ``count``: at least 32 shards where that leaves a batch (at least 64)
+    in each (a shard is a DataLoader worker's unit of work and a batch never spans two: 1,000-image shards would
+    give a folder of 900 photos one worker), at most 1,000 (or a batch) per shard."""
+    return min(max(1000, batch_size), max(64, batch_size, math.ceil(count / 32)))
+
+
+def shown(path) -> str:
+    """A path for a one-line message: line breaks in file names written as \\n, \\r."""
+    return str(path).replace("\n", "\\n").replace("\r", "\\r")
 
 
 def check_images(root: Path, files: list[Path]) -> None:
@@ -171,8 +176,8 @@ def check_images(root: Path, files: list[Path]) -> None:
         except Exception as exc:  # noqa: BLE001 - whatever PIL raises for it, the file is named
             bad.append((p, type(exc).__name__))
     if bad:
-        shown = ", ".join(f"{p.relative_to(root).as_posix()} ({why})" for p, why in bad[:5])
-        raise BadInputError(f"--images {root}: {len(bad)} of {len(files)} files are not readable images: {shown}"
+        names = ", ".join(f"{shown(p.relative_to(root).as_posix())} ({why})" for p, why in bad[:5])
+        raise BadInputError(f"--images {root}: {len(bad)} of {len(files)} files are not readable images: {names}"
                             f"{', ...' if len(bad) > 5 else ''}; move them out of the folder or repair them")
 
 
@@ -212,17 +217,19 @@ def write_blob_shards(samples, out_dir, *, dataset: str, split: str = "all", cou
 
 
 def write_folder_shards(image_dir, out_dir, *, shard_size: int | None = None, progress=None,
-                        files: list[Path] | None = None) -> dict:
+                        files: list[Path] | None = None, check: bool = True) -> dict:
     """Shard a folder of images (``list_images`` order, or ``files``, that listing; id = position, label -1,
     ``paths`` in the manifest; ``shard_size`` None: ``folder_shard_size``). Unreadable files fail first, named
-    (``check_images``); the manifest's ``orientation: exif`` has extraction turn photos upright."""
+    (``check_images``; ``check`` False: the caller did it); the manifest's ``orientation: exif`` has
+    extraction turn photos upright."""
     root = Path(image_dir)
     files = list_images(root, note_skipped=False) if files is None else files
-    check_images(root, files)
+    if check:
+        check_images(root, files)
     paths = [p.relative_to(root).as_posix() for p in files]
     samples = ((i, p.read_bytes(), -1) for i, p in enumerate(files))
     return write_blob_shards(samples, out_dir, dataset=f"folder:{root.name}", split="all", count=len(files),
-                             shard_size=shard_size or folder_shard_size(len(files)),
+                             shard_size=folder_shard_size(len(files)) if shard_size is None else shard_size,
                              extra={"source": str(root.resolve()), "paths": paths, "orientation": "exif"},
                              progress=progress)
 

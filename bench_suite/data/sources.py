@@ -127,16 +127,22 @@ def decode_image(blob_or_path, *, orient: bool = False) -> np.ndarray:
 
     src = io.BytesIO(blob_or_path) if isinstance(blob_or_path, (bytes, bytearray)) else blob_or_path
     with Image.open(src) as im:
-        if orient and im.getexif().get(EXIF_ORIENTATION, 1) not in (0, 1):
+        if orient and _turned(im):
             im = ImageOps.exif_transpose(im)
         if im.mode not in ("L", "RGB"):
             im = im.convert("RGB")
         return np.asarray(im)
 
 
-def exif_orientation(blob: bytes) -> int:
-    """The EXIF orientation of an encoded image (1 where it has none), from its header."""
+def _turned(im) -> bool:
+    """Whether an opened image's EXIF orientation asks to mirror or turn it: 2-8, as ``ImageOps.exif_transpose``
+    reads it (a malformed value is ignored there, so here too)."""
+    return im.getexif().get(EXIF_ORIENTATION, 1) in (2, 3, 4, 5, 6, 7, 8)
+
+
+def is_turned(blob: bytes) -> bool:
+    """``_turned`` of an encoded image, from its header (``decode_image(orient=True)`` turns exactly these)."""
     from PIL import Image
 
     with Image.open(io.BytesIO(blob)) as im:
-        return int(im.getexif().get(EXIF_ORIENTATION, 1) or 1)
+        return _turned(im)
