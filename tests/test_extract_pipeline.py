@@ -276,3 +276,29 @@ def test_preprocessing_one_image_at_a_time_or_in_slices_gives_the_batch_bytes(mo
         sliced = extract.preprocess_stacked(x, prep)
         assert whole.shape[1:] == (3, 48, 48)
         assert torch.equal(one_by_one, whole) and torch.equal(sliced, whole)
+
+
+def test_reduced_decoding_keeps_twice_the_input_and_stays_close(tmp_path):
+    """``decode="reduced"``: a JPEG more than twice the input on both sides is decoded at a smaller scale that still
+    keeps twice the input (PNGs and smaller JPEGs whole); the features stay close to the exact decode's and are a
+    store of their own (fingerprint, variant)."""
+    from bench_suite.data.sources import decode_image
+
+    jpeg = _jpeg("RGB", size=(140, 100))  # 100 high, 140 wide
+    assert decode_image(jpeg).shape == (100, 140, 3)
+    assert decode_image(jpeg, reduce_to=48).shape == (50, 70, 3)  # 1/2: both sides still >= 48
+    assert decode_image(jpeg, reduce_to=24).shape == (25, 35, 3)  # 1/4
+    assert decode_image(jpeg, reduce_to=60).shape == (100, 140, 3)  # 1/2 would leave 50 < 60
+    from bench_suite.bench.extract import jpeg_samples
+
+    shards = tmp_path / "shards"  # 400 x 300 JPEGs of real photos: decoded at 1/2 for a 48-pixel input
+    wshards.write_blob_shards(jpeg_samples(12), shards, dataset="photos", count=12, shard_size=6,
+                              classes=[str(i) for i in range(10)])
+    kw = dict(ENC, image_size=48, batch_size=4, accelerator=Acc(), num_workers=1)
+    exact = extract.extract_features(shards, tmp_path / "exact", **kw)
+    reduced = extract.extract_features(shards, tmp_path / "reduced", decode="reduced", **kw)
+    cos = (np.asarray(reduced.features) * np.asarray(exact.features)).sum(1)
+    print(f"reduced vs exact decoding: cosine per row min {cos.min():.6f} mean {cos.mean():.6f}")
+    assert cos.min() >= 0.999 and (cos < 1 - 1e-6).any()  # reduced JPEGs (0.9997 measured), close to the exact
+    assert reduced.meta["fingerprint"] != exact.meta["fingerprint"]
+    assert reduced.meta["variant"] == {"decode": "reduced"}

@@ -205,7 +205,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, nargs="*", help="worker counts to compare (default: the pipeline's own)")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
-    p.add_argument("--decode", choices=["cpu", "device"], default="cpu")
+    p.add_argument("--decode", choices=["cpu", "reduced", "device"], default="cpu")
     p.add_argument("--threads", type=int, help="torch threads for the bare forward and the pipeline (CPU)")
     p.add_argument("--processes", type=int, nargs="*", default=[],
                    help="also time the pipeline under accelerate launch with these process counts (>= 2)")

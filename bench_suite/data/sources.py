@@ -119,14 +119,18 @@ def read_image_folder(root: Path):
 EXIF_ORIENTATION = 0x0112  # the EXIF tag; 1 = upright, 2-8 = mirrored and/or turned
 
 
-def decode_image(blob_or_path, *, orient: bool = False) -> np.ndarray:
+def decode_image(blob_or_path, *, orient: bool = False, reduce_to: int | None = None) -> np.ndarray:
     """uint8 (H,W) gray or (H,W,3) RGB. ``orient``: turn the image upright as its EXIF orientation says (phone
     photos are stored sideways with a tag; a viewer, and so the annotator, shows them upright). Datasets are
-    decoded as stored (``orient`` False), as the paper's loaders did; folders of photos are oriented."""
+    decoded as stored (``orient`` False), as the paper's loaders did; folders of photos are oriented.
+    ``reduce_to``: a JPEG is decoded at the smallest of 1/2, 1/4 and 1/8 scale that keeps both sides at least
+    this long (PIL's draft mode: libjpeg scales in the DCT domain; other formats are decoded whole)."""
     from PIL import Image, ImageOps
 
     src = io.BytesIO(blob_or_path) if isinstance(blob_or_path, (bytes, bytearray)) else blob_or_path
     with Image.open(src) as im:
+        if reduce_to:
+            im.draft(None, (reduce_to, reduce_to))
         if orient and _turned(im):
             im = ImageOps.exif_transpose(im)
         if im.mode not in ("L", "RGB"):
