@@ -19,6 +19,19 @@ from bench_suite.errors import BadInputError, BenchError
 PROJECT_LOGGERS = ("bench_suite", "baselines", "launchers")
 
 
+class _CurrentStderr(logging.StreamHandler):
+    """A plain handler that writes to whatever ``sys.stderr`` is when it emits, not the one it was made with: a
+    command line run in-process (tests capturing stderr) leaves no handler on a closed stream behind."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
 def setup_logging(verbose: bool = False) -> None:
     """The project's messages at INFO (DEBUG with ``verbose``); other libraries' only from WARNING up (faiss
     announces its AVX2 loader at INFO). In a terminal through rich; otherwise (a log file, a SLURM job) one
@@ -29,7 +42,7 @@ def setup_logging(verbose: bool = False) -> None:
         handler = RichHandler(console=Console(stderr=True), show_path=False, rich_tracebacks=False)
         handler.setFormatter(logging.Formatter("%(message)s"))
     else:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _CurrentStderr()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, handlers=[handler], force=True)
     for name in PROJECT_LOGGERS:
