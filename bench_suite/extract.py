@@ -107,9 +107,9 @@ def extract_features(shard_dir, out_dir, *, encoder: str, pooling: str | None = 
 
     ``num_workers``: DataLoader workers per process (None: ``default_workers``). ``precision``: fp32 | bf16.
     ``decode``: cpu (the workers, PIL) | reduced (the workers, JPEGs at a reduced scale: see the module's
-    docstring) | device (JPEGs by torchvision on the encoder's device: nvJPEG on a GPU). ``preprocess``: workers | device (resize and normalise on the encoder's device from uint8; None:
-    device on a GPU, workers on the CPU). ``channels_last``: None = yes (measured faster on both).
-    ``pin_memory``: None = on a GPU only.
+    docstring) | device (JPEGs by torchvision on the encoder's device: nvJPEG on a GPU). ``preprocess``: workers |
+    device (resize and normalise on the encoder's device from uint8; None: device on a GPU, workers on the CPU).
+    ``channels_last``: None = yes (measured faster on both). ``pin_memory``: None = on a GPU only.
     """
     if precision not in PRECISIONS:
         raise BadInputError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
@@ -335,6 +335,14 @@ def _chw(image: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(arr)[None] if arr.ndim == 2 else torch.from_numpy(arr).permute(2, 0, 1).contiguous()
 
 
+# A worker's batch is cut early once the full-size images it holds for the device's resize reach this many bytes
+# (a rule of the shard's content alone, so any split of the shards between processes and workers makes the same
+# batches). ImageNet's photos (about 0.4 MB decoded) never reach it: a batch of 256 holds about 110 MB. Phone photos
+# of 12 MP (36 MB) do, at 8 per batch: with 15 workers prefetching 4 batches each, 256-photo batches would hold
+# 550 GB of host memory, these at most 17 GB.
+BATCH_IMAGE_BYTES = 256 << 20
+
+
 class ShardBatches(torch.utils.data.IterableDataset):
     """Batches of whole shards from a WebDataset split by worker: dicts with the shard's name, the first row
     within the shard, ids, labels and the images (``inputs``: preprocessed float (B,3,S,S) when the workers
@@ -359,40 +367,44 @@ class ShardBatches(torch.utils.data.IterableDataset):
             torch.set_num_threads(1)
         ds = wds.WebDataset(self.urls, shardshuffle=False, nodesplitter=None, workersplitter=wds.split_by_worker,
                             empty_check=False)
-        batch, url, start = [], None, 0
+        batch, url, start, held = [], None, 0, 0
         for sample in ds:
-            if sample["__url__"] != url or len(batch) == self.batch_size:
+            if sample["__url__"] != url:
                 if batch:
-                    yield self._batch(url, start, batch)
-                start = 0 if sample["__url__"] != url else start + len(batch)
-                batch, url = [], sample["__url__"]
-            batch.append(sample)
+                    yield self._pack(url, start, batch)
+                batch, url, start, held = [], sample["__url__"], 0, 0
+            item = self._item(url, sample)
+            batch.append(item)
+            if not self.preprocess == "workers" and not item[3]:
+                held += item[2].nbytes  # a full-size image waiting for the device's resize
+            if len(batch) == self.batch_size or held >= BATCH_IMAGE_BYTES:
+                yield self._pack(url, start, batch)
+                batch, start, held = [], start + len(batch), 0
         if batch:
-            yield self._batch(url, start, batch)
+            yield self._pack(url, start, batch)
 
-    def _batch(self, url: str, start: int, samples: list[dict]) -> dict:
-        ids, labels, images, encoded = [], [], [], []
-        for s in samples:
-            key = s["__key__"]
-            blob = s.get("png", s.get("jpg"))
-            if blob is None:
-                raise CorruptDataError(f"sample {key} has no png/jpg image")
-            ids.append(int(key))
-            labels.append(int(s["cls"]))
-            try:
-                if (self.decode == "device" and _is_jpeg(blob) and _jpeg_components(blob) in (1, 3)
-                        and not (self.orient and is_turned(blob))):
-                    images.append(torch.frombuffer(bytearray(blob), dtype=torch.uint8))
-                    encoded.append(True)
-                    continue
-                image = decode_image(blob, orient=self.orient,
-                                     reduce_to=2 * self.prep.image_size if self.decode == "reduced" else None)
-            except Exception as exc:  # noqa: BLE001 - PIL's errors for a corrupt image: one message, named
-                raise CorruptDataError(f"sample {int(key)} in shard {Path(url).name}: cannot decode its image: "
-                                       f"{type(exc).__name__}: {exc}") from exc
-            # the workers preprocess here unless told otherwise (never with device decoding: resolve_preprocess)
-            images.append(preprocess_image(self.prep, image) if self.preprocess == "workers" else image)
-            encoded.append(False)
+    def _item(self, url: str, s: dict) -> tuple:
+        """(id, label, image, encoded) of one sample: the image decoded (and preprocessed, when the workers do
+        it), or a JPEG's bytes for the device's decoder."""
+        key = s["__key__"]
+        blob = s.get("png", s.get("jpg"))
+        if blob is None:
+            raise CorruptDataError(f"sample {key} has no png/jpg image")
+        try:
+            if (self.decode == "device" and _is_jpeg(blob) and _jpeg_components(blob) in (1, 3)
+                    and not (self.orient and is_turned(blob))):
+                return int(key), int(s["cls"]), torch.frombuffer(bytearray(blob), dtype=torch.uint8), True
+            image = decode_image(blob, orient=self.orient,
+                                 reduce_to=2 * self.prep.image_size if self.decode == "reduced" else None)
+        except Exception as exc:  # noqa: BLE001 - PIL's errors for a corrupt image: one message, named
+            raise CorruptDataError(f"sample {int(key)} in shard {Path(url).name}: cannot decode its image: "
+                                   f"{type(exc).__name__}: {exc}") from exc
+        if self.preprocess == "workers":  # unless told otherwise (never with device decoding: resolve_preprocess)
+            image = preprocess_image(self.prep, image)
+        return int(key), int(s["cls"]), image, False
+
+    def _pack(self, url: str, start: int, batch: list[tuple]) -> dict:
+        ids, labels, images, encoded = (list(column) for column in zip(*batch))
         out = {"shard": Path(url).name, "start": start, "ids": np.asarray(ids, np.int64),
                "labels": np.asarray(labels, np.int64)}
         if self.preprocess == "workers":

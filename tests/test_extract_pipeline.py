@@ -302,3 +302,20 @@ def test_reduced_decoding_keeps_twice_the_input_and_stays_close(tmp_path):
     assert cos.min() >= 0.999 and (cos < 1 - 1e-6).any()  # reduced JPEGs (0.9997 measured), close to the exact
     assert reduced.meta["fingerprint"] != exact.meta["fingerprint"]
     assert reduced.meta["variant"] == {"decode": "reduced"}
+
+
+def test_batches_of_full_size_images_are_cut_by_bytes(small_shards, tmp_path, monkeypatch):
+    """Where the device resizes, a worker's batch is cut once its decoded images reach ``BATCH_IMAGE_BYTES`` (here
+    ten 8 x 8 digits): the cuts depend on the shards alone, so 0 and 2 workers still write the same store."""
+    monkeypatch.setattr(extract, "BATCH_IMAGE_BYTES", 10 * 8 * 8)
+    prep = extract.preprocessor(get_encoder("efficientnet_lite0", image_size=32))
+    names = [s["name"] for s in wshards.load_manifest(small_shards)["shards"]]
+    batches = list(extract.ShardBatches(small_shards, names[:2], 50, prep, preprocess="device", decode="cpu"))
+    assert [(b["shard"], b["start"], len(b["ids"])) for b in batches] == \
+        [(n, start, 10) for n in names[:2] for start in range(0, 50, 10)]
+    kw = dict(ENC, accelerator=Acc(), preprocess="device")
+    a = extract.extract_features(small_shards, tmp_path / "w0", num_workers=0, **kw)
+    b = extract.extract_features(small_shards, tmp_path / "w2", num_workers=2, **kw)
+    assert store_bytes(tmp_path / "w0") == store_bytes(tmp_path / "w2") and len(a.ids) == len(b.ids) == 300
+    whole = list(extract.ShardBatches(small_shards, names[:1], 50, prep, preprocess="workers", decode="cpu"))
+    assert [len(b["ids"]) for b in whole] == [50]  # preprocessed images are not counted
