@@ -337,9 +337,10 @@ def _chw(image: np.ndarray) -> torch.Tensor:
 
 # A worker's batch is cut early once the full-size images it holds for the device's resize reach this many bytes
 # (a rule of the shard's content alone, so any split of the shards between processes and workers makes the same
-# batches). ImageNet's photos (about 0.4 MB decoded) never reach it: a batch of 256 holds about 110 MB. Phone photos
-# of 12 MP (36 MB) do, at 8 per batch: with 15 workers prefetching 4 batches each, 256-photo batches would hold
-# 550 GB of host memory, these at most 17 GB.
+# batches). A batch of 256 ImageNet photos holds about 110 MB on average (0.4 MB each), so only one with unusually
+# large photos is cut. Phone photos of 12 MP (36 MB) are, at 8 per batch: with 15 workers prefetching 4 batches
+# each, 256-photo batches would hold 550 GB of host memory, these at most 17 GB. (The workers' own preprocessing,
+# the CPU's default, keeps one full-size image at a time and is not counted.)
 BATCH_IMAGE_BYTES = 256 << 20
 
 
