@@ -376,7 +376,7 @@ class ShardBatches(torch.utils.data.IterableDataset):
                 batch, url, start, held = [], sample["__url__"], 0, 0
             item = self._item(url, sample)
             batch.append(item)
-            if not self.preprocess == "workers" and not item[3]:
+            if self.preprocess != "workers" and not item[3]:
                 held += item[2].nbytes  # a full-size image waiting for the device's resize
             if len(batch) == self.batch_size or held >= BATCH_IMAGE_BYTES:
                 yield self._pack(url, start, batch)
