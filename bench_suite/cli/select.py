@@ -141,7 +141,7 @@ def main(argv=None) -> int:
         store = features_of(args)
         d = bdist.init_from_env()  # the extraction's Accelerator already joined the process group, if any
     n = store.total_rows
-    budget = check_budget(args.budget, n) if args.budget is not None else budget_from_ratio(args.ratio, n)
+    budget = budget_of(args, n)
     cache = None if args.features else selection_path(args, store, config, budget)
     cached = cache is not None and not args.force and cache.exists()
     if cached:
@@ -182,7 +182,7 @@ def features_of(args) -> FeatureStore:
     if args.images:
         images = Path(args.images)
         files = wshards.list_images(images, note_skipped=os.environ.get("RANK", "0") == "0")
-        check_budget_early(args, len(files))  # before the folder is copied into shards and encoded
+        budget_of(args, len(files))  # checked before the folder is copied into shards and encoded
         size = (wshards.folder_shard_size(len(files), args.batch_size) if args.shard_size is None
                 else args.shard_size)
         shard_dir = work / "shards" / f"images-{images.resolve().name}-{wshards.folder_key(images, files)}-{size}"
@@ -199,11 +199,12 @@ def features_of(args) -> FeatureStore:
                 else:
                     log.info("shards of %s cached in %s", images, shard_dir)
         acc.wait_for_everyone()
+        manifest = wshards.load_manifest(shard_dir)
     else:
         shard_dir = Path(args.shards)
-        check_budget_early(args, wshards.load_manifest(shard_dir)["count"])
+        manifest = wshards.load_manifest(shard_dir)
+        budget_of(args, manifest["count"])  # checked before the features are extracted
         acc = make_accelerator()
-    manifest = wshards.load_manifest(shard_dir)
     image_size = args.image_size or spec(args.encoder).image_size  # the default and the same size given: one store
     tag = "-".join(str(v) for v in (args.encoder, image_size, args.pooling or "default", args.precision,
                                     *([args.decode] if args.decode != "cpu" else [])))
@@ -216,12 +217,10 @@ def features_of(args) -> FeatureStore:
                                 decode=args.decode, force=args.force)
 
 
-def check_budget_early(args, n: int) -> None:
-    """The budget against the pool's size before any shards are written or features extracted."""
-    if args.budget is not None:
-        check_budget(args.budget, n)
-    else:
-        budget_from_ratio(args.ratio, n)
+def budget_of(args, n: int) -> int:
+    """``--budget`` (checked against the pool of ``n``) or ``--ratio`` of it; also called before any shards are
+    written or features extracted, so that a bad budget stops the run at once."""
+    return check_budget(args.budget, n) if args.budget is not None else budget_from_ratio(args.ratio, n)
 
 
 def selection_path(args, store: FeatureStore, config: dict, budget: int) -> Path:
