@@ -102,14 +102,16 @@ def extract_features(shard_dir, out_dir, *, encoder: str, pooling: str | None = 
                      batch_size: int = 64, accelerator=None, weights=None, cache_dir=None, progress: bool = True,
                      force: bool = False, num_workers: int | None = None, precision: str = "fp32",
                      decode: str = "cpu", preprocess: str | None = None, channels_last: bool | None = None,
-                     pin_memory: bool | None = None, threads: int | None = None) -> FeatureStore:
+                     pin_memory: bool | None = None, threads: int | None = None,
+                     reuse=()) -> FeatureStore:
     """Extract (or reuse cached) features of every sample in ``shard_dir`` into the store ``out_dir``.
 
     ``num_workers``: DataLoader workers per process (None: ``default_workers``). ``precision``: fp32 | bf16.
     ``decode``: cpu (the workers, PIL) | reduced (the workers, JPEGs at a reduced scale: see the module's
     docstring) | device (JPEGs by torchvision on the encoder's device: nvJPEG on a GPU). ``preprocess``: workers |
     device (resize and normalise on the encoder's device from uint8; None: device on a GPU, workers on the CPU).
-    ``channels_last``: None = yes (measured faster on both). ``pin_memory``: None = on a GPU only.
+    ``channels_last``: None = yes (measured faster on both). ``pin_memory``: None = on a GPU only. ``reuse``:
+    earlier stores whose shards' features are copied where a shard's images are the same (``_reuse_shards``).
     """
     if precision not in PRECISIONS:
         raise BadInputError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
@@ -166,6 +168,9 @@ def extract_features(shard_dir, out_dir, *, encoder: str, pooling: str | None = 
     if done:
         log.info("resuming extraction: %d of %d shards%s already extracted; starting at %s", len(done), len(names),
                  f" of rank {rank}" if world > 1 else "", todo[0] if todo else "(none left)")
+    if reuse and todo and not force:
+        copied = _reuse_shards(reuse, manifest, todo, enc, pooling, variant, settings, parts_dir)
+        todo = [n for n in todo if n not in copied]
     wshards.verify_shards(shard_dir, todo)
     _extract_rank(shard_dir, todo, manifest, enc, pooling, settings, parts_dir, device, workers,
                   pin_memory=on_gpu if pin_memory is None else bool(pin_memory), progress=progress and rank == 0)
@@ -178,6 +183,9 @@ def extract_features(shard_dir, out_dir, *, encoder: str, pooling: str | None = 
                                "workers": min(workers, len(names))}}
         if variant:
             meta["variant"] = variant
+        contents = _shard_contents(manifest)
+        if contents:
+            meta["shard_contents"] = contents
         _merge_shards(parts_dir, manifest, out_dir, meta)
         shutil.rmtree(parts_dir, ignore_errors=True)
     acc.wait_for_everyone()
@@ -254,6 +262,58 @@ class _ShardWriter:
     def discard(self) -> None:
         self.__dict__.pop("feats", None)
         self.tmp.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------------------------------- reuse
+def _shard_contents(manifest: dict) -> list | None:
+    """``[content, count, first_id]`` of each shard, what a later extraction needs to find its rows in this
+    store (``_reuse_shards``); None unless every shard records its ``content`` and holds consecutive ids."""
+    shards = manifest["shards"]
+    if not all(s.get("content") and s["last_id"] - s["first_id"] + 1 == s["count"] for s in shards if s["count"]):
+        return None
+    return [[s["content"], s["count"], s["first_id"]] for s in shards if s["count"]]
+
+
+def _reuse_shards(stores, manifest: dict, names: list[str], enc, pooling: str, variant: dict, settings: dict,
+                  parts_dir: Path) -> set[str]:
+    """The shards among ``names`` whose features are copied from the earlier ``stores`` instead of extracted: those
+    whose images and labels (the manifest's ``content``) a store made by the same encoder, pooling, code version
+    and settings (batch size, device, precision, decoding) holds. A shard's batches never leave it, so its
+    features depend on its content and those alone: the store is the one a fresh extraction writes (tested, byte
+    for byte). How a folder that gained a few photos is not extracted again as a whole."""
+    want: dict = {}
+    for s in manifest["shards"]:
+        if s["name"] in names and s["count"] and s.get("content") and s["last_id"] - s["first_id"] + 1 == s["count"]:
+            want.setdefault((s["content"], s["count"]), []).append(s)
+    same = {k: v for k, v in settings.items() if k != "fingerprint"}
+    copied: set[str] = set()
+    for path in stores:
+        if not want:
+            break
+        try:
+            meta = json.loads((Path(path) / "meta.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        made = {k: v for k, v in meta.get("extraction", {}).items()
+                if k not in ("workers", "bf16_min_cosine_first_batch")}
+        fp = _fingerprint({"checksum": meta.get("shards_checksum")}, enc.meta, pooling, variant)
+        if meta.get("fingerprint") != fp or made != same:
+            continue
+        hits = [(entry, s) for entry in meta.get("shard_contents") or [] for s in want.pop(tuple(entry[:2]), [])]
+        if not hits:
+            continue
+        store = FeatureStore.open(path)  # validated: its checksum, before any row of it is copied
+        for (_, count, first), s in hits:
+            rows = store.rows_of_ids(np.arange(first, first + count))
+            labels = np.asarray(store.labels)[rows] if store.labels is not None else np.full(count, -1, np.int64)
+            _ShardWriter(parts_dir, s["name"], count, store.dim).write(
+                0, np.arange(s["first_id"], s["last_id"] + 1), store.take(rows), labels)
+            copied.add(s["name"])
+        cosine = meta.get("extraction", {}).get("bf16_min_cosine_first_batch")
+        if cosine is not None:  # the bf16 check of the store the rows come from
+            atomic.write_json(parts_dir / f"bf16-check-reused-{os.getpid()}.json", {"min_cosine": cosine})
+        log.info("reused the features of %d shards (%d images) from %s", len(hits), sum(e[1] for e, _ in hits), path)
+    return copied
 
 
 # ---------------------------------------------------------------------------------------------- the workers

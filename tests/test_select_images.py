@@ -189,8 +189,74 @@ def test_device_decoding_leaves_an_oriented_jpeg_to_the_worker(tmp_path):
 def test_folder_shard_size_leaves_the_workers_shards_to_share():
     from bench_suite.data.shards import folder_shard_size
 
-    assert [folder_shard_size(n) for n in (1, 24, 900, 5000, 10**6)] == [64, 64, 64, 157, 1000]
+    assert [folder_shard_size(n) for n in (1, 24, 900, 5000, 20000, 10**6)] == [64, 64, 64, 128, 512, 1024]
     assert folder_shard_size(900, batch_size=256) == 256 and folder_shard_size(10**6, batch_size=2048) == 2048
+    assert folder_shard_size(20000) == folder_shard_size(20000 + 100) == folder_shard_size(20000 - 100)
+
+
+def test_content_cuts_keep_the_shards_an_added_or_removed_image_leaves_alone():
+    """Shards cut by the paths' hashes: about the target size (half to twice it), the same cuts every time, and
+    an image added or removed anywhere changes at most two shards (fixed-size cuts would change every later one)."""
+    from bench_suite.data.shards import content_cuts
+
+    names = sorted(f"trip{i // 300:02d}/IMG_{i:05d}.JPG" for i in range(6000))
+
+    def shards(listing):
+        sizes, out, at = content_cuts(listing, 128), [], 0
+        assert sum(sizes) == len(listing) and all(s <= 256 for s in sizes) and all(s >= 64 for s in sizes[:-1])
+        for size in sizes:
+            out.append(tuple(listing[at:at + size]))
+            at += size
+        return out
+
+    before = shards(names)
+    assert shards(names) == before and 30 <= len(before) <= 70
+    rng = np.random.default_rng(0)
+    for i in rng.choice(len(names), 20, replace=False).tolist():
+        for after in (shards(sorted(names + [names[i] + ".copy.jpg"])), shards(names[:i] + names[i + 1:])):
+            assert len(set(after) - set(before)) <= 2, i
+    assert content_cuts([], 64) == [0] and content_cuts(["a"], 64) == [1]
+
+
+def test_a_folder_with_photos_added_extracts_only_their_shards(tmp_path, capsys):
+    """select --images on a folder, then on the same folder with two photos added and one removed: the shards
+    they leave alone get their features from the first store, and the new store is byte for byte the one a fresh
+    extraction writes (--force in another work folder), as is the selection."""
+    import shutil
+
+    from bench_suite.store import FeatureStore
+
+    images = tmp_path / "photos"
+    photo_folder(images)
+    work = tmp_path / "work"
+    common = ["--encoder", "efficientnet_lite0", "--image-size", "32", "--shard-size", "4", "--budget", "4",
+              "--set", "iters=20", "--work", str(work)]
+    assert select_cli.main(["--images", str(images), *common, "--out", str(tmp_path / "a.json")]) == 0
+    shutil.copy(images / "outdoor" / "img01.jpg", images / "outdoor" / "img01b.jpg")
+    Image.fromarray(sample_photos()[3][:90, :90]).save(images / "misc" / "b" / "img99.png")
+    (images / "misc" / "b" / "img10.jpg").unlink()
+    capsys.readouterr()
+    assert select_cli.main(["--images", str(images), *common, "--out", str(tmp_path / "b.json")]) == 0
+    reused = [line for line in capsys.readouterr().err.splitlines() if " reused the features of " in line]
+    assert len(reused) == 1, reused
+    count = int(reused[0].split(" shards (")[1].split(" ")[0])
+    assert 10 <= count <= 22, reused  # 25 images in about 6 shards: 2-4 of them hold a change
+    fresh = ["--images", str(images), *common[:-1], str(tmp_path / "fresh"), "--force"]
+    assert select_cli.main([*fresh, "--out", str(tmp_path / "c.json")]) == 0
+    stores = [max((w / "features").glob("images-photos-*[!k]"), key=lambda p: p.stat().st_mtime_ns)
+              for w in (work, tmp_path / "fresh")]
+    for name in ("features.npy", "ids.npy", "labels.npy"):
+        assert (stores[0] / name).read_bytes() == (stores[1] / name).read_bytes(), name
+    assert FeatureStore.open(stores[0]).meta["fingerprint"] == FeatureStore.open(stores[1]).meta["fingerprint"]
+    b, c = (json.loads((tmp_path / n).read_text()) for n in ("b.json", "c.json"))
+    assert b["ids"] == c["ids"] and b["paths"] == c["paths"] and len(b["paths"]) == 4
+
+    # another batch size could round differently: nothing is reused from stores made with 64
+    (images / "outdoor" / "img01b.jpg").unlink()
+    capsys.readouterr()
+    argv = ["--images", str(images), *common, "--batch-size", "3", "--out", str(tmp_path / "d.json")]
+    assert select_cli.main(argv) == 0
+    assert " reused the features of " not in capsys.readouterr().err
 
 
 def test_a_line_break_in_a_picked_name_writes_the_json_but_no_list(tmp_path, capsys):

@@ -12,12 +12,14 @@ folder of images (or a shard folder) to the list of images to annotate in one co
 With ``--images``/``--shards`` every stage is cached under ``--work``: the folder's shards (keyed by each
 image's relative path, size and modification time, and the shard size), the features (bench_suite.extract's
 fingerprint) and the selection (keyed by the features' fingerprint, method, budget, seed and options). A rerun
-with the same folder and settings reuses all three; another method, budget or seed reuses the features; a
-folder with any image added, removed or changed is sharded and extracted again as a whole (``--force`` redoes
-the features and the selection). Caches are never removed: delete ``--work`` (or its ``shards``/``features``
-folders) to reclaim the space. The JSON lists the selected images' paths relative to the folder (``paths``, in
-the order of ``ids``); ``--out-list`` writes just those paths, one per line. Shards not made from a folder name
-their samples ``<shard>/<id>``.
+with the same folder and settings reuses all three; another method, budget or seed reuses the features. A
+folder with images added, removed or changed is sharded again (a copy of the folder), but only the shards those
+images fall in are extracted again: shards are cut where the paths' hashes say, and a shard whose images are
+the same as in an earlier store with these settings has its features copied from there, the same bytes as a
+fresh extraction's (``--force`` redoes all the features and the selection). Caches are never removed: delete
+``--work`` (or its ``shards``/``features`` folders) to reclaim the space. The JSON lists the selected images'
+paths relative to the folder (``paths``, in the order of ``ids``); ``--out-list`` writes just those paths, one
+per line. Shards not made from a folder name their samples ``<shard>/<id>``.
 
 A folder's images are checked before any work: a file that is not a readable image (empty, not an image) stops
 the run with one line naming it; one cut short after its header is named when it is decoded. Files without an
@@ -70,8 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="where JPEGs are decoded: cpu (the workers), reduced (the workers, at 1/2-1/8 scale "
                      "keeping twice the input size: 7-20x faster for phone photos, features within cosine ~0.999), "
                      "device (nvJPEG on a GPU)")
-    ext.add_argument("--shard-size", type=int, help="images per shard (--images; default: 64-1000, at least 32 "
-                     "shards where that leaves 64 in each, so that the workers share the folder)")
+    ext.add_argument("--shard-size", type=int, help="images per shard, on average (--images; default: a power of two, "
+                     "64-1024, at least 32 shards where that leaves 64 in each, so that the workers share the folder)")
     ext.add_argument("--work", default="work_dirs", help="where the stages are cached (default: work_dirs)")
     ext.add_argument("--force", action="store_true", help="recompute the features and the selection")
     g = p.add_mutually_exclusive_group()
@@ -214,7 +216,14 @@ def features_of(args) -> FeatureStore:
         return extract_features(shard_dir, feat_dir, encoder=args.encoder, pooling=args.pooling,
                                 image_size=args.image_size, batch_size=args.batch_size, accelerator=acc,
                                 weights=args.weights, num_workers=args.workers, precision=args.precision,
-                                decode=args.decode, force=args.force)
+                                decode=args.decode, force=args.force, reuse=earlier_stores(feat_dir, tag))
+
+
+def earlier_stores(feat_dir: Path, tag: str) -> list[Path]:
+    """The other feature stores under ``--work`` with these extraction settings, newest first: where the features
+    of a folder's unchanged shards are taken from when the folder changed (bench_suite.extract checks each)."""
+    found = [p for p in feat_dir.parent.glob(f"*-{tag}") if p != feat_dir and (p / "meta.json").is_file()]
+    return sorted(found, key=lambda p: (p / "meta.json").stat().st_mtime_ns, reverse=True)
 
 
 def budget_of(args, n: int) -> int:

@@ -8,8 +8,11 @@ Layout of a shard folder::
 Global ids are indices into the original split, so a selection always names the same images whatever
 subset of the split was sharded. A folder of images (``write_folder_shards``, for ``python -m
 bench_suite.cli.select --images DIR``) is sharded in sorted path order: id i is the i-th image, its label is
--1 (unknown), and the manifest's ``paths`` lists each id's path relative to the folder. Rank r of W reads shards r, r+W, ... (round robin); feature extraction
-never runs collectives per batch, so uneven shard counts per rank cannot hang it.
+-1 (unknown), and the manifest's ``paths`` lists each id's path relative to the folder; its shards are cut where
+the paths' hashes say (``content_cuts``) and each records a digest of its images (``content``), so that the
+features of the shards an added or removed image leaves alone are reused (bench_suite.extract). Rank r of W
+reads shards r, r+W, ... (round robin); feature extraction never runs collectives per batch, so uneven shard
+counts per rank cannot hang it.
 """
 
 from __future__ import annotations
@@ -108,8 +111,9 @@ def write_shards(dataset: str, split: str, out_dir, *, source=None, limit: int |
 
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
-# Folder shards' layout, part of the folder's key: 2 = the manifest says to orient images by their EXIF tag.
-FOLDER_LAYOUT = 2
+# Folder shards' layout, part of the folder's key: 2 = the manifest says to orient images by their EXIF tag;
+# 3 = shards cut by the paths' hashes (content_cuts), each with the digest of its images (content).
+FOLDER_LAYOUT = 3
 
 
 def list_images(image_dir, *, note_skipped: bool = True) -> list[Path]:
@@ -149,10 +153,28 @@ def folder_key(image_dir, files: list[Path] | None = None) -> str:
 
 
 def folder_shard_size(count: int, batch_size: int = 64) -> int:
-    """Images per shard for a folder of ``count``: at least 32 shards where that leaves a batch (at least 64)
-    in each (a shard is a DataLoader worker's unit of work and a batch never spans two: 1,000-image shards would
-    give a folder of 900 photos one worker), at most 1,000 (or a batch) per shard."""
-    return min(max(1000, batch_size), max(64, batch_size, math.ceil(count / 32)))
+    """Images per shard, on average, for a folder of ``count``: at least 32 shards where that leaves a batch (at
+    least 64) in each (a shard is a DataLoader worker's unit of work and a batch never spans two: 1,000-image
+    shards would give a folder of 900 photos one worker), at most 1,024 (or a batch) per shard. A power of two
+    (rounded down), so that a folder that grows by a few images keeps its shards (``content_cuts``)."""
+    per = max(1, math.ceil(count / 32))
+    return min(max(1024, batch_size), max(64, batch_size, 1 << (per.bit_length() - 1)))
+
+
+def content_cuts(names: list[str], target: int) -> list[int]:
+    """Shard sizes for the samples ``names`` (in their order), about ``target`` each, cut where the names say
+    (content-defined chunking): a shard ends at a name whose hash is 0 modulo target/2 once it holds target/2
+    samples, or at 2 x target. An image added or removed changes the shard it falls in (now and then the next
+    one too), not every later shard as fixed-size cuts would, so the features of the others are reused."""
+    half = max(1, target // 2)
+    sizes, n = [], 0
+    for name in names:
+        n += 1
+        h = int.from_bytes(hashlib.sha256(name.encode("utf-8", "surrogateescape")).digest()[:8], "big")
+        if n >= 2 * target or (n >= half and h % half == 0):
+            sizes.append(n)
+            n = 0
+    return sizes + [n] if n or not sizes else sizes
 
 
 def shown(path) -> str:
@@ -182,29 +204,37 @@ def check_images(root: Path, files: list[Path]) -> None:
 
 
 def write_blob_shards(samples, out_dir, *, dataset: str, split: str = "all", count: int, shard_size: int = 1000,
-                      classes=(), extra: dict | None = None, progress=None) -> dict:
+                      sizes: list[int] | None = None, classes=(), extra: dict | None = None, progress=None) -> dict:
     """Write encoded images as shards + manifest: ``samples`` yields (id, blob, label) in increasing id order;
     the blob (JPEG, PNG or any format PIL reads) is stored as is, under ``jpg`` when it is a JPEG and
-    ``png`` otherwise. ``extra`` goes into the manifest."""
+    ``png`` otherwise. Shards of ``shard_size`` samples, or of the given ``sizes``. ``extra`` goes into the
+    manifest. Each shard records ``content``, a digest of its images and labels in order (not of its ids): what
+    its features depend on."""
     import webdataset as wds
 
-    if shard_size <= 0:
-        raise BadInputError(f"--shard-size must be positive, got {shard_size}")
+    if sizes is None:
+        if shard_size <= 0:
+            raise BadInputError(f"--shard-size must be positive, got {shard_size}")
+        sizes = [min(shard_size, count - s * shard_size) for s in range(max(1, math.ceil(count / shard_size)))]
+    if sum(sizes) != count:
+        raise BadInputError(f"shard sizes add up to {sum(sizes)}, not the {count} samples")
     out_dir = Path(out_dir)
     shards, label_counts = [], {}
     it = iter(samples)
     with atomic.atomic_dir(out_dir) as tmp:
-        for s in range(max(1, math.ceil(count / shard_size))):
+        for s, size in enumerate(sizes):
             name = f"shard-{s:06d}.tar"
-            gids = []
+            gids, content = [], hashlib.sha256()
             with wds.TarWriter(str(tmp / name), encoder=False, mtime=0.0) as sink:
-                for gid, blob, label in (next(it) for _ in range(min(shard_size, count - s * shard_size))):
+                for gid, blob, label in (next(it) for _ in range(size)):
                     ext = "jpg" if blob[:3] == b"\xff\xd8\xff" else "png"
                     sink.write({"__key__": f"{gid:09d}", ext: blob, "cls": str(int(label)).encode()})
                     gids.append(int(gid))
+                    content.update(f"{hashlib.sha256(blob).hexdigest()} {int(label)}\n".encode())
                     label_counts[int(label)] = label_counts.get(int(label), 0) + 1
             shards.append({"name": name, "count": len(gids), "sha256": sha256_file(tmp / name),
-                           "first_id": gids[0] if gids else -1, "last_id": gids[-1] if gids else -1})
+                           "first_id": gids[0] if gids else -1, "last_id": gids[-1] if gids else -1,
+                           "content": content.hexdigest()})
             if progress:
                 progress(len(gids))
         manifest = {"dataset": dataset, "split": split, "task": "classification", "count": int(count),
@@ -219,17 +249,20 @@ def write_blob_shards(samples, out_dir, *, dataset: str, split: str = "all", cou
 def write_folder_shards(image_dir, out_dir, *, shard_size: int | None = None, progress=None,
                         files: list[Path] | None = None, check: bool = True) -> dict:
     """Shard a folder of images (``list_images`` order, or ``files``, that listing; id = position, label -1,
-    ``paths`` in the manifest; ``shard_size`` None: ``folder_shard_size``). Unreadable files fail first, named
-    (``check_images``; ``check`` False: the caller did it); the manifest's ``orientation: exif`` has
-    extraction turn photos upright."""
+    ``paths`` in the manifest) into shards of about ``shard_size`` (None: ``folder_shard_size``), cut by
+    ``content_cuts``. Unreadable files fail first, named (``check_images``; ``check`` False: the caller did it);
+    the manifest's ``orientation: exif`` has extraction turn photos upright."""
     root = Path(image_dir)
     files = list_images(root, note_skipped=False) if files is None else files
     if check:
         check_images(root, files)
+    if shard_size is not None and shard_size <= 0:
+        raise BadInputError(f"--shard-size must be positive, got {shard_size}")
     paths = [p.relative_to(root).as_posix() for p in files]
     samples = ((i, p.read_bytes(), -1) for i, p in enumerate(files))
+    target = folder_shard_size(len(files)) if shard_size is None else shard_size
     return write_blob_shards(samples, out_dir, dataset=f"folder:{root.name}", split="all", count=len(files),
-                             shard_size=folder_shard_size(len(files)) if shard_size is None else shard_size,
+                             sizes=content_cuts(paths, target),
                              extra={"source": str(root.resolve()), "paths": paths, "orientation": "exif"},
                              progress=progress)
 
