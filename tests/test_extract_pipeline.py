@@ -277,6 +277,20 @@ def test_preprocessing_one_image_at_a_time_or_in_slices_gives_the_batch_bytes(mo
         assert whole.shape[1:] == (3, 48, 48)
         assert torch.equal(one_by_one, whole) and torch.equal(sliced, whole)
 
+    # a large image goes to float in numpy, a small one in torch (FLOAT_IN_NUMPY_BYTES): the same value for each
+    # of the 256 (no resize here, so nothing would hide a difference), in gray and in RGB
+    import types
+
+    from bench_suite.encoders.base import FLOAT_IN_NUMPY_BYTES, Encoder
+
+    side = 1024
+    assert side * side * 4 >= FLOAT_IN_NUMPY_BYTES > 300 * 400 * 3 * 4
+    same_size = types.SimpleNamespace(**{**vars(prep), "image_size": side})
+    values = np.resize(np.arange(256, dtype=np.uint8), side * side * 3)
+    for image in (values[:side * side].reshape(1, side, side), values.reshape(1, side, side, 3)):
+        x = torch.from_numpy(image[..., None] if image.ndim == 3 else image).permute(0, 3, 1, 2)
+        assert torch.equal(Encoder.preprocess(same_size, image), extract.preprocess_tensor(x, side, prep.mean, prep.std))
+
 
 def test_reduced_decoding_keeps_twice_the_input_and_stays_close(tmp_path):
     """``decode="reduced"``: a JPEG more than twice the input on both sides is decoded at a smaller scale that still

@@ -259,6 +259,23 @@ def test_a_folder_with_photos_added_extracts_only_their_shards(tmp_path, capsys)
     assert " reused the features of " not in capsys.readouterr().err
 
 
+def test_small_images_are_named_in_a_warning(tmp_path, caplog):
+    import logging
+
+    from bench_suite.data import shards as wshards
+
+    images = tmp_path / "photos"
+    photo_folder(images)
+    Image.fromarray(sample_photos()[0][:20, :30]).save(images / "misc" / "icon.png")
+    files = wshards.list_images(images, note_skipped=False)
+    with caplog.at_level(logging.WARNING, logger="bench_suite.data.shards"):
+        wshards.check_images(images, files)
+        wshards.check_images(images, files, warn_small=False)  # another rank: says nothing
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1 and "1 of 25 images are under 64 pixels on a side" in warned[0], warned
+    assert warned[0].endswith("misc/icon.png (30x20)"), warned
+
+
 def test_a_line_break_in_a_picked_name_writes_the_json_but_no_list(tmp_path, capsys):
     images = tmp_path / "photos"
     images.mkdir()

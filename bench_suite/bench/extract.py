@@ -201,6 +201,7 @@ def main(argv=None) -> int:
     p.add_argument("--encoder", default="efficientnet_lite0")
     p.add_argument("--image-size", type=int, default=None, help="default: 112 for efficientnet_lite0, else the encoder's")
     p.add_argument("--images", type=int, default=3000)
+    p.add_argument("--photo", default="400x300", help="the JPEGs' size, WxH (4000x3000: phone photos)")
     p.add_argument("--shard-size", type=int, default=250)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, nargs="*", help="worker counts to compare (default: the pipeline's own)")
@@ -215,19 +216,25 @@ def main(argv=None) -> int:
         args.image_size = 112
     device = torch.device(resolve_device(args.device))
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="bench-extract-"))
-    shards = work / f"jpeg-{args.images}-{args.shard_size}"
+    try:
+        width, height = (int(v) for v in args.photo.lower().split("x"))
+    except ValueError:
+        p.error(f"--photo takes WxH, e.g. 4000x3000, got {args.photo!r}")
+    photo = "" if (width, height) == (400, 300) else f"-{width}x{height}"
+    shards = work / f"jpeg-{args.images}-{args.shard_size}{photo}"
     try:
         t0 = time.perf_counter()
         if not (shards / "manifest.json").exists():
-            write_blob_shards(jpeg_samples(args.images), shards, dataset="bench-jpeg", count=args.images,
+            write_blob_shards(jpeg_samples(args.images, width, height), shards, dataset="bench-jpeg",
+                              count=args.images,
                               shard_size=args.shard_size, classes=[str(i) for i in range(10)])
         n_shards = -(-args.images // args.shard_size)
         k = max(1, n_shards // 3)
-        first = work / f"jpeg-{args.images}-{args.shard_size}-first{k}"
+        first = work / f"jpeg-{args.images}-{args.shard_size}{photo}-first{k}"
         if not first.exists():
             sub_shards(shards, first, k)
         n1 = min(args.images, k * args.shard_size)
-        print(f"shards: {args.images} JPEGs 400x300 in {n_shards} shards ({time.perf_counter() - t0:.1f} s to write); "
+        print(f"shards: {args.images} JPEGs {width}x{height} in {n_shards} shards ({time.perf_counter() - t0:.1f} s to write); "
               f"device {device}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f}; "
               f"{args.encoder} at {args.image_size} px, batch {args.batch_size}, {args.precision}, decode {args.decode}")
         bare, bare_cpu = bare_forward(args, device, args.precision, args.images)

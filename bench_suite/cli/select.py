@@ -183,13 +183,14 @@ def features_of(args) -> FeatureStore:
     work = Path(args.work)
     if args.images:
         images = Path(args.images)
-        files = wshards.list_images(images, note_skipped=os.environ.get("RANK", "0") == "0")
+        first = os.environ.get("RANK", "0") == "0"  # the one process that notes what it skips or finds small
+        files = wshards.list_images(images, note_skipped=first)
         budget_of(args, len(files))  # checked before the folder is copied into shards and encoded
         size = (wshards.folder_shard_size(len(files), args.batch_size) if args.shard_size is None
                 else args.shard_size)
         shard_dir = work / "shards" / f"images-{images.resolve().name}-{wshards.folder_key(images, files)}-{size}"
         if not (shard_dir / wshards.MANIFEST).exists():  # on every rank: each stops with the same one line
-            wshards.check_images(images, files)
+            wshards.check_images(images, files, warn_small=first)
         acc = make_accelerator()
         if acc.process_index == 0:
             with locks.held(shard_dir.with_name(shard_dir.name + ".lock"), "writing shards"):

@@ -182,21 +182,32 @@ def shown(path) -> str:
     return str(path).replace("\n", "\\n").replace("\r", "\\r")
 
 
-def check_images(root: Path, files: list[Path]) -> None:
+SMALL_SIDE = 64  # images with a side under this many pixels are named in a warning (icons, thumbnails)
+
+
+def check_images(root: Path, files: list[Path], *, warn_small: bool = True) -> None:
     """Every file opens as an image (its header: cheap), before any is sharded; else one line naming the bad ones.
-    An image cut short after its header is found when it is decoded (extraction names its path)."""
+    An image cut short after its header is found when it is decoded (extraction names its path). Images under
+    ``SMALL_SIDE`` pixels on a side are selected like any other, enlarged to the encoder's input: a warning names
+    them, as they are often icons or thumbnails that no one means to annotate."""
     from PIL import Image
 
-    bad = []
+    bad, small = [], []
     for p in files:
         if p.stat().st_size == 0:
             bad.append((p, "empty file"))
             continue
         try:
-            with Image.open(p):
-                pass
+            with Image.open(p) as im:
+                if min(im.size) < SMALL_SIDE:
+                    small.append((p, im.size))
         except Exception as exc:  # noqa: BLE001 - whatever PIL raises for it, the file is named
             bad.append((p, type(exc).__name__))
+    if small and warn_small and not bad:
+        names = ", ".join(f"{shown(p.relative_to(root).as_posix())} ({w}x{h})" for p, (w, h) in small[:5])
+        log.warning("--images %s: %d of %d images are under %d pixels on a side (icons, thumbnails?), and are "
+                    "enlarged like the others: %s%s", root, len(small), len(files), SMALL_SIDE, names,
+                    ", ..." if len(small) > 5 else "")
     if bad:
         names = ", ".join(f"{shown(p.relative_to(root).as_posix())} ({why})" for p, why in bad[:5])
         raise BadInputError(f"--images {root}: {len(bad)} of {len(files)} files are not readable images: {names}"
