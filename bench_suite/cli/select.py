@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     ext.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     ext.add_argument("--decode", choices=["cpu", "reduced", "device"], default="cpu",
                      help="where JPEGs are decoded: cpu (the workers), reduced (the workers, at 1/2-1/8 scale "
-                     "keeping twice the input size: 7-20x faster for phone photos, features within cosine ~0.999), "
+                     "keeping twice the input size: 8-11x faster for phone photos, features within cosine ~0.999), "
                      "device (nvJPEG on a GPU)")
     ext.add_argument("--shard-size", type=int, help="images per shard, on average (--images; default: a power of two, "
                      "64-1024, at least 32 shards where that leaves 64 in each, so that the workers share the folder)")
