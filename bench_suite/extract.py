@@ -19,8 +19,8 @@ The pipeline of one process (``extract_features``):
 - **Reduced decoding** (``decode="reduced"``, opt-in): the workers have libjpeg decode each JPEG at 1/2, 1/4 or
   1/8 scale in the DCT domain (PIL's draft mode), the smallest that still leaves twice the encoder's input size
   on each side, so the resize still does the antialiasing. For photos much larger than the input it is most of
-  the work saved: 12 MP photos to 224 px, 8x less time per image (190 -> 22 ms, 2 threads), to 112 px 11x; features within
-  cosine 0.9998 of the exact decode's, on the benchmark's 400 x 300 JPEGs at 56 px 0.9994 (min per row;
+  the work saved: 12 MP photos to 224 px, 8x less time per image (190 -> 22 ms, 2 threads), to 112 px 11x; features
+  within cosine 0.9998 of the exact decode's, on the benchmark's 400 x 300 JPEGs at 56 px 0.9994 (min per row;
   EfficientNet-Lite0, measured). Not the default: the exact decode is the paper's and gives the stores of record.
   ``channels_last`` is the default on the CPU too: EfficientNet-Lite0 at 112 px, batch 64, 2 cores: 151 vs
   94 images/s for the bare forward, 114 vs 97 for the whole pipeline (the cpu profile's Table 1 features:
