@@ -4,6 +4,7 @@ selection in one command; each stage cached; the JSON names the selected images 
 ``--shards`` on the same shards gives the same selection."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -237,8 +238,10 @@ def test_a_folder_with_photos_added_extracts_only_their_shards(tmp_path, capsys)
     (images / "misc" / "b" / "img10.jpg").unlink()
     capsys.readouterr()
     assert select_cli.main(["--images", str(images), *common, "--out", str(tmp_path / "b.json")]) == 0
-    reused = [line for line in capsys.readouterr().err.splitlines() if " reused the features of " in line]
+    err = capsys.readouterr().err
+    reused = [line for line in err.splitlines() if " reused the features of " in line]
     assert len(reused) == 1, reused
+    assert "1 shard folders of earlier versions of " in err, err  # a copy of the folder each: named, to delete
     count = int(reused[0].split(" shards (")[1].split(" ")[0])
     assert 10 <= count <= 22, reused  # 25 images in about 6 shards: 2-4 of them hold a change
     fresh = ["--images", str(images), *common[:-1], str(tmp_path / "fresh"), "--force"]
@@ -250,6 +253,17 @@ def test_a_folder_with_photos_added_extracts_only_their_shards(tmp_path, capsys)
     assert FeatureStore.open(stores[0]).meta["fingerprint"] == FeatureStore.open(stores[1]).meta["fingerprint"]
     b, c = (json.loads((tmp_path / n).read_text()) for n in ("b.json", "c.json"))
     assert b["ids"] == c["ids"] and b["paths"] == c["paths"] and len(b["paths"]) == 4
+
+    # the earlier versions' shard folders deleted: their features are still reused
+    current = Path(json.loads((stores[0] / "meta.json").read_text())["shards"]).resolve()
+    for old in (work / "shards").glob("images-photos-*[!k]"):
+        if old.resolve() != current:
+            shutil.rmtree(old)
+    assert len(list((work / "shards").glob("images-photos-*[!k]"))) == 1
+    (images / "misc" / "b" / "img99.png").unlink()
+    capsys.readouterr()
+    assert select_cli.main(["--images", str(images), *common, "--out", str(tmp_path / "e.json")]) == 0
+    assert " reused the features of " in capsys.readouterr().err
 
     # another batch size could round differently: nothing is reused from stores made with 64
     (images / "outdoor" / "img01b.jpg").unlink()

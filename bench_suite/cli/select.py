@@ -17,7 +17,8 @@ folder with images added, removed or changed is sharded again (a copy of the fol
 images fall in are extracted again: shards are cut where the paths' hashes say, and a shard whose images are
 the same as in an earlier store with these settings has its features copied from there, the same bytes as a
 fresh extraction's (``--force`` redoes all the features and the selection). Caches are never removed: delete
-``--work`` (or its ``shards``/``features`` folders) to reclaim the space. The JSON lists the selected images'
+``--work`` (or its ``shards``/``features`` folders) to reclaim the space; the shard folders of a folder's
+earlier versions (named in the log) are not needed for the reuse. The JSON lists the selected images'
 paths relative to the folder (``paths``, in the order of ``ids``); ``--out-list`` writes just those paths, one
 per line. Shards not made from a folder name their samples ``<shard>/<id>``.
 
@@ -199,6 +200,7 @@ def features_of(args) -> FeatureStore:
                                                            check=False)
                     log.info("%s: %d images -> %d shards in %s", images, manifest["count"], len(manifest["shards"]),
                              shard_dir)
+                    note_earlier_shards(shard_dir, manifest["source"])
                 else:
                     log.info("shards of %s cached in %s", images, shard_dir)
         acc.wait_for_everyone()
@@ -218,6 +220,24 @@ def features_of(args) -> FeatureStore:
                                 image_size=args.image_size, batch_size=args.batch_size, accelerator=acc,
                                 weights=args.weights, num_workers=args.workers, precision=args.precision,
                                 decode=args.decode, force=args.force, reuse=earlier_stores(feat_dir, tag))
+
+
+def note_earlier_shards(shard_dir: Path, source: str) -> None:
+    """Log the shard folders of earlier versions of the same image folder: each is a copy of the folder, and the
+    features of its unchanged shards are reused without it (from the store's meta), so they can go."""
+    earlier = []
+    for other in shard_dir.parent.glob("images-*"):
+        try:
+            same = other != shard_dir and wshards.load_manifest(other).get("source") == source
+        except Exception:  # noqa: BLE001 - not a complete shard folder: not ours to judge
+            same = False
+        if same:
+            earlier.append(other)
+    if earlier:
+        size = sum(f.stat().st_size for d in earlier for f in d.iterdir() if f.is_file())
+        log.info("%d shard folders of earlier versions of %s (%.1f GB) are in %s (%s); the features of their "
+                 "unchanged shards are reused without them: delete them to reclaim the space", len(earlier), source,
+                 size / 1e9, shard_dir.parent, ", ".join(sorted(d.name for d in earlier)[:3]) + (", ..." if len(earlier) > 3 else ""))
 
 
 def earlier_stores(feat_dir: Path, tag: str) -> list[Path]:
