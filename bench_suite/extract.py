@@ -10,7 +10,11 @@ The pipeline of one process (``extract_features``):
   decode the images and (on the CPU) preprocess them; the main process only runs the encoder.
 - **Batches never cross shard boundaries** and each carries its shard and first row, so 1 and N processes,
   and 0 and N workers, run the encoder on identical batches and write identical stores, whatever order the
-  workers' batches arrive in.
+  workers' batches arrive in; for processes, given the same torch threads in each (a convolution's sums can be
+  split otherwise over 1 and 2 threads: EfficientNet-Lite0 on photos, up to 1.2e-5 apart; the tests' digits not).
+- **Reuse.** Shards whose ``content`` (their images and labels; folder shards record it) an earlier store with
+  the same settings holds get their features copied from it (``reuse``, ``_reuse_shards``): a folder that gained
+  a few photos is not extracted again as a whole.
 - **Devices.** On a GPU: pinned host memory and ``non_blocking`` copies (the next batch is decoded and copied
   while the encoder runs; results come back through a one-batch lag so the GPU is never waited for per batch),
   ``channels_last``, the resize/normalise done on the GPU from uint8 images (``preprocess="device"``), and,
@@ -31,7 +35,8 @@ The pipeline of one process (``extract_features``):
   complete; nothing N x d is ever held in memory. Rank 0 then streams the shard files into the store in
   blocks (``FeatureStore.write_streaming``, global-id order), and removes the parts folder.
 - **Resumable.** A finished shard's file survives a kill; the rerun of the same extraction (same fingerprint
-  and the same batch size, device type, precision and decoding, recorded in the parts folder) skips the
+  and the same batch size, device, precision, decoding, processor model, torch release and CPU threads,
+  recorded in the parts folder) skips the
   finished shards and starts at the first unfinished one, and ends with a byte-identical store.
 
 CPU multi-process: ``ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 ...``
@@ -60,9 +65,9 @@ from bench_suite.data.sources import decode_image, is_turned
 from bench_suite.digest import json_digest
 from bench_suite.encoders import get_encoder
 from bench_suite.encoders.base import Encoder
-from bench_suite.errors import BadInputError, CorruptDataError
+from bench_suite.errors import BadInputError, BenchError, CorruptDataError
 from bench_suite.progress import Tracker
-from bench_suite.runtime import make_accelerator, threads_told
+from bench_suite.runtime import make_accelerator, processor_name, threads_told
 from bench_suite.store import BLOCK_BYTES, FeatureStore, FileRows, shards_meta
 
 log = logging.getLogger(__name__)
@@ -156,6 +161,12 @@ def extract_features(shard_dir, out_dir, *, encoder: str, pooling: str | None = 
     }
     if "orientation" in variant:  # only then: the parts of a dataset's extraction interrupted earlier stay usable
         settings["orientation"] = variant["orientation"]
+    # What else can change the rounding of the features: a resumed extraction, or features reused from another
+    # store, must have had them too. EfficientNet-Lite0 on photos gives other bits at 1 and 2 CPU threads (up to
+    # 1.2e-5 apart); another processor model or torch release can too.
+    settings.update(processor=processor_name(device), torch=torch.__version__)
+    if device.type == "cpu":
+        settings["threads"] = torch.get_num_threads()
     workers = default_workers(device, world) if num_workers is None else int(num_workers)
     parts_dir = out_dir.parent / f".{out_dir.name}.parts-{fp}"
     if rank == 0:
@@ -278,9 +289,10 @@ def _reuse_shards(stores, manifest: dict, names: list[str], enc, pooling: str, v
                   parts_dir: Path) -> set[str]:
     """The shards among ``names`` whose features are copied from the earlier ``stores`` instead of extracted: those
     whose images and labels (the manifest's ``content``) a store made by the same encoder, pooling, code version
-    and settings (batch size, device, precision, decoding) holds. A shard's batches never leave it, so its
-    features depend on its content and those alone: the store is the one a fresh extraction writes (tested, byte
-    for byte). How a folder that gained a few photos is not extracted again as a whole."""
+    and settings (batch size, device, precision, decoding, processor, torch release, CPU threads) holds. A shard's
+    batches never leave it, so its features depend on its content and those alone: the store is the one a fresh
+    extraction writes (tested, byte for byte). How a folder that gained a few photos is not extracted again as a
+    whole. A store that cannot be opened (damaged, vanished) is passed over with a warning."""
     want: dict = {}
     for s in manifest["shards"]:
         if s["name"] in names and s["count"] and s.get("content") and s["last_id"] - s["first_id"] + 1 == s["count"]:
@@ -299,19 +311,21 @@ def _reuse_shards(stores, manifest: dict, names: list[str], enc, pooling: str, v
         fp = _fingerprint({"checksum": meta.get("shards_checksum")}, enc.meta, pooling, variant)
         if meta.get("fingerprint") != fp or made != same:
             continue
-        hits = [(entry, s) for entry in meta.get("shard_contents") or [] for s in want.pop(tuple(entry[:2]), [])]
-        if not hits:
+        entries = [entry for entry in meta.get("shard_contents") or [] if tuple(entry[:2]) in want]
+        if not entries:
             continue
-        store = FeatureStore.open(path)  # validated: its checksum, before any row of it is copied
+        try:
+            store = FeatureStore.open(path)  # validated: its checksum, before any row of it is copied
+        except BenchError as exc:  # a damaged or vanished earlier store is not this extraction's problem
+            log.warning("not reusing features from %s: %s", path, exc)
+            continue
+        hits = [(entry, s) for entry in entries for s in want.pop(tuple(entry[:2]), [])]
         for (_, count, first), s in hits:
             rows = store.rows_of_ids(np.arange(first, first + count))
             labels = np.asarray(store.labels)[rows] if store.labels is not None else np.full(count, -1, np.int64)
             _ShardWriter(parts_dir, s["name"], count, store.dim).write(
                 0, np.arange(s["first_id"], s["last_id"] + 1), store.take(rows), labels)
             copied.add(s["name"])
-        cosine = meta.get("extraction", {}).get("bf16_min_cosine_first_batch")
-        if cosine is not None:  # the bf16 check of the store the rows come from
-            atomic.write_json(parts_dir / f"bf16-check-reused-{os.getpid()}.json", {"min_cosine": cosine})
         log.info("reused the features of %d shards (%d images) from %s", len(hits), sum(e[1] for e, _ in hits), path)
     return copied
 

@@ -37,14 +37,9 @@ def git_revision(root: Path | None = None) -> str:
 def hardware() -> str:
     import torch
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from bench_suite.runtime import processor_name
+
+    cpu = processor_name()
     try:
         import psutil
 

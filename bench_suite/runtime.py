@@ -195,6 +195,21 @@ def first_host(nodelist: str) -> str:
 _launch_on_cpu = False
 
 
+def processor_name(device: torch.device | None = None) -> str:
+    """The model of the processor that computes on ``device``: the GPU's name, else the CPU's (/proc/cpuinfo)."""
+    import platform
+
+    if device is not None and device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in open("/proc/cpuinfo", encoding="utf-8", errors="replace"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def threads_told() -> int | None:
     """``BENCH_SUITE_THREADS`` (None: not set; 0: leave torch's setting), which wins over every thread rule."""
     want = os.environ.get("BENCH_SUITE_THREADS")

@@ -213,13 +213,15 @@ def test_content_cuts_keep_the_shards_an_added_or_removed_image_leaves_alone():
     before = shards(names)
     assert shards(names) == before and 30 <= len(before) <= 70
     rng = np.random.default_rng(0)
+    changed = []
     for i in rng.choice(len(names), 20, replace=False).tolist():
         for after in (shards(sorted(names + [names[i] + ".copy.jpg"])), shards(names[:i] + names[i + 1:])):
-            assert len(set(after) - set(before)) <= 2, i
+            changed.append(len(set(after) - set(before)))
+    assert max(changed) <= 3 and np.mean(changed) <= 1.5, changed  # measured on 200 changes: 1.16 on average
     assert content_cuts([], 64) == [0] and content_cuts(["a"], 64) == [1]
 
 
-def test_a_folder_with_photos_added_extracts_only_their_shards(tmp_path, capsys):
+def test_a_folder_with_photos_added_extracts_only_their_shards(tmp_path, capsys, monkeypatch):
     """select --images on a folder, then on the same folder with two photos added and one removed: the shards
     they leave alone get their features from the first store, and the new store is byte for byte the one a fresh
     extraction writes (--force in another work folder), as is the selection."""
@@ -227,10 +229,11 @@ def test_a_folder_with_photos_added_extracts_only_their_shards(tmp_path, capsys)
 
     from bench_suite.store import FeatureStore
 
+    monkeypatch.setenv("BENCH_SUITE_THREADS", "1")  # the stores' thread count (another is tried below)
     images = tmp_path / "photos"
     photo_folder(images)
     work = tmp_path / "work"
-    common = ["--encoder", "efficientnet_lite0", "--image-size", "32", "--shard-size", "4", "--budget", "4",
+    common = ["--encoder", "efficientnet_lite0", "--image-size", "32", "--shard-size", "3", "--budget", "4",
               "--set", "iters=20", "--work", str(work)]
     assert select_cli.main(["--images", str(images), *common, "--out", str(tmp_path / "a.json")]) == 0
     shutil.copy(images / "outdoor" / "img01.jpg", images / "outdoor" / "img01b.jpg")
@@ -241,9 +244,14 @@ def test_a_folder_with_photos_added_extracts_only_their_shards(tmp_path, capsys)
     err = capsys.readouterr().err
     reused = [line for line in err.splitlines() if " reused the features of " in line]
     assert len(reused) == 1, reused
-    assert "1 shard folders of earlier versions of " in err, err  # a copy of the folder each: named, to delete
-    count = int(reused[0].split(" shards (")[1].split(" ")[0])
-    assert 10 <= count <= 22, reused  # 25 images in about 6 shards: 2-4 of them hold a change
+    assert "1 other shard folders of " in err, err  # a copy of the folder each: named, to delete
+    # every shard of the new folder whose images an old shard held, and only those, is reused
+    manifests = sorted((json.loads(m.read_text()) for m in (work / "shards").glob("images-photos-*/manifest.json")),
+                       key=lambda m: m["count"])  # 24 images, then 25
+    old_contents = {sh["content"] for sh in manifests[0]["shards"]}
+    same = [sh for sh in manifests[1]["shards"] if sh["content"] in old_contents]
+    assert len(same) >= 3 and f"reused the features of {len(same)} shards ({sum(sh['count'] for sh in same)} " \
+        "images)" in reused[0], (reused, len(same))
     fresh = ["--images", str(images), *common[:-1], str(tmp_path / "fresh"), "--force"]
     assert select_cli.main([*fresh, "--out", str(tmp_path / "c.json")]) == 0
     stores = [max((w / "features").glob("images-photos-*[!k]"), key=lambda p: p.stat().st_mtime_ns)
@@ -265,12 +273,26 @@ def test_a_folder_with_photos_added_extracts_only_their_shards(tmp_path, capsys)
     assert select_cli.main(["--images", str(images), *common, "--out", str(tmp_path / "e.json")]) == 0
     assert " reused the features of " in capsys.readouterr().err
 
-    # another batch size could round differently: nothing is reused from stores made with 64
-    (images / "outdoor" / "img01b.jpg").unlink()
+    # another batch size or thread count could round differently: nothing is reused from stores made otherwise
+    for i, (option, env) in enumerate([(["--batch-size", "3"], "1"), ([], "2")]):
+        (images / "outdoor" / f"img0{2 * i + 1}.jpg").unlink()
+        capsys.readouterr()
+        monkeypatch.setenv("BENCH_SUITE_THREADS", env)
+        argv = ["--images", str(images), *common, *option, "--out", str(tmp_path / "d.json")]
+        assert select_cli.main(argv) == 0
+        assert " reused the features of " not in capsys.readouterr().err
+
+    # a damaged earlier store is passed over, with a warning naming it
+    monkeypatch.setenv("BENCH_SUITE_THREADS", "1")
+    for store in (work / "features").glob("images-photos-*[!k]"):
+        data = bytearray((store / "features.npy").read_bytes())
+        data[-7] ^= 0x10
+        (store / "features.npy").write_bytes(bytes(data))
+    (images / "outdoor" / "img05.jpg").unlink()
     capsys.readouterr()
-    argv = ["--images", str(images), *common, "--batch-size", "3", "--out", str(tmp_path / "d.json")]
-    assert select_cli.main(argv) == 0
-    assert " reused the features of " not in capsys.readouterr().err
+    assert select_cli.main(["--images", str(images), *common, "--out", str(tmp_path / "f.json")]) == 0
+    err = capsys.readouterr().err
+    assert " reused the features of " not in err and "not reusing features from " in err, err
 
 
 def test_small_images_are_named_in_a_warning(tmp_path, caplog):

@@ -1,7 +1,8 @@
 """``python -m bench_suite.bench.extract``: the extraction pipeline's speed next to the encoder's bare forward.
 
-Writes its own JPEG shards (random 400 x 300 crops of scikit-learn's two sample photos, flipped and
-brightness-jittered, JPEG quality 90, ``--shard-size`` per shard), then, in this one process:
+Writes its own JPEG shards (random crops of scikit-learn's two sample photos, 400 x 300 or ``--photo WxH``,
+enlarged where needed, flipped and brightness-jittered, JPEG quality 90, ``--shard-size`` per shard), then, in
+this one process:
 
 - **pipeline**: ``bench_suite.extract.extract_features`` over the first third of the shards and over all of
   them; its rate is the marginal one, (N - N1) / (t(N) - t(N1)), so loading the encoder, starting the
@@ -219,7 +220,9 @@ def main(argv=None) -> int:
     try:
         width, height = (int(v) for v in args.photo.lower().split("x"))
     except ValueError:
-        p.error(f"--photo takes WxH, e.g. 4000x3000, got {args.photo!r}")
+        width = height = 0
+    if width <= 0 or height <= 0:
+        p.error(f"--photo takes WxH with both positive, e.g. 4000x3000, got {args.photo!r}")
     photo = "" if (width, height) == (400, 300) else f"-{width}x{height}"
     shards = work / f"jpeg-{args.images}-{args.shard_size}{photo}"
     try:

@@ -17,8 +17,8 @@ folder with images added, removed or changed is sharded again (a copy of the fol
 images fall in are extracted again: shards are cut where the paths' hashes say, and a shard whose images are
 the same as in an earlier store with these settings has its features copied from there, the same bytes as a
 fresh extraction's (``--force`` redoes all the features and the selection). Caches are never removed: delete
-``--work`` (or its ``shards``/``features`` folders) to reclaim the space; the shard folders of a folder's
-earlier versions (named in the log) are not needed for the reuse. The JSON lists the selected images'
+``--work`` (or its ``shards``/``features`` folders) to reclaim the space; the .tar files of a folder's
+earlier shard folders (named in the log) are not needed for the reuse. The JSON lists the selected images'
 paths relative to the folder (``paths``, in the order of ``ids``); ``--out-list`` writes just those paths, one
 per line. Shards not made from a folder name their samples ``<shard>/<id>``.
 
@@ -73,8 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="where JPEGs are decoded: cpu (the workers), reduced (the workers, at 1/2-1/8 scale "
                      "keeping twice the input size: 8-11x faster for phone photos, features within cosine ~0.999), "
                      "device (nvJPEG on a GPU)")
-    ext.add_argument("--shard-size", type=int, help="images per shard, on average (--images; default: a power of two, "
-                     "64-1024, at least 32 shards where that leaves 64 in each, so that the workers share the folder)")
+    ext.add_argument("--shard-size", type=int, help="images per shard, on average (--images; shards hold half to twice "
+                     "that; default: about 1/32 of the folder, a power of two from 64 to 1024, at least the batch)")
     ext.add_argument("--work", default="work_dirs", help="where the stages are cached (default: work_dirs)")
     ext.add_argument("--force", action="store_true", help="recompute the features and the selection")
     g = p.add_mutually_exclusive_group()
@@ -223,21 +223,22 @@ def features_of(args) -> FeatureStore:
 
 
 def note_earlier_shards(shard_dir: Path, source: str) -> None:
-    """Log the shard folders of earlier versions of the same image folder: each is a copy of the folder, and the
-    features of its unchanged shards are reused without it (from the store's meta), so they can go."""
-    earlier = []
+    """Log the other shard folders of the same image folder (its earlier versions, or other shard sizes): each is
+    a copy of the folder, and the features of their unchanged shards are reused without them (the stores' meta
+    says what they held), so their .tar files can go (each manifest.json still names the images of its store)."""
+    others, size = [], 0
     for other in shard_dir.parent.glob("images-*"):
         try:
-            same = other != shard_dir and wshards.load_manifest(other).get("source") == source
-        except Exception:  # noqa: BLE001 - not a complete shard folder: not ours to judge
-            same = False
-        if same:
-            earlier.append(other)
-    if earlier:
-        size = sum(f.stat().st_size for d in earlier for f in d.iterdir() if f.is_file())
-        log.info("%d shard folders of earlier versions of %s (%.1f GB) are in %s (%s); the features of their "
-                 "unchanged shards are reused without them: delete them to reclaim the space", len(earlier), source,
-                 size / 1e9, shard_dir.parent, ", ".join(sorted(d.name for d in earlier)[:3]) + (", ..." if len(earlier) > 3 else ""))
+            if other != shard_dir and wshards.load_manifest(other, files=False).get("source") == source:
+                size += sum(f.stat().st_size for f in other.glob("*.tar"))
+                others.append(other)
+        except Exception:  # noqa: BLE001 - not a complete shard folder, or one deleted meanwhile: not counted
+            continue
+    if others:
+        names = ", ".join(sorted(d.name for d in others)[:3]) + (", ..." if len(others) > 3 else "")
+        log.info("%d other shard folders of %s (%.1f GB) are in %s (%s): the features of their unchanged shards "
+                 "are reused without them; delete their .tar files to reclaim the space", len(others), source,
+                 size / 1e9, shard_dir.parent, names)
 
 
 def earlier_stores(feat_dir: Path, tag: str) -> list[Path]:
@@ -269,7 +270,7 @@ def sample_names(store: FeatureStore, ids, *, required: bool) -> list[str] | Non
             raise BadInputError("--out-list needs a feature store that records its shard folder (made by "
                                 "--images, --shards or bench_suite.cli.features)")
         return None
-    return wshards.sample_names(wshards.load_manifest(shard_dir), ids)
+    return wshards.sample_names(wshards.load_manifest(shard_dir, files=False), ids)
 
 
 if __name__ == "__main__":

@@ -153,25 +153,27 @@ def folder_key(image_dir, files: list[Path] | None = None) -> str:
 
 
 def folder_shard_size(count: int, batch_size: int = 64) -> int:
-    """Images per shard, on average, for a folder of ``count``: at least 32 shards where that leaves a batch (at
-    least 64) in each (a shard is a DataLoader worker's unit of work and a batch never spans two: 1,000-image
-    shards would give a folder of 900 photos one worker), at most 1,024 (or a batch) per shard. A power of two
-    (rounded down), so that a folder that grows by a few images keeps its shards (``content_cuts``)."""
+    """The target of ``content_cuts`` for a folder of ``count``: about count / 32, so that the DataLoader workers
+    have shards to share (a shard is a worker's unit of work: 1,000-image shards would give a folder of 900 photos
+    one worker), at least 64 and a batch (a batch never spans two shards), at most 1,024 or a batch. Rounded down
+    to a power of two, so that a folder that grows or shrinks keeps its target, and its shards, until it crosses
+    32 x 2^k images (4,096, 8,192, 16,384, 32,768): there every shard is cut anew, once."""
     per = max(1, math.ceil(count / 32))
     return min(max(1024, batch_size), max(64, batch_size, 1 << (per.bit_length() - 1)))
 
 
 def content_cuts(names: list[str], target: int) -> list[int]:
-    """Shard sizes for the samples ``names`` (in their order), about ``target`` each, cut where the names say
-    (content-defined chunking): a shard ends at a name whose hash is 0 modulo target/2 once it holds target/2
-    samples, or at 2 x target. An image added or removed changes the shard it falls in (now and then the next
-    one too), not every later shard as fixed-size cuts would, so the features of the others are reused."""
+    """Shard sizes for the samples ``names`` (in their order), ``target`` on average, cut where the names say
+    (content-defined chunking): a shard ends at a name whose hash is 0 modulo target - target//2 + 1 once it holds
+    target//2 samples, or at 2 x target. An image added or removed changes the shard it falls in (now and then the
+    next one too), not every later shard as fixed-size cuts would, so the features of the others are reused."""
     half = max(1, target // 2)
+    modulus = max(1, target - half + 1)  # the first cut after ``half`` comes after modulus - 1 more on average
     sizes, n = [], 0
     for name in names:
         n += 1
         h = int.from_bytes(hashlib.sha256(name.encode("utf-8", "surrogateescape")).digest()[:8], "big")
-        if n >= 2 * target or (n >= half and h % half == 0):
+        if n >= 2 * target or (n >= half and h % modulus == 0):
             sizes.append(n)
             n = 0
     return sizes + [n] if n or not sizes else sizes
@@ -188,7 +190,7 @@ SMALL_SIDE = 64  # images with a side under this many pixels are named in a warn
 def check_images(root: Path, files: list[Path], *, warn_small: bool = True) -> None:
     """Every file opens as an image (its header: cheap), before any is sharded; else one line naming the bad ones.
     An image cut short after its header is found when it is decoded (extraction names its path). Images under
-    ``SMALL_SIDE`` pixels on a side are selected like any other, enlarged to the encoder's input: a warning names
+    ``SMALL_SIDE`` pixels on a side are selected like any other, resized to the encoder's input: a warning names
     them, as they are often icons or thumbnails that no one means to annotate."""
     from PIL import Image
 
@@ -205,8 +207,8 @@ def check_images(root: Path, files: list[Path], *, warn_small: bool = True) -> N
             bad.append((p, type(exc).__name__))
     if small and warn_small and not bad:
         names = ", ".join(f"{shown(p.relative_to(root).as_posix())} ({w}x{h})" for p, (w, h) in small[:5])
-        log.warning("--images %s: %d of %d images are under %d pixels on a side (icons, thumbnails?), and are "
-                    "enlarged like the others: %s%s", root, len(small), len(files), SMALL_SIDE, names,
+        log.warning("--images %s: %d of %d images are under %d pixels on a side (icons, thumbnails?); they are "
+                    "selected like the others: %s%s", root, len(small), len(files), SMALL_SIDE, names,
                     ", ..." if len(small) > 5 else "")
     if bad:
         names = ", ".join(f"{shown(p.relative_to(root).as_posix())} ({why})" for p, why in bad[:5])
@@ -296,7 +298,9 @@ def sample_names(manifest: dict, ids) -> list[str]:
     return out
 
 
-def load_manifest(shard_dir) -> dict:
+def load_manifest(shard_dir, *, files: bool = True) -> dict:
+    """A shard folder's manifest; with ``files``, each shard it lists must be there (``files`` False: only the
+    samples' names are wanted, which the manifest holds)."""
     shard_dir = Path(shard_dir)
     path = shard_dir / MANIFEST
     if not path.exists():
@@ -305,7 +309,7 @@ def load_manifest(shard_dir) -> dict:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise CorruptDataError(f"{path} is not valid JSON: {exc}") from exc
-    for s in manifest["shards"]:
+    for s in manifest["shards"] if files else ():
         if not (shard_dir / s["name"]).exists():
             raise MissingDataError(f"shard {shard_dir / s['name']} listed in the manifest is missing")
     return manifest
