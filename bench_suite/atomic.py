@@ -109,6 +109,24 @@ def atomic_dir(path: str | os.PathLike):
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def remove_dir(path: str | os.PathLike) -> None:
+    """Delete a directory so that no reader sees it half gone: it is renamed to a temporary sibling first, which
+    a kill leaves behind for ``sweep_stale`` (of this path, or of a folder of such: ``sweep_stale_in``)."""
+    path = Path(path)
+    trash = Path(tempfile.mkdtemp(prefix=_tmp_prefix(path), dir=path.parent))
+    os.replace(path, trash)  # onto the empty temporary folder
+    shutil.rmtree(trash)
+
+
+def sweep_stale_in(folder: str | os.PathLike) -> list[Path]:
+    """``sweep_stale`` for every path of ``folder`` that has temporary siblings there."""
+    folder, removed = Path(folder), []
+    names = {p.name[1:].partition(".tmp.")[0] for p in folder.glob(".*.tmp.*")} if folder.is_dir() else set()
+    for name in sorted(names):
+        removed += sweep_stale(folder / name)
+    return removed
+
+
 def _json_default(obj):
     if isinstance(obj, np.integer):
         return int(obj)

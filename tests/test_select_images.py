@@ -4,7 +4,7 @@ selection in one command; each stage cached; the JSON names the selected images 
 ``--shards`` on the same shards gives the same selection."""
 
 import json
-from pathlib import Path
+import socket
 
 import numpy as np
 from PIL import Image
@@ -262,16 +262,42 @@ def test_a_folder_with_photos_added_extracts_only_their_shards(tmp_path, capsys,
     b, c = (json.loads((tmp_path / n).read_text()) for n in ("b.json", "c.json"))
     assert b["ids"] == c["ids"] and b["paths"] == c["paths"] and len(b["paths"]) == 4
 
-    # the earlier versions' shard folders deleted: their features are still reused
-    current = Path(json.loads((stores[0] / "meta.json").read_text())["shards"]).resolve()
-    for old in (work / "shards").glob("images-photos-*[!k]"):
-        if old.resolve() != current:
-            shutil.rmtree(old)
-    assert len(list((work / "shards").glob("images-photos-*[!k]"))) == 1
+    # --drop-old-shards: once the features are stored, the earlier versions' shard folders go (and what a killed
+    # deletion left); one that another run is writing (its lock held) and another folder's shards stay; the
+    # features of the dropped folders are still reused
+    from bench_suite import locks
+    from bench_suite.data import shards as wshards
+
+    shard_dirs = sorted((work / "shards").glob("images-photos-*[!k]"))
+    assert len(shard_dirs) == 2
+    leftover = work / "shards" / f".{shard_dirs[0].name}.tmp.999999999.{socket.gethostname()}.x"
+    leftover.mkdir()
+    (leftover / "shard-000000.tar").write_bytes(b"half gone")
+    other_folder = tmp_path / "other" / "photos"
+    photo_folder(other_folder)
+    assert select_cli.main(["--images", str(other_folder), *common, "--out", str(tmp_path / "d.json")]) == 0
     (images / "misc" / "b" / "img99.png").unlink()
+    busy = shard_dirs[1].with_name(shard_dirs[1].name + ".lock")
+    assert locks.try_lock(busy)
     capsys.readouterr()
-    assert select_cli.main(["--images", str(images), *common, "--out", str(tmp_path / "e.json")]) == 0
-    assert " reused the features of " in capsys.readouterr().err
+    drop = ["--images", str(images), *common, "--drop-old-shards"]
+    assert select_cli.main([*drop, "--out", str(tmp_path / "e.json")]) == 0
+    err = capsys.readouterr().err
+    assert " reused the features of " in err and "deleted 1 shard folders of " in err, err
+    assert f"left {shard_dirs[1]}: another run is writing it" in err, err
+    assert not shard_dirs[0].exists() and shard_dirs[1].is_dir() and not leftover.exists()
+    locks.release(busy)
+    busy = work / "features" / f"{shard_dirs[1].name}-0123abcd-efficientnet_lite0-32-default-fp32.lock"
+    assert locks.try_lock(busy)
+    assert select_cli.main([*drop, "--out", str(tmp_path / "f.json")]) == 0
+    assert f"left {shard_dirs[1]}: another run is extracting its features" in capsys.readouterr().err
+    locks.release(busy)
+    assert select_cli.main([*drop, "--out", str(tmp_path / "f.json")]) == 0
+    assert "deleted 1 shard folders of " in capsys.readouterr().err
+    left = [p for p in (work / "shards").iterdir()]
+    assert len(left) == 2 and not shard_dirs[1].exists(), left  # this version's copy and the other folder's
+    assert {wshards.load_manifest(p)["source"] for p in left} == {str(images.resolve()), str(other_folder.resolve())}
+    assert len(list((work / "features").glob("images-photos-*[!k]"))) == 4  # the stores stay
 
     # another batch size or thread count could round differently: nothing is reused from stores made otherwise
     for i, (option, env) in enumerate([(["--batch-size", "3"], "1"), ([], "2")]):

@@ -5,7 +5,7 @@ folder of images (or a shard folder) to the list of images to annotate in one co
         [--seed S] [--objective official|paper] [--set key=value ...] [--labels FILE] --out sel.json
     python -m bench_suite.cli.select --images DIR --encoder NAME --budget B --method activeft --out sel.json \
         [--out-list picks.txt] [--work work_dirs] [--image-size S] [--workers W] [--precision fp32|bf16] \
-        [--decode cpu|reduced|device]
+        [--decode cpu|reduced|device] [--drop-old-shards]
     python -m bench_suite.cli.select --shards DIR --encoder NAME --budget B ... --out sel.json
     python -m bench_suite.cli.select --list
 
@@ -16,9 +16,10 @@ with the same folder and settings reuses all three; another method, budget or se
 folder with images added, removed or changed is sharded again (a copy of the folder), but only the shards those
 images fall in are extracted again: shards are cut where the paths' hashes say, and a shard whose images are
 the same as in an earlier store with these settings has its features copied from there, the same bytes as a
-fresh extraction's (``--force`` redoes all the features and the selection). Caches are never removed: delete
-``--work`` (or its ``shards``/``features`` folders) to reclaim the space; the .tar files of a folder's
-earlier shard folders (named in the log) are not needed for the reuse. The JSON lists the selected images'
+fresh extraction's (``--force`` redoes all the features and the selection). Caches are kept: the shard folders
+of a folder's earlier versions (named in the log) are not needed for the reuse, and ``--drop-old-shards``
+deletes them once the new features are stored, so that ``--work`` holds one copy of the folder (the feature
+stores, a few KB per image, stay); delete ``--work`` to reclaim the rest. The JSON lists the selected images'
 paths relative to the folder (``paths``, in the order of ``ids``); ``--out-list`` writes just those paths, one
 per line. Shards not made from a folder name their samples ``<shard>/<id>``.
 
@@ -77,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
                      "that; default: about 1/32 of the folder, a power of two from 64 to 1024, at least the batch)")
     ext.add_argument("--work", default="work_dirs", help="where the stages are cached (default: work_dirs)")
     ext.add_argument("--force", action="store_true", help="recompute the features and the selection")
+    ext.add_argument("--drop-old-shards", action="store_true", help="--images: once the features are stored, "
+                     "delete the shard folders of the folder's earlier versions under --work (a copy of the folder "
+                     "each; their features are still reused)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--budget", type=int, help="how many samples to select")
     g.add_argument("--ratio", type=float, help="or the fraction of the pool to select, in (0, 1]")
@@ -200,7 +204,8 @@ def features_of(args) -> FeatureStore:
                                                            check=False)
                     log.info("%s: %d images -> %d shards in %s", images, manifest["count"], len(manifest["shards"]),
                              shard_dir)
-                    note_earlier_shards(shard_dir, manifest["source"])
+                    if not args.drop_old_shards:
+                        note_earlier_shards(shard_dir, manifest["source"])
                 else:
                     log.info("shards of %s cached in %s", images, shard_dir)
         acc.wait_for_everyone()
@@ -216,29 +221,70 @@ def features_of(args) -> FeatureStore:
     feat_dir = work / "features" / f"{shard_dir.name}-{manifest['checksum'][:8]}-{tag}"
     lock = feat_dir.with_name(feat_dir.name + ".lock")
     with locks.held(lock, "extracting features") if acc.process_index == 0 else contextlib.nullcontext():
-        return extract_features(shard_dir, feat_dir, encoder=args.encoder, pooling=args.pooling,
-                                image_size=args.image_size, batch_size=args.batch_size, accelerator=acc,
-                                weights=args.weights, num_workers=args.workers, precision=args.precision,
-                                decode=args.decode, force=args.force, reuse=earlier_stores(feat_dir, tag))
+        store = extract_features(shard_dir, feat_dir, encoder=args.encoder, pooling=args.pooling,
+                                 image_size=args.image_size, batch_size=args.batch_size, accelerator=acc,
+                                 weights=args.weights, num_workers=args.workers, precision=args.precision,
+                                 decode=args.decode, force=args.force, reuse=earlier_stores(feat_dir, tag))
+    if args.images and args.drop_old_shards and acc.process_index == 0:
+        drop_old_shards(shard_dir, manifest["source"])
+    return store
 
 
-def note_earlier_shards(shard_dir: Path, source: str) -> None:
-    """Log the other shard folders of the same image folder (its earlier versions, or other shard sizes): each is
-    a copy of the folder, and the features of their unchanged shards are reused without them (the stores' meta
-    says what they held), so their .tar files can go (each manifest.json still names the images of its store)."""
-    others, size = [], 0
+def earlier_shard_folders(shard_dir: Path, source: str) -> list[Path]:
+    """The other shard folders of the same image folder (its earlier versions, or other shard sizes): each is a
+    copy of the folder, and the features of their unchanged shards are reused without them (the stores' meta says
+    what they held)."""
+    found = []
     for other in shard_dir.parent.glob("images-*"):
         try:
             if other != shard_dir and wshards.load_manifest(other, files=False).get("source") == source:
-                size += sum(f.stat().st_size for f in other.glob("*.tar"))
-                others.append(other)
+                found.append(other)
         except Exception:  # noqa: BLE001 - not a complete shard folder, or one deleted meanwhile: not counted
             continue
+    return sorted(found)
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.glob("*.tar"))
+
+
+def note_earlier_shards(shard_dir: Path, source: str) -> None:
+    """Log the shard folders of the image folder's earlier versions: what --drop-old-shards would delete."""
+    others = earlier_shard_folders(shard_dir, source)
     if others:
-        names = ", ".join(sorted(d.name for d in others)[:3]) + (", ..." if len(others) > 3 else "")
+        names = ", ".join(d.name for d in others[:3]) + (", ..." if len(others) > 3 else "")
         log.info("%d other shard folders of %s (%.1f GB) are in %s (%s): the features of their unchanged shards "
-                 "are reused without them; delete their .tar files to reclaim the space", len(others), source,
-                 size / 1e9, shard_dir.parent, names)
+                 "are reused without them; --drop-old-shards deletes them", len(others), source,
+                 sum(map(folder_bytes, others)) / 1e9, shard_dir.parent, names)
+
+
+def drop_old_shards(shard_dir: Path, source: str) -> None:
+    """--drop-old-shards: delete the shard folders of the image folder's earlier versions, once the current
+    store is complete, so that ``--work`` holds one copy of the folder. Their feature stores stay (a few KB per
+    image) and are still reused. A folder that another run is writing or extracting (a lock held) is left; one
+    is renamed away before it is deleted, so that no run sees it half gone (``atomic.remove_dir``)."""
+    dropped, size = [], 0
+    atomic.sweep_stale_in(shard_dir.parent)  # what a killed deletion left
+    for other in earlier_shard_folders(shard_dir, source):
+        lock = other.with_name(other.name + ".lock")
+        if not locks.try_lock(lock):
+            log.info("left %s: another run is writing it", other)
+            continue
+        features = shard_dir.parent.parent / "features"
+        readers = [f for f in features.glob(f"{other.name}-*.lock") if not locks.is_stale(f)]
+        if readers:
+            locks.release(lock)
+            log.info("left %s: another run is extracting its features (%s)", other, readers[0])
+            continue
+        try:
+            size += folder_bytes(other)
+            atomic.remove_dir(other)
+            dropped.append(other.name)
+        finally:
+            locks.release(lock)
+    if dropped:
+        log.info("deleted %d shard folders of %s's earlier versions (%.1f GB): %s", len(dropped), source,
+                 size / 1e9, ", ".join(dropped[:3]) + (", ..." if len(dropped) > 3 else ""))
 
 
 def earlier_stores(feat_dir: Path, tag: str) -> list[Path]:
