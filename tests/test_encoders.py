@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +17,8 @@ from bench_suite.encoders import describe_encoders, encoder_names, get_encoder
 from bench_suite.encoders import assets
 from bench_suite.encoders.models import dinov2_onnx, efficientnet_lite
 from bench_suite.errors import BadInputError, CorruptDataError, MissingDataError, UnknownNameError
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -383,3 +388,21 @@ def test_build_loaded_skips_the_random_init_and_keeps_construction_buffers():
     assert torch.equal(scaled.scale, torch.full((3,), 2.0))
     with pytest.raises(CorruptDataError, match="toy: keys do not match"):
         assets.build_loaded(net, {"0.weight": state["0.weight"]}, "toy")
+
+
+def test_offline_encoders_build_their_model_on_first_use(cache, photos):
+    """What a run whose features are cached needs of an encoder (its meta, for the store's fingerprint) comes
+    without timm's import and the model's construction (4-5 s of a 7 s cached ``select --images`` run); the
+    model, built on first use, gives the features of one built at once."""
+    code = ("import sys; from bench_suite.encoders import get_encoder; "
+            f"e = get_encoder('efficientnet_lite0', cache_dir={str(cache)!r}); e.meta; e.check_pooling(None); "
+            "print('timm' in sys.modules); e.model; print('timm' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0 and done.stdout.split() == ["False", "True"], done.stderr[-2000:]
+    lazy = get_encoder("efficientnet_lite0", cache_dir=cache)
+    assert lazy._model is None
+    state = efficientnet_lite.ensure_cached(cache_dir=cache)[0]
+    eager = efficientnet_lite._encoder(efficientnet_lite.build_model(state), 112, {}, "cpu")
+    x = lazy.preprocess(photos)
+    assert torch.equal(lazy.features(x), eager.features(x)) and lazy._model is not None
+    assert not lazy.model.training and not any(p.requires_grad for p in lazy.model.parameters())

@@ -184,7 +184,8 @@ def build(image_size: int, weights=None, cache_dir=None, device: str = "cpu") ->
     if image_size % PATCH:
         raise BadInputError(f"{NAME}: image_size must be a multiple of {PATCH}, got {image_size}")
     state, cmeta, _ = ensure_cached(weights, cache_dir)
-    return _encoder(build_model(state, image_size), image_size, assets.weights_meta(cmeta, NOTE), device)
+    # the model is built on first use (converted and verified weights: their keys match)
+    return _encoder(lambda: build_model(state, image_size), image_size, assets.weights_meta(cmeta, NOTE), device)
 
 
 register(EncoderSpec(NAME, ARCH, build, 112, "cls", {"cls": 384, "cls+mean": 768, "gap": 384},

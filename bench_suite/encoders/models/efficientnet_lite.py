@@ -163,7 +163,8 @@ def build(image_size: int, weights=None, cache_dir=None, device: str = "cpu") ->
     if image_size < MIN_SIZE:
         raise BadInputError(f"{NAME}: image_size must be at least {MIN_SIZE}, got {image_size}")
     state, cmeta, _ = ensure_cached(weights, cache_dir)
-    return _encoder(build_model(state), image_size, assets.weights_meta(cmeta, NOTE), device)
+    # the model is built on first use (converted and verified weights: their keys match)
+    return _encoder(lambda: build_model(state), image_size, assets.weights_meta(cmeta, NOTE), device)
 
 
 register(EncoderSpec(NAME, ARCH, build, 112, "gap", {"gap": 1280},
