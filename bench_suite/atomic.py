@@ -114,7 +114,11 @@ def remove_dir(path: str | os.PathLike) -> None:
     a kill leaves behind for ``sweep_stale`` (of this path, or of a folder of such: ``sweep_stale_in``)."""
     path = Path(path)
     trash = Path(tempfile.mkdtemp(prefix=_tmp_prefix(path), dir=path.parent))
-    os.replace(path, trash)  # onto the empty temporary folder
+    try:
+        os.replace(path, trash)  # onto the empty temporary folder
+    except OSError:
+        trash.rmdir()
+        raise
     shutil.rmtree(trash)
 
 

@@ -404,5 +404,7 @@ def test_offline_encoders_build_their_model_on_first_use(cache, photos):
     state = efficientnet_lite.ensure_cached(cache_dir=cache)[0]
     eager = efficientnet_lite._encoder(efficientnet_lite.build_model(state), 112, {}, "cpu")
     x = lazy.preprocess(photos)
-    assert torch.equal(lazy.features(x), eager.features(x)) and lazy._model is not None
+    with torch.inference_mode():  # as extraction first uses it: the model's tensors are still ordinary ones
+        assert torch.equal(lazy.features(x), eager.features(x)) and lazy._model is not None
+    assert not any(p.is_inference() for p in lazy.model.parameters())
     assert not lazy.model.training and not any(p.requires_grad for p in lazy.model.parameters())

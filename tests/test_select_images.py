@@ -7,6 +7,7 @@ import json
 import socket
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from bench_suite.cli import select as select_cli
@@ -244,7 +245,7 @@ def test_a_folder_with_photos_added_extracts_only_their_shards(tmp_path, capsys,
     err = capsys.readouterr().err
     reused = [line for line in err.splitlines() if " reused the features of " in line]
     assert len(reused) == 1, reused
-    assert "1 other shard folders of " in err, err  # a copy of the folder each: named, to delete
+    assert "1 shard folders of " in err and "'s earlier versions" in err, err  # a copy each: named, to delete
     # every shard of the new folder whose images an old shard held, and only those, is reused
     manifests = sorted((json.loads(m.read_text()) for m in (work / "shards").glob("images-photos-*/manifest.json")),
                        key=lambda m: m["count"])  # 24 images, then 25
@@ -265,7 +266,7 @@ def test_a_folder_with_photos_added_extracts_only_their_shards(tmp_path, capsys,
     # --drop-old-shards: once the features are stored, the earlier versions' shard folders go (and what a killed
     # deletion left); one that another run is writing (its lock held) and another folder's shards stay; the
     # features of the dropped folders are still reused
-    from bench_suite import locks
+    from bench_suite import atomic, locks
     from bench_suite.data import shards as wshards
 
     shard_dirs = sorted((work / "shards").glob("images-photos-*[!k]"))
@@ -297,7 +298,14 @@ def test_a_folder_with_photos_added_extracts_only_their_shards(tmp_path, capsys,
     left = [p for p in (work / "shards").iterdir()]
     assert len(left) == 2 and not shard_dirs[1].exists(), left  # this version's copy and the other folder's
     assert {wshards.load_manifest(p)["source"] for p in left} == {str(images.resolve()), str(other_folder.resolve())}
-    assert len(list((work / "features").glob("images-photos-*[!k]"))) == 4  # the stores stay
+    # the same version at another shard size is not an earlier version: both stay
+    assert select_cli.main([*drop, "--shard-size", "4", "--out", str(tmp_path / "g.json")]) == 0
+    assert "deleted" not in capsys.readouterr().err and len(list((work / "shards").iterdir())) == 3
+    # a folder that cannot be renamed away (here: gone) raises, and no temporary folder is left beside it
+    with pytest.raises(FileNotFoundError):
+        atomic.remove_dir(work / "shards" / "gone")
+    assert sorted(p.name for p in (work / "shards").iterdir() if p.name.startswith(".")) == []
+    assert len(list((work / "features").glob("images-photos-*[!k]"))) == 5  # the stores stay (the 5th: size 4)
 
     # another batch size or thread count could round differently: nothing is reused from stores made otherwise
     for i, (option, env) in enumerate([(["--batch-size", "3"], "1"), ([], "2")]):

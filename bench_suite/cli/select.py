@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     ext.add_argument("--force", action="store_true", help="recompute the features and the selection")
     ext.add_argument("--drop-old-shards", action="store_true", help="--images: once the features are stored, "
                      "delete the shard folders of the folder's earlier versions under --work (a copy of the folder "
-                     "each; their features are still reused)")
+                     "each; their features are still reused; do not point other tools at them meanwhile)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--budget", type=int, help="how many samples to select")
     g.add_argument("--ratio", type=float, help="or the fraction of the pool to select, in (0, 1]")
@@ -140,12 +140,12 @@ def main(argv=None) -> int:
         config["objective"] = args.objective
     if args.features:
         d = bdist.init_from_env()
-        store = FeatureStore.open(args.features)
+        store, manifest = FeatureStore.open(args.features), None
     else:
         if not args.encoder:
             raise BadInputError(f"--{given[0]} needs --encoder NAME (one of {', '.join(encoder_names())})")
         spec(args.encoder)  # an unknown name fails here, listing the known ones, before any work
-        store = features_of(args)
+        store, manifest = features_of(args)
         d = bdist.init_from_env()  # the extraction's Accelerator already joined the process group, if any
     n = store.total_rows
     budget = budget_of(args, n)
@@ -161,7 +161,7 @@ def main(argv=None) -> int:
             sel.save(cache)
     if d.is_main:
         out = sel.to_json()
-        names = sample_names(store, sel.ids, required=bool(args.out_list))
+        names = sample_names(store, sel.ids, required=bool(args.out_list), manifest=manifest)
         if names is not None:  # next to the ids, ahead of the method's long details (a loss curve)
             head = {k: out.pop(k) for k in list(out) if k in ("method", "budget", "seed", "ids")}
             source = str(Path(args.images).resolve()) if args.images else store.meta.get("shards")
@@ -179,65 +179,74 @@ def main(argv=None) -> int:
     return bdist.exit_process(0)  # ends a distributed run without the gloo-at-exit abort
 
 
-def features_of(args) -> FeatureStore:
+def features_of(args) -> tuple[FeatureStore, dict]:
     """The stages before the selection, each cached under ``--work``: the folder's shards (--images), then the
-    features (bench_suite.extract: its fingerprint decides whether the cached store is current)."""
+    features (bench_suite.extract: its fingerprint decides whether the cached store is current). With the shards'
+    manifest, which names the samples (read here: a later --drop-old-shards run may delete the folder)."""
     from bench_suite.extract import extract_features
     from bench_suite.runtime import make_accelerator
 
     work = Path(args.work)
-    if args.images:
-        images = Path(args.images)
-        first = os.environ.get("RANK", "0") == "0"  # the one process that notes what it skips or finds small
-        files = wshards.list_images(images, note_skipped=first)
-        budget_of(args, len(files))  # checked before the folder is copied into shards and encoded
-        size = (wshards.folder_shard_size(len(files), args.batch_size) if args.shard_size is None
-                else args.shard_size)
-        shard_dir = work / "shards" / f"images-{images.resolve().name}-{wshards.folder_key(images, files)}-{size}"
-        if not (shard_dir / wshards.MANIFEST).exists():  # on every rank: each stops with the same one line
-            wshards.check_images(images, files, warn_small=first)
-        acc = make_accelerator()
-        if acc.process_index == 0:
-            with locks.held(shard_dir.with_name(shard_dir.name + ".lock"), "writing shards"):
+    # Rank 0 holds the shard folder's lock until it holds the features' lock: a --drop-old-shards run leaves a
+    # folder under either, so it never deletes one between the two.
+    shard_held = contextlib.ExitStack()
+    with shard_held:
+        if args.images:
+            images = Path(args.images)
+            first = os.environ.get("RANK", "0") == "0"  # the one process that notes what it skips or finds small
+            files = wshards.list_images(images, note_skipped=first)
+            budget_of(args, len(files))  # checked before the folder is copied into shards and encoded
+            size = (wshards.folder_shard_size(len(files), args.batch_size) if args.shard_size is None
+                    else args.shard_size)
+            shard_dir = work / "shards" / f"images-{images.resolve().name}-{wshards.folder_key(images, files)}-{size}"
+            if not (shard_dir / wshards.MANIFEST).exists():  # on every rank: each stops with the same one line
+                wshards.check_images(images, files, warn_small=first)
+            acc = make_accelerator()
+            if acc.process_index == 0:
+                shard_held.enter_context(locks.held(shard_dir.with_name(shard_dir.name + ".lock"), "writing shards"))
                 if not (shard_dir / wshards.MANIFEST).exists():
                     manifest = wshards.write_folder_shards(images, shard_dir, shard_size=size, files=files,
                                                            check=False)
-                    log.info("%s: %d images -> %d shards in %s", images, manifest["count"], len(manifest["shards"]),
-                             shard_dir)
+                    log.info("%s: %d images -> %d shards in %s", images, manifest["count"],
+                             len(manifest["shards"]), shard_dir)
                     if not args.drop_old_shards:
                         note_earlier_shards(shard_dir, manifest["source"])
                 else:
                     log.info("shards of %s cached in %s", images, shard_dir)
-        acc.wait_for_everyone()
-        manifest = wshards.load_manifest(shard_dir)
-    else:
-        shard_dir = Path(args.shards)
-        manifest = wshards.load_manifest(shard_dir)
-        budget_of(args, manifest["count"])  # checked before the features are extracted
-        acc = make_accelerator()
-    image_size = args.image_size or spec(args.encoder).image_size  # the default and the same size given: one store
-    tag = "-".join(str(v) for v in (args.encoder, image_size, args.pooling or "default", args.precision,
-                                    *([args.decode] if args.decode != "cpu" else [])))
-    feat_dir = work / "features" / f"{shard_dir.name}-{manifest['checksum'][:8]}-{tag}"
-    lock = feat_dir.with_name(feat_dir.name + ".lock")
-    with locks.held(lock, "extracting features") if acc.process_index == 0 else contextlib.nullcontext():
-        store = extract_features(shard_dir, feat_dir, encoder=args.encoder, pooling=args.pooling,
-                                 image_size=args.image_size, batch_size=args.batch_size, accelerator=acc,
-                                 weights=args.weights, num_workers=args.workers, precision=args.precision,
-                                 decode=args.decode, force=args.force, reuse=earlier_stores(feat_dir, tag))
+            acc.wait_for_everyone()
+            manifest = wshards.load_manifest(shard_dir)
+        else:
+            shard_dir = Path(args.shards)
+            manifest = wshards.load_manifest(shard_dir)
+            budget_of(args, manifest["count"])  # checked before the features are extracted
+            acc = make_accelerator()
+        image_size = args.image_size or spec(args.encoder).image_size  # the default and the same size: one store
+        tag = "-".join(str(v) for v in (args.encoder, image_size, args.pooling or "default", args.precision,
+                                        *([args.decode] if args.decode != "cpu" else [])))
+        feat_dir = work / "features" / f"{shard_dir.name}-{manifest['checksum'][:8]}-{tag}"
+        with contextlib.ExitStack() as feat_held:
+            if acc.process_index == 0:
+                feat_held.enter_context(locks.held(feat_dir.with_name(feat_dir.name + ".lock"), "extracting features"))
+            shard_held.close()
+            store = extract_features(shard_dir, feat_dir, encoder=args.encoder, pooling=args.pooling,
+                                     image_size=args.image_size, batch_size=args.batch_size, accelerator=acc,
+                                     weights=args.weights, num_workers=args.workers, precision=args.precision,
+                                     decode=args.decode, force=args.force, reuse=earlier_stores(feat_dir, tag))
     if args.images and args.drop_old_shards and acc.process_index == 0:
         drop_old_shards(shard_dir, manifest["source"])
-    return store
+    return store, manifest
 
 
 def earlier_shard_folders(shard_dir: Path, source: str) -> list[Path]:
-    """The other shard folders of the same image folder (its earlier versions, or other shard sizes): each is a
-    copy of the folder, and the features of their unchanged shards are reused without them (the stores' meta says
-    what they held)."""
+    """The shard folders of the same image folder's earlier versions (another listing key than ``shard_dir``'s;
+    not the same version at another shard size): each is a copy of the folder, and the features of their
+    unchanged shards are reused without them (the stores' meta says what they held)."""
+    key = shard_dir.name.rsplit("-", 2)[1]  # images-<folder name>-<listing key>-<shard size>
     found = []
     for other in shard_dir.parent.glob("images-*"):
         try:
-            if other != shard_dir and wshards.load_manifest(other, files=False).get("source") == source:
+            if (other != shard_dir and other.name.rsplit("-", 2)[1] != key and not other.is_symlink()
+                    and wshards.load_manifest(other, files=False).get("source") == source):
                 found.append(other)
         except Exception:  # noqa: BLE001 - not a complete shard folder, or one deleted meanwhile: not counted
             continue
@@ -253,33 +262,36 @@ def note_earlier_shards(shard_dir: Path, source: str) -> None:
     others = earlier_shard_folders(shard_dir, source)
     if others:
         names = ", ".join(d.name for d in others[:3]) + (", ..." if len(others) > 3 else "")
-        log.info("%d other shard folders of %s (%.1f GB) are in %s (%s): the features of their unchanged shards "
-                 "are reused without them; --drop-old-shards deletes them", len(others), source,
+        log.info("%d shard folders of %s's earlier versions (%.1f GB) are in %s (%s): the features of their "
+                 "unchanged shards are reused without them; --drop-old-shards deletes them", len(others), source,
                  sum(map(folder_bytes, others)) / 1e9, shard_dir.parent, names)
 
 
 def drop_old_shards(shard_dir: Path, source: str) -> None:
     """--drop-old-shards: delete the shard folders of the image folder's earlier versions, once the current
     store is complete, so that ``--work`` holds one copy of the folder. Their feature stores stay (a few KB per
-    image) and are still reused. A folder that another run is writing or extracting (a lock held) is left; one
-    is renamed away before it is deleted, so that no run sees it half gone (``atomic.remove_dir``)."""
+    image) and are still reused. A folder that another select run is writing or extracting (a lock held) is
+    left; one is renamed away before it is deleted, so that no run sees it half gone (``atomic.remove_dir``).
+    Best effort: a folder that cannot be deleted is named in a warning, and the run goes on."""
     dropped, size = [], 0
     atomic.sweep_stale_in(shard_dir.parent)  # what a killed deletion left
+    features = shard_dir.parent.parent / "features"
     for other in earlier_shard_folders(shard_dir, source):
         lock = other.with_name(other.name + ".lock")
         if not locks.try_lock(lock):
             log.info("left %s: another run is writing it", other)
             continue
-        features = shard_dir.parent.parent / "features"
-        readers = [f for f in features.glob(f"{other.name}-*.lock") if not locks.is_stale(f)]
-        if readers:
-            locks.release(lock)
-            log.info("left %s: another run is extracting its features (%s)", other, readers[0])
-            continue
         try:
-            size += folder_bytes(other)
-            atomic.remove_dir(other)
-            dropped.append(other.name)
+            readers = [f for f in features.glob(f"{other.name}-*.lock") if not locks.is_stale(f)]
+            if readers:
+                log.info("left %s: another run is extracting its features (%s)", other, readers[0])
+            elif (other / wshards.MANIFEST).is_file():  # else another run dropped it meanwhile
+                bytes_ = folder_bytes(other)
+                atomic.remove_dir(other)
+                dropped.append(other.name)
+                size += bytes_
+        except OSError as exc:
+            log.warning("could not delete %s (%s: %s); left as it is", other, type(exc).__name__, exc)
         finally:
             locks.release(lock)
     if dropped:
@@ -307,16 +319,18 @@ def selection_path(args, store: FeatureStore, config: dict, budget: int) -> Path
     return Path(args.work) / "selections" / f"{args.method}-{budget}-{key}.json"
 
 
-def sample_names(store: FeatureStore, ids, *, required: bool) -> list[str] | None:
-    """The selected samples' paths relative to the image folder (or ``<shard>/<id>``), from the manifest of
-    the store's shard folder; None when the store records none (an .npy), an error if ``required``."""
-    shard_dir = (store.meta or {}).get("shards")
-    if not shard_dir or not (Path(shard_dir) / wshards.MANIFEST).exists():
-        if required:
-            raise BadInputError("--out-list needs a feature store that records its shard folder (made by "
-                                "--images, --shards or bench_suite.cli.features)")
-        return None
-    return wshards.sample_names(wshards.load_manifest(shard_dir, files=False), ids)
+def sample_names(store: FeatureStore, ids, *, required: bool, manifest: dict | None = None) -> list[str] | None:
+    """The selected samples' paths relative to the image folder (or ``<shard>/<id>``), from ``manifest`` or the
+    manifest of the store's shard folder; None when the store records none (an .npy), an error if ``required``."""
+    if manifest is None:
+        shard_dir = (store.meta or {}).get("shards")
+        if not shard_dir or not (Path(shard_dir) / wshards.MANIFEST).exists():
+            if required:
+                raise BadInputError("--out-list needs a feature store that records its shard folder (made by "
+                                    "--images, --shards or bench_suite.cli.features)")
+            return None
+        manifest = wshards.load_manifest(shard_dir, files=False)
+    return wshards.sample_names(manifest, ids)
 
 
 if __name__ == "__main__":

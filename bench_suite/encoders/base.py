@@ -96,7 +96,8 @@ class Encoder:
         are cached, which needs only ``meta``, skips it (timm's import and the model: 4-5 s of a 7 s cached
         ``select --images`` run on 2 cores)."""
         if self._model is None:
-            self._model, self._make = self._frozen(self._make()), None
+            with torch.inference_mode(False):  # first used under inference mode: its tensors stay ordinary ones
+                self._model, self._make = self._frozen(self._make()), None
         return self._model
 
     def _frozen(self, model: nn.Module) -> nn.Module:
