@@ -198,7 +198,7 @@ def features_of(args) -> tuple[FeatureStore, dict]:
             budget_of(args, len(files))  # checked before the folder is copied into shards and encoded
             size = (wshards.folder_shard_size(len(files), args.batch_size) if args.shard_size is None
                     else args.shard_size)
-            shard_dir = work / "shards" / f"images-{images.resolve().name}-{wshards.folder_key(images, files)}-{size}"
+            shard_dir = folder_shard_dir(work, images, files, size)
             if not (shard_dir / wshards.MANIFEST).exists():  # on every rank: each stops with the same one line
                 wshards.check_images(images, files, warn_small=first)
             acc = make_accelerator()
@@ -237,15 +237,25 @@ def features_of(args) -> tuple[FeatureStore, dict]:
     return store, manifest
 
 
+def folder_shard_dir(work: Path, images: Path, files: list[Path], size: int) -> Path:
+    """Where an image folder's shards are cached: ``images-<folder name>-<listing key>-<shard size>``."""
+    return work / "shards" / f"images-{images.resolve().name}-{wshards.folder_key(images, files)}-{size}"
+
+
+def listing_key(shard_dir: Path) -> str:
+    """The listing key in a ``folder_shard_dir`` name: which version of the folder its shards hold."""
+    return shard_dir.name.rsplit("-", 2)[1]
+
+
 def earlier_shard_folders(shard_dir: Path, source: str) -> list[Path]:
     """The shard folders of the same image folder's earlier versions (another listing key than ``shard_dir``'s;
     not the same version at another shard size): each is a copy of the folder, and the features of their
     unchanged shards are reused without them (the stores' meta says what they held)."""
-    key = shard_dir.name.rsplit("-", 2)[1]  # images-<folder name>-<listing key>-<shard size>
+    key = listing_key(shard_dir)
     found = []
     for other in shard_dir.parent.glob("images-*"):
         try:
-            if (other != shard_dir and other.name.rsplit("-", 2)[1] != key and not other.is_symlink()
+            if (other != shard_dir and listing_key(other) != key and not other.is_symlink()
                     and wshards.load_manifest(other, files=False).get("source") == source):
                 found.append(other)
         except Exception:  # noqa: BLE001 - not a complete shard folder, or one deleted meanwhile: not counted
